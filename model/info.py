@@ -1,0 +1,211 @@
+"""What a model folder allows, read from its JSON configs only (torch-free: the API imports this).
+
+Size rule (explicit): the U-Net halves the latent (len(unet.block_out_channels) - 1) times and the
+VAE shrinks pixels by its factor f = 2**(len(vae.block_out_channels) - 1), so width and height
+must be multiples of  size_multiple = f * 2**(n_down)  (64 for Stable Diffusion 1.x/2.x: 8 x 8),
+which keeps every skip connection the same size. Within that: min side = size_multiple,
+max side = 4 x native side, width*height <= max_pixels (default: 4 x native area, i.e. 2x each
+side). An optional `latentd.json` in the model folder overrides any of:
+    {"name", "sizes": [[w, h], ...] (then ONLY these), "max_pixels", "max_side", "max_steps",
+     "default_steps", "default_sampler", "default_guidance", "default_karras"}
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from model.errors import InvalidRequest, ModelLoadError
+
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
+KARRAS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")  # sigma-space samplers (Karras et al. 2022)
+MAX_SEED = 2**63  # seeds: 0 <= seed < 2**63 (torch.Generator.manual_seed takes a signed int64)
+MAX_GUIDANCE = 30.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    native_width: int
+    native_height: int
+    vae_factor: int                  # pixels per latent cell (8 for SD)
+    size_multiple: int               # width/height must be multiples of this (64 for SD)
+    max_side: int
+    max_pixels: int
+    sizes: tuple[tuple[int, int], ...] = ()   # non-empty: only these (w, h) are allowed
+    latent_channels: int = 4
+    prediction_type: str = "epsilon"         # epsilon | v_prediction
+    num_train_timesteps: int = 1000
+    max_steps: int = 150
+    has_safety: bool = False
+    default_steps: int = 20
+    default_sampler: str = "dpmpp_2m"
+    default_guidance: float = 7.5
+    default_karras: bool = False
+    samplers: tuple[str, ...] = SAMPLERS
+    karras_samplers: tuple[str, ...] = KARRAS_SAMPLERS
+    max_guidance: float = MAX_GUIDANCE
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def size_error(self, width: int, height: int) -> tuple[str, str] | None:
+        """(field, message) when width x height is not allowed, else None."""
+        if self.sizes:
+            if (width, height) not in self.sizes:
+                allowed = ", ".join(f"{w}x{h}" for w, h in self.sizes)
+                return "width", f"{width}x{height} is not an allowed size; allowed: {allowed}"
+            return None
+        m = self.size_multiple
+        for name, v in (("width", width), ("height", height)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                return name, f"must be an integer, got {v!r}"
+            if v < m or v > self.max_side or v % m:
+                return name, (f"must be a multiple of {m} between {m} and {self.max_side}, got {v}")
+        if width * height > self.max_pixels:
+            return "width", (f"{width}x{height} = {width * height} pixels exceeds the maximum "
+                             f"of {self.max_pixels} pixels")
+        return None
+
+    def check_size(self, width: int, height: int) -> None:
+        err = self.size_error(width, height)
+        if err:
+            raise InvalidRequest(*err)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        d["sizes"] = [list(s) for s in self.sizes]
+        d["samplers"] = list(self.samplers)
+        d["karras_samplers"] = list(self.karras_samplers)
+        return d
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def _maybe_json(path: str) -> dict | None:
+    return _read_json(path) if os.path.isfile(path) else None
+
+
+def read_model_info(folder: str | os.PathLike) -> ModelInfo:
+    """ModelInfo for a diffusers-layout folder (or a single-file *.safetensors: SD 1.x defaults,
+    overridden by a `latentd.json` next to it). Raises ModelLoadError on missing/corrupt configs."""
+    folder = os.fspath(folder)
+    if os.path.isfile(folder):
+        over = _maybe_json(os.path.join(os.path.dirname(folder), "latentd.json")) or {}
+        base = dict(name=os.path.splitext(os.path.basename(folder))[0], sample_size=64,
+                    vae_factor=8, n_down=3, latent_channels=4, prediction_type="epsilon",
+                    num_train_timesteps=1000, has_safety=False)
+        return _build(base, over)
+    if not os.path.isdir(folder):
+        raise ModelLoadError(f"{folder}: no such model folder or file")
+    unet = _read_json(os.path.join(folder, "unet", "config.json"))
+    vae = _read_json(os.path.join(folder, "vae", "config.json"))
+    sched = _maybe_json(os.path.join(folder, "scheduler", "scheduler_config.json")) or {}
+    index = _maybe_json(os.path.join(folder, "model_index.json")) or {}
+    over = _maybe_json(os.path.join(folder, "latentd.json")) or {}
+    vae_blocks = vae.get("block_out_channels") or [128, 256, 512, 512]
+    unet_blocks = unet.get("block_out_channels") or [320, 640, 1280, 1280]
+    sample_size = unet.get("sample_size", 64)
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    safety_entry = index.get("safety_checker", None)
+    has_safety = (os.path.isfile(os.path.join(folder, "safety_checker", "config.json"))
+                  and not (isinstance(safety_entry, list) and None in safety_entry))
+    base = dict(
+        name=os.path.basename(os.path.normpath(folder)),
+        sample_size=int(sample_size),
+        vae_factor=2 ** (len(vae_blocks) - 1),
+        n_down=len(unet_blocks) - 1,
+        latent_channels=int(unet.get("in_channels", 4)),
+        prediction_type=sched.get("prediction_type", "epsilon"),
+        num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
+        has_safety=has_safety,
+    )
+    return _build(base, over)
+
+
+def _build(base: dict, over: dict) -> ModelInfo:
+    f = base["vae_factor"]
+    native = base["sample_size"] * f
+    multiple = f * 2 ** base["n_down"]
+    max_side = int(over.get("max_side", 4 * native))
+    sizes = tuple((int(w), int(h)) for w, h in over.get("sizes", []))
+    if base["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"scheduler prediction_type {base['prediction_type']!r} is not "
+                             "supported (epsilon | v_prediction)")
+    known = {"name", "sizes", "max_pixels", "max_side", "max_steps", "default_steps",
+             "default_sampler", "default_guidance", "default_karras"}
+    info = ModelInfo(
+        name=str(over.get("name", base["name"])),
+        native_width=native, native_height=native,
+        vae_factor=f, size_multiple=multiple, max_side=max_side,
+        max_pixels=int(over.get("max_pixels", 4 * native * native)),
+        sizes=sizes,
+        latent_channels=base["latent_channels"],
+        prediction_type=base["prediction_type"],
+        num_train_timesteps=base["num_train_timesteps"],
+        max_steps=int(over.get("max_steps", min(150, base["num_train_timesteps"]))),
+        has_safety=base["has_safety"],
+        default_steps=int(over.get("default_steps", 20)),
+        default_sampler=str(over.get("default_sampler", "dpmpp_2m")),
+        default_guidance=float(over.get("default_guidance", 7.5)),
+        default_karras=bool(over.get("default_karras", False)),
+        extra={k: v for k, v in over.items() if k not in known},
+    )
+    if info.default_sampler not in SAMPLERS:
+        raise ModelLoadError(f"latentd.json: default_sampler {info.default_sampler!r} not in {SAMPLERS}")
+    if sizes and (native, native) not in sizes:  # native size must be allowed: first listed
+        object.__setattr__(info, "native_width", sizes[0][0])
+        object.__setattr__(info, "native_height", sizes[0][1])
+    return info
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_request(info: ModelInfo, req) -> None:
+    """Raise InvalidRequest(field, message) for the first bad field of `req` (any object with
+    GenerationRequest's attributes: prompt, negative_prompt, width, height, steps, guidance_scale,
+    sampler, karras, eta, seed). Torch-free, so the API validates exactly as the engine does."""
+    import math
+
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(getattr(req, name), str):
+            raise InvalidRequest(name, "must be a string")
+    width = info.native_width if req.width is None else req.width
+    height = info.native_height if req.height is None else req.height
+    info.check_size(width, height)
+    steps = req.steps
+    if not _is_int(steps) or not 1 <= steps <= info.max_steps:
+        raise InvalidRequest("steps", f"must be an integer between 1 and {info.max_steps}, got {steps!r}")
+    g = req.guidance_scale
+    if (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+            or not 0.0 <= g <= info.max_guidance):
+        raise InvalidRequest("guidance_scale", f"must be a finite number between 0 and "
+                                               f"{info.max_guidance:g}, got {g!r}")
+    if req.sampler not in info.samplers:
+        raise InvalidRequest("sampler", f"unknown sampler {req.sampler!r}; one of: "
+                                        + ", ".join(info.samplers))
+    if not isinstance(req.karras, bool):
+        raise InvalidRequest("karras", "must be true or false")
+    if req.karras and req.sampler not in info.karras_samplers:
+        raise InvalidRequest("karras", f"Karras sigmas apply to {', '.join(info.karras_samplers)} "
+                                       f"only, not {req.sampler!r}")
+    eta = req.eta
+    if (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta)
+            or not 0.0 <= eta <= 1.0):
+        raise InvalidRequest("eta", f"must be a number between 0 and 1, got {eta!r}")
+    if eta and req.sampler != "ddim":
+        raise InvalidRequest("eta", f"eta applies to the ddim sampler only, not {req.sampler!r}")
+    if not _is_int(req.seed) or not 0 <= req.seed < MAX_SEED:
+        raise InvalidRequest("seed", f"must be an integer with 0 <= seed < 2**63, got {req.seed!r}")
