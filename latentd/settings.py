@@ -21,6 +21,25 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     # --- API (app/) -- section owned by the API work ----------------------------------------
+    host: str = "127.0.0.1"                # `latentd serve` / `latentd dev` bind address
+    port: int = 8000
+    api_workers: int = 1                   # uvicorn worker processes for `latentd serve`
+    public_url: str | None = None          # base of absolute image URLs; None: from the request
+    auth: str = "on"                       # "off" switches auth off (explicit; dev without keys)
+    api_keys: str = ""                     # "name:sha256hex,name2:sha256hex" (hashes only)
+    keys_file: str = "~/.config/latentd/keys.json"  # {name: sha256hex}; `latentd keys create`
+    signing_secret: str = ""               # HMAC secret for image URLs; required outside dev
+    url_ttl_s: int = 3600                  # signed image URLs expire after this many seconds
+    rate_limit_per_s: float = 5.0          # per-key token bucket refill rate; 0 = no limit
+    rate_limit_burst: int = 20             # per-key bucket size (jobs admitted at once)
+    sync_wait_s: float = 120.0             # /v1/images/generations waits this long, then 504
+    max_body_bytes: int = 65536            # larger request bodies get 413
+    max_prompt_chars: int = 2000           # prompt / negative_prompt length cap
+    max_n: int = 4                         # images per request
+    retry_after_s: int = 2                 # Retry-After for 503 (queue full, nothing ready)
+    metrics_token: str | None = None       # if set, /metrics needs "Authorization: Bearer <token>"
+    metrics_port: int | None = None        # if set, /metrics is served on this port only
+    cors_origins: str = ""                 # comma-separated origins allowed by CORS; "" = none
 
     # --- worker (worker/) -- section owned by the worker work --------------------------------
 
