@@ -42,6 +42,23 @@ class Settings(BaseSettings):
     cors_origins: str = ""                 # comma-separated origins allowed by CORS; "" = none
 
     # --- worker (worker/) -- section owned by the worker work --------------------------------
+    queue_cap: int = 1000                  # max queued jobs; submit raises QueueFull beyond (API: 503)
+    worker_name: str | None = None         # default: <host>-<pid>
+    worker_max_batch: int = 16             # max requests sharing one U-Net call
+    worker_memory_budget_mb: int = 0       # 0 = no budget (executor admits by max_batch only)
+    job_timeout_s: float = 600.0           # a job running longer is stopped, error code "timeout"
+    lease_s: float = 15.0                  # a running job's lease; refreshed every lease_s/3
+    reap_interval_s: float = 5.0           # every worker requeues expired leases this often
+    max_attempts: int = 3                  # claims per job; beyond, failed with "worker_lost"
+    result_ttl_s: int = 86400              # job records and stored images expire after this
+    storage: str = "redis"                 # redis | file
+    storage_dir: str = "./data/images"     # FileStore directory (storage=file)
+    worker_metrics_port: int = 9101        # 0 = no metrics server
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"                    # auto (fp16 on cuda, else fp32) | float32 | float16 | bfloat16
+    safety: bool = True                    # run the safety checker (flagged -> black image + flag)
+    progress_interval_s: float = 0.25      # min seconds between progress writes per worker
+    worker_heartbeat_s: float = 2.0        # worker info refresh; /readyz sees it for 3x this
 
 
 @lru_cache
