@@ -1,0 +1,160 @@
+"""JobClient: everything the API does with the queue (torch-free; docs/CONTRACTS.md §2).
+
+submit() puts one RQ job (JSON serializer; nothing pickled) on the queue and writes our job
+record in one round trip; the queue-cap check and the push happen in one Lua script, so the queue
+never exceeds its cap and a rejected request enqueues nothing. Every read takes the caller's
+owner and answers None for a job that is not theirs, so the API can turn it into a 404 without
+telling "exists" from "doesn't".
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+from worker import keys
+from worker.spec import JobSpec
+from worker.state import TERMINAL, Scripts, record_to_dict, rq_time
+from worker.store import make_store
+
+RQ_FUNC = "worker.loop.rq_entry"   # what `rq info`/RQ tools show; only latentd workers run it
+_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class QueueFull(Exception):
+    """The global queue cap is reached; the API answers 503 with Retry-After."""
+
+    def __init__(self, depth: int, cap: int):
+        super().__init__(f"queue is full ({depth}/{cap} jobs waiting)")
+        self.depth, self.cap = depth, cap
+
+
+class JobClient:
+    def __init__(self, redis, settings):
+        self.redis = redis
+        self.settings = settings
+        self.queue = settings.queue_name
+        self.scripts = Scripts(redis)
+        self.store = make_store(redis, settings)
+
+    # --- writes -------------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> str:
+        """Enqueue a validated spec; returns the job id. Raises QueueFull (nothing enqueued)."""
+        from rq.job import Job
+        from rq.serializers import JSONSerializer
+
+        spec = spec.with_seed()
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        job = Job.create(RQ_FUNC, args=[json.loads(spec.to_json())], connection=self.redis,
+                         id=job_id, origin=self.queue, serializer=JSONSerializer,
+                         timeout=int(spec.timeout_s or self.settings.job_timeout_s) + 1,
+                         result_ttl=self.settings.result_ttl_s,
+                         description=f"latentd job {job_id} ({spec.n} image(s))")
+        job.enqueued_at = job.created_at
+        job._status = "queued"
+        fields = {"id": job_id, "owner": spec.owner, "queue": self.queue, "spec": spec.to_json(),
+                  "n": spec.n, "steps": spec.steps, "status": "queued", "created_at": repr(now),
+                  "attempt": 0, "compute_s": 0, "done": 0}
+        argv = [int(self.settings.queue_cap), job_id]
+        for k, v in fields.items():
+            argv += [k, v]
+        pipe = self.redis.pipeline(transaction=False)
+        job.save(pipeline=pipe)
+        self.scripts.admit(keys=[keys.rq_queue(self.queue), keys.rq_job(job_id), keys.job(job_id),
+                                 keys.RQ_QUEUES], args=argv, client=pipe)
+        depth = pipe.execute()[-1]
+        if depth == -1:
+            raise QueueFull(self.settings.queue_cap, self.settings.queue_cap)
+        return job_id
+
+    def cancel(self, job_id: str, owner: str) -> dict | None:
+        """Cancel: a queued job leaves the queue and never runs; a running one is marked canceled
+        now and its worker drops it at its next step. A terminal job is returned unchanged."""
+        if not _ID.match(job_id or ""):
+            return None
+        res = self.scripts.finish(
+            keys=[keys.job(job_id)],
+            args=[job_id, owner, "", "canceled",
+                  json.dumps({"code": "canceled", "message": "canceled by the owner"}),
+                  repr(time.time()), int(self.settings.result_ttl_s), rq_time()])
+        if res is None:
+            return None
+        return self.get(job_id, owner)
+
+    # --- reads --------------------------------------------------------------------------------
+    def get(self, job_id: str, owner: str) -> dict | None:
+        if not _ID.match(job_id or ""):
+            return None
+        rec = self.redis.hgetall(keys.job(job_id))
+        if not rec or rec.get(b"owner", b"").decode() != owner:
+            return None
+        position = None
+        if rec.get(b"status") == b"queued":
+            pos = self.redis.lpos(keys.rq_queue(self.queue), job_id)
+            position = 0 if pos is None else int(pos)   # None: being claimed right now
+        return record_to_dict(rec, position)
+
+    def wait(self, job_id: str, owner: str, timeout_s: float) -> dict | None:
+        """The job dict once terminal, or as it is after timeout_s. Subscribes before reading,
+        so a completion between the read and the wait is not missed."""
+        deadline = time.monotonic() + timeout_s
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(keys.done_channel(job_id))
+            while True:
+                d = self.get(job_id, owner)
+                if d is None or d["status"] in TERMINAL:
+                    return d
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return d
+                # wake on the done message, or re-read at least every 2 s (belt and braces)
+                pubsub.get_message(timeout=min(left, 2.0))
+        finally:
+            pubsub.close()
+
+    def image_png(self, job_id: str, k: int, owner: str) -> bytes | None:
+        """PNG of image k of the caller's own job (flagged images are stored black)."""
+        if not _ID.match(job_id or "") or not isinstance(k, int) or k < 0:
+            return None
+        own, img = self.redis.hmget(keys.job(job_id), "owner", f"img:{k}")
+        if own is None or own.decode() != owner or img is None:
+            return None
+        return self.store.get(job_id, k)
+
+    def queue_depth(self) -> int:
+        return int(self.redis.llen(keys.rq_queue(self.queue)))
+
+    def ready_workers(self) -> list[dict]:
+        """Workers with a loaded model whose heartbeat is fresh."""
+        names = self.redis.zrangebyscore(keys.workers(self.queue), time.time(), "+inf")
+        if not names:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.worker(name.decode()))
+        out = []
+        for info in pipe.execute():
+            if not info:
+                continue
+            d = {k.decode(): v.decode() for k, v in info.items()}
+            if d.get("state") not in ("ready", "busy"):
+                continue
+            d["model"] = json.loads(d.get("model", "null"))
+            for f in ("pid", "running"):
+                if f in d:
+                    d[f] = int(d[f])
+            out.append(d)
+        return out
+
+    def models(self) -> list[dict]:
+        """ModelInfo dicts (model.info.ModelInfo.to_dict) of the models ready workers serve,
+        one per model name."""
+        seen = {}
+        for w in self.ready_workers():
+            m = w.get("model")
+            if m and m.get("name") not in seen:
+                seen[m["name"]] = m
+        return list(seen.values())

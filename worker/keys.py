@@ -1,0 +1,66 @@
+"""Every Redis key latentd uses, in one place (torch-free; the API and the worker share it).
+
+RQ's own keys (rq:queue:<q>, rq:job:<id>, rq:wip:<q>) are spelled here too, so that our Lua
+scripts can touch them atomically alongside ours; tests/test_worker_keys.py checks that they
+still match what RQ computes. Everything of ours lives under `latentd:`.
+"""
+from __future__ import annotations
+
+P = "latentd"
+
+# --- RQ's keys (rq 2.12) ------------------------------------------------------------------------
+RQ_QUEUES = "rq:queues"                        # set of queue keys (rq info lists these)
+
+
+def rq_queue(queue: str) -> str:
+    """RQ's queue list of job ids (FIFO: RPUSH at submit, LPOP by workers)."""
+    return f"rq:queue:{queue}"
+
+
+def rq_job(job_id: str) -> str:
+    """RQ's job hash (status, origin, data = JSON of func/args, timestamps)."""
+    return f"rq:job:{job_id}"
+
+
+def rq_started(queue: str) -> str:
+    """RQ's StartedJobRegistry zset: "<job_id>:<execution_id>" -> expiry. We always write +inf so
+    RQ's own cleanup (run by `rq info`) never moves our jobs to its failed registry; our leases
+    decide instead."""
+    return f"rq:wip:{queue}"
+
+
+# --- ours ---------------------------------------------------------------------------------------
+def job(job_id: str) -> str:
+    """Job record hash (see docs/CONTRACTS.md §2, 'Redis layout')."""
+    return f"{P}:job:{job_id}"
+
+
+def image(job_id: str, k: int) -> str:
+    """PNG bytes of image k (RedisStore)."""
+    return f"{P}:img:{job_id}:{k}"
+
+
+def leases(queue: str) -> str:
+    """zset job_id -> lease expiry (unix s) for every running job; the reaper requeues expired."""
+    return f"{P}:{queue}:leases"
+
+
+def workers(queue: str) -> str:
+    """zset worker name -> heartbeat expiry (unix s)."""
+    return f"{P}:{queue}:workers"
+
+
+def worker(name: str) -> str:
+    """Worker info hash: pid, host, model (JSON of ModelInfo), started_at, state. Has a TTL."""
+    return f"{P}:worker:{name}"
+
+
+def inbox(name: str) -> str:
+    """A worker's inbox list: ids moved off the queue by a blocking BLMOVE while idle, claimed
+    from there; a dead worker's inbox goes back to the queue front (reaper)."""
+    return f"{P}:inbox:{name}"
+
+
+def done_channel(job_id: str) -> str:
+    """Pub/sub channel published once when the job reaches a terminal status (wait())."""
+    return f"{P}:done:{job_id}"

@@ -1,0 +1,217 @@
+"""Job records and their transitions, as Lua scripts so each transition is atomic in Redis.
+
+Why Lua: after a lease expires, a job can be re-run by another worker while the first (slow,
+not dead) one is still writing. Every write a worker makes is *fenced* by the attempt number it
+got when it claimed the job: a write from an older attempt, or to a job no longer `running`, is
+refused. So a job ends exactly once (the first terminal transition wins), and each image is
+recorded exactly once (the first `img:<k>` write wins). Torch-free: the API's JobClient uses the
+admit/cancel/read side.
+
+Record (hash keys.job(id)); times are unix seconds as strings:
+  id owner queue spec(JSON) n steps status created_at started_at finished_at attempt worker
+  execution(the rq:wip member) error(JSON {code,message}) compute_s done(images recorded)
+  p:<k>(steps done of image k)  img:<k>(JSON {index, seed, nsfw, warnings, timings})
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+from worker import keys
+
+TERMINAL = ("succeeded", "failed", "canceled")
+RQ_STATUS = {"succeeded": "finished", "failed": "failed", "canceled": "canceled"}
+
+
+def rq_time(t: float | None = None) -> str:
+    """RQ's timestamp format (rq.utils.utcformat)."""
+    t = time.time() if t is None else t
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# Shared Lua: end a job (caller has checked that it may). Removes the lease and the RQ started
+# entry, mirrors the status into RQ's job hash, sets the TTLs, publishes once.
+_END = r"""
+local function end_job(id, queue, status, err, now, ttl, iso)
+  local rec = 'latentd:job:' .. id
+  local exe = redis.call('HGET', rec, 'execution')
+  redis.call('LREM', 'rq:queue:' .. queue, 0, id)
+  redis.call('HSET', rec, 'status', status, 'finished_at', now)
+  if err ~= '' then redis.call('HSET', rec, 'error', err) end
+  redis.call('ZREM', 'latentd:' .. queue .. ':leases', id)
+  if exe and exe ~= '' then redis.call('ZREM', 'rq:wip:' .. queue, exe) end
+  local rqs = ({succeeded='finished', failed='failed', canceled='canceled'})[status]
+  redis.call('HSET', 'rq:job:' .. id, 'status', rqs, 'ended_at', iso)
+  redis.call('EXPIRE', rec, ttl)
+  redis.call('EXPIRE', 'rq:job:' .. id, ttl)
+  redis.call('PUBLISH', 'latentd:done:' .. id, status)
+end
+"""
+
+# KEYS: rq queue, rq job, record, rq:queues   ARGV: cap, id, field, value, ...
+ADMIT = r"""
+local cap = tonumber(ARGV[1])
+if cap > 0 and redis.call('LLEN', KEYS[1]) >= cap then
+  redis.call('DEL', KEYS[2])
+  return -1
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 3))
+redis.call('SADD', KEYS[4], KEYS[1])
+return redis.call('RPUSH', KEYS[1], ARGV[2])
+"""
+
+# KEYS: record   ARGV: id, owner ('' = any), attempt ('' = unfenced), status, error JSON, now, ttl, iso
+# -> nil unknown/other owner; 0 already terminal; -1 not this attempt's; 1 ended now
+FINISH = _END + r"""
+local r = redis.call('HMGET', KEYS[1], 'owner', 'status', 'attempt', 'queue')
+if not r[1] then return nil end
+if ARGV[2] ~= '' and r[1] ~= ARGV[2] then return nil end
+if r[2] ~= 'queued' and r[2] ~= 'running' then return 0 end
+if ARGV[3] ~= '' and (r[2] ~= 'running' or r[3] ~= ARGV[3]) then return -1 end
+end_job(ARGV[1], r[4], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+return 1
+"""
+
+# KEYS: queue, inbox, leases, rq started   ARGV: worker, now, lease expiry, iso
+# -> false, or {id, attempt, spec, done-indexes JSON}
+CLAIM = r"""
+for i = 1, 1000 do
+  local id = redis.call('LPOP', KEYS[2])
+  if not id then id = redis.call('LPOP', KEYS[1]) end
+  if not id then return false end
+  local rec = 'latentd:job:' .. id
+  if redis.call('HGET', rec, 'status') == 'queued' then
+    local attempt = redis.call('HINCRBY', rec, 'attempt', 1)
+    local exe = id .. ':' .. ARGV[1] .. '.' .. attempt
+    redis.call('HSET', rec, 'status', 'running', 'worker', ARGV[1], 'execution', exe)
+    redis.call('HSETNX', rec, 'started_at', ARGV[2])
+    redis.call('ZADD', KEYS[3], ARGV[3], id)
+    redis.call('ZADD', KEYS[4], '+inf', exe)
+    redis.call('HSET', 'rq:job:' .. id, 'status', 'started', 'started_at', ARGV[4],
+               'worker_name', ARGV[1], 'last_heartbeat', ARGV[4])
+    local n = tonumber(redis.call('HGET', rec, 'n'))
+    local done = {}
+    for k = 0, n - 1 do
+      if redis.call('HEXISTS', rec, 'img:' .. k) == 1 then table.insert(done, k) end
+    end
+    return {id, attempt, redis.call('HGET', rec, 'spec'), cjson.encode(done)}
+  end
+end
+return false
+"""
+
+# KEYS: leases, workers   ARGV: lease expiry, worker, worker expiry, progress JSON
+#   progress JSON: [[id, attempt, {"p:0": 3, ...}], ...]  -> ids that are no longer ours
+TOUCH = r"""
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+local lost = {}
+for _, e in ipairs(cjson.decode(ARGV[4])) do
+  local rec = 'latentd:job:' .. e[1]
+  local r = redis.call('HMGET', rec, 'status', 'attempt')
+  if r[1] == 'running' and r[2] == tostring(e[2]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], e[1])
+    local f = {}
+    for k, v in pairs(e[3]) do table.insert(f, k); table.insert(f, v) end
+    if #f > 0 then redis.call('HSET', rec, unpack(f)) end
+  else
+    table.insert(lost, e[1])
+  end
+end
+return lost
+"""
+
+# KEYS: record  ARGV: id, attempt, k, image JSON, compute_s, steps, now, ttl, iso
+# -> -1 not ours; 0 image already recorded; 1 recorded; 2 recorded and the job succeeded
+IMAGE = _END + r"""
+local r = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'n', 'queue')
+if r[1] ~= 'running' or r[2] ~= ARGV[2] then return -1 end
+if redis.call('HSETNX', KEYS[1], 'img:' .. ARGV[3], ARGV[4]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'p:' .. ARGV[3], ARGV[6])
+redis.call('HINCRBYFLOAT', KEYS[1], 'compute_s', ARGV[5])
+if redis.call('HINCRBY', KEYS[1], 'done', 1) >= tonumber(r[3]) then
+  end_job(ARGV[1], r[4], 'succeeded', '', ARGV[7], ARGV[8], ARGV[9])
+  return 2
+end
+return 1
+"""
+
+# KEYS: leases, queue, workers   ARGV: now, max attempts, ttl, iso, limit, queue name
+# -> {requeued, failed, dead workers}
+REAP = _END + r"""
+local requeued, failed = 0, 0
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
+for _, id in ipairs(ids) do
+  local rec = 'latentd:job:' .. id
+  local r = redis.call('HMGET', rec, 'status', 'attempt', 'execution', 'worker')
+  redis.call('ZREM', KEYS[1], id)
+  if r[1] == 'running' then
+    if tonumber(r[2]) >= tonumber(ARGV[2]) then
+      local err = cjson.encode({code='worker_lost', message='the worker running this job stopped '
+        .. 'heartbeating ' .. r[2] .. ' time(s) (killed or hung); giving up after ' .. ARGV[2] .. ' attempts'})
+      end_job(id, ARGV[6], 'failed', err, ARGV[1], ARGV[3], ARGV[4])
+      failed = failed + 1
+    else
+      if r[3] then redis.call('ZREM', 'rq:wip:' .. ARGV[6], r[3]) end
+      redis.call('HSET', rec, 'status', 'queued', 'execution', '', 'lost_worker', r[4] or '')
+      redis.call('HSET', 'rq:job:' .. id, 'status', 'queued')
+      redis.call('LPUSH', KEYS[2], id)
+      requeued = requeued + 1
+    end
+  end
+end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, name in ipairs(dead) do
+  local inbox = 'latentd:inbox:' .. name
+  while redis.call('LMOVE', inbox, KEYS[2], 'RIGHT', 'LEFT') do end
+  redis.call('ZREM', KEYS[3], name)
+end
+return {requeued, failed, #dead}
+"""
+
+
+class Scripts:
+    """The scripts registered on one Redis client (EVALSHA, reloaded on NOSCRIPT after a restart)."""
+
+    def __init__(self, redis):
+        self.admit = redis.register_script(ADMIT)
+        self.finish = redis.register_script(FINISH)
+        self.claim = redis.register_script(CLAIM)
+        self.touch = redis.register_script(TOUCH)
+        self.image = redis.register_script(IMAGE)
+        self.reap = redis.register_script(REAP)
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def record_to_dict(rec: dict, position: int | None = None) -> dict:
+    """The job dict of docs/CONTRACTS.md §2 from a raw record hash (bytes or str keys)."""
+    r = {_s(k): _s(v) for k, v in rec.items()}
+    spec = json.loads(r.get("spec", "{}"))
+    n = int(r.get("n", 1))
+    steps = int(r.get("steps", 0))
+
+    def t(name):
+        v = r.get(name)
+        return float(v) if v else None
+
+    images = sorted((json.loads(v) for k, v in r.items() if k.startswith("img:")),
+                    key=lambda d: d["index"])
+    step = sum(min(int(r.get(f"p:{k}", 0) or 0), steps) for k in range(n))
+    params = {k: v for k, v in spec.items() if k not in ("owner", "version", "timeout_s")}
+    return {
+        "id": r.get("id"),
+        "status": r.get("status"),
+        "queue_position": position,
+        "progress": {"step": step, "total": steps * n},
+        "created_at": t("created_at"),
+        "started_at": t("started_at"),
+        "finished_at": t("finished_at"),
+        "images": images,
+        "error": json.loads(r["error"]) if r.get("error") else None,
+        "usage": {"compute_seconds": round(float(r.get("compute_s", 0) or 0), 6)},
+        "attempts": int(r.get("attempt", 0) or 0),
+        "params": params,
+    }

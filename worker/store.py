@@ -1,0 +1,93 @@
+"""Result storage behind one small interface, so an object store can be added later.
+
+RedisStore (default): PNG bytes under keys.image(job, k) with a TTL, next to the job record, so
+a deployment needs nothing but Redis. FileStore: <dir>/<job>/<k>.png, written to a temporary
+name and renamed (a reader never sees half a file; a re-run after a crash rewrites the same
+name, so there is still one result per image); expiry by file age, swept by the worker.
+Torch-free: the API reads images through `make_store(redis, settings).get`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Protocol
+
+from worker import keys
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class Store(Protocol):
+    def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None: ...
+    def get(self, job_id: str, k: int) -> bytes | None: ...
+    def sweep(self) -> int: ...
+
+
+class RedisStore:
+    def __init__(self, redis):
+        self.redis = redis
+
+    def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None:
+        self.redis.set(keys.image(job_id, k), png, ex=max(1, int(ttl_s)))
+
+    def get(self, job_id: str, k: int) -> bytes | None:
+        return self.redis.get(keys.image(job_id, k))
+
+    def sweep(self) -> int:
+        return 0  # Redis expires keys itself
+
+
+class FileStore:
+    def __init__(self, root: str, ttl_s: int = 86400):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.ttl_s = ttl_s
+        os.makedirs(self.root, exist_ok=True)
+
+    def _path(self, job_id: str, k: int) -> str:
+        if not _ID.match(job_id) or not isinstance(k, int) or k < 0:
+            raise ValueError("bad job id or image index")   # never a path from user input
+        return os.path.join(self.root, job_id, f"{k}.png")
+
+    def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None:
+        path = self._path(job_id, k)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(png)
+        os.replace(tmp, path)
+
+    def get(self, job_id: str, k: int) -> bytes | None:
+        try:
+            path = self._path(job_id, k)
+            if time.time() - os.path.getmtime(path) > self.ttl_s:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+        except (OSError, ValueError):
+            return None
+
+    def sweep(self) -> int:
+        """Delete job folders older than the TTL; returns how many."""
+        gone = 0
+        cutoff = time.time() - self.ttl_s
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            try:
+                if _ID.match(name) and os.path.getmtime(path) < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
+                    gone += 1
+            except OSError:
+                pass
+        return gone
+
+
+def make_store(redis, settings) -> Store:
+    """The store named by settings.storage (redis | file)."""
+    if settings.storage == "redis":
+        return RedisStore(redis)
+    if settings.storage == "file":
+        return FileStore(settings.storage_dir, settings.result_ttl_s)
+    raise ValueError(f"LATENTD_STORAGE must be redis or file, got {settings.storage!r}")
