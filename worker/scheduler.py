@@ -1,0 +1,124 @@
+"""Continuous-batching scheduler: decides, never runs (DESIGN.md convention 12; vLLM's schedule()).
+
+Pure: no torch, no clocks, no I/O. The executor (worker/executor.py) describes the running set
+and the waiting list as plain `Item`s and gets back a `Decision`; everything here is a function
+of its arguments, so it is unit-tested without a model (tests/test_scheduler.py).
+
+Policy (one call to `schedule` per worker iteration):
+
+1. Admission (waiting -> running), bounded by `Limits.max_batch` (size of the running set, over
+   all latent sizes) and `Limits.memory_budget_mb` (sum of the items' estimates).
+   Fair across API keys by max-min fair share of running slots: the next request admitted is the
+   oldest waiting request of the key that currently holds the FEWEST running slots (counting the
+   ones admitted in this same decision); ties go to the oldest request (first come, first served).
+   So a key that floods the queue gets slots only as fast as every other key with work waiting,
+   and with a single key this is plain FCFS. Within a key, strictly FCFS.
+   Memory: if the chosen request does not fit in the memory left, admission STOPS for this
+   iteration (no skipping ahead to smaller requests), so a large request cannot be starved by a
+   stream of small ones; it gets in as soon as enough running work finishes. A request whose
+   estimate alone exceeds the whole budget can never run and is rejected.
+2. Which size group runs: one U-Net call only takes latents of one (h, w). The scheduler picks
+   the group holding the request that has waited LONGEST since it last stepped: `min(last_tick)`
+   over the group. With several groups this rotates through them (round-robin), so every running
+   request advances at the same rate and no group waits more than (number of groups) iterations;
+   with one group it runs every iteration. Newly admitted requests are candidates in the same
+   decision (a new request of a running size steps in the iteration that admits it), counted as
+   having last stepped with the most recently stepped running group: its time in the queue buys
+   admission, not precedence over running groups, so a group made only of new requests joins the
+   BACK of the rotation (else a stream of long-queued arrivals of one size could keep that size in
+   front and starve the others). Ties: a group with started requests before one of only new ones,
+   then the bigger group (more work per call), then the oldest arrival.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request as the scheduler sees it (running or waiting)."""
+    request_id: str
+    key: str                    # API key NAME (fairness unit), never the key itself
+    arrival: int                # global arrival order (smaller = earlier)
+    size: tuple[int, int]       # latent (h, w); only equal sizes share a U-Net call
+    step: int = 0               # steps done
+    total: int = 1              # steps in all
+    mem_mb: float = 0.0         # estimated device memory while running
+    last_tick: int = 0          # waiting: iteration it was queued; running: iteration it last
+                                # stepped, or was admitted if it has not stepped yet
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = 16                   # most requests in the running set (all sizes)
+    memory_budget_mb: float | None = None  # None: no memory limit
+
+
+@dataclass(frozen=True)
+class Decision:
+    admit: tuple[str, ...] = ()                   # waiting ids to move to running, in this order
+    reject: tuple[tuple[str, str], ...] = ()      # (id, reason): can never be admitted
+    group: tuple[int, int] | None = None          # latent size that steps this iteration
+    run: tuple[str, ...] = ()                     # ids that step (running + admitted, that size)
+
+
+def schedule(running: list[Item], waiting: list[Item], limits: Limits) -> Decision:
+    admit, reject = _admit(running, waiting, limits)
+    by_id = {w.request_id: w for w in waiting}
+    # A newly admitted request counts as having waited no longer than the most recently stepped
+    # running group; otherwise a stream of long-queued arrivals of one size could keep that
+    # group in front and starve a running group of another size.
+    latest = max((r.last_tick for r in running), default=None)
+    candidates = list(running) + [
+        by_id[i] if latest is None else replace(by_id[i], last_tick=max(by_id[i].last_tick, latest))
+        for i in admit]
+    group = _pick_group(candidates)
+    run = tuple(c.request_id for c in sorted(candidates, key=lambda c: c.arrival)
+                if c.size == group) if group is not None else ()
+    return Decision(admit=tuple(admit), reject=tuple(reject), group=group, run=run)
+
+
+def _admit(running: list[Item], waiting: list[Item], limits: Limits):
+    budget = limits.memory_budget_mb
+    slots = limits.max_batch - len(running)
+    mem_free = None if budget is None else budget - sum(r.mem_mb for r in running)
+    held: dict[str, int] = defaultdict(int)          # running slots per key
+    for r in running:
+        held[r.key] += 1
+    queues: dict[str, list[Item]] = defaultdict(list)  # per key, oldest last (pop() is O(1))
+    for w in sorted(waiting, key=lambda w: w.arrival, reverse=True):
+        queues[w.key].append(w)
+
+    admit: list[str] = []
+    reject: list[tuple[str, str]] = []
+    while queues:
+        key = min(queues, key=lambda k: (held[k], queues[k][-1].arrival))
+        head = queues[key][-1]
+        if budget is not None and head.mem_mb > budget:
+            reject.append((head.request_id, f"needs about {head.mem_mb:.0f} MB, more than the "
+                                            f"worker's memory budget of {budget:.0f} MB"))
+        elif slots <= 0 or (mem_free is not None and head.mem_mb > mem_free):
+            break   # full: stop rather than skip ahead (no starvation of the head)
+        else:
+            admit.append(head.request_id)
+            held[key] += 1
+            slots -= 1
+            if mem_free is not None:
+                mem_free -= head.mem_mb
+        queues[key].pop()
+        if not queues[key]:
+            del queues[key]
+    return admit, reject
+
+
+def _pick_group(candidates: list[Item]) -> tuple[int, int] | None:
+    groups: dict[tuple[int, int], list[Item]] = defaultdict(list)
+    for c in candidates:
+        groups[c.size].append(c)
+    if not groups:
+        return None
+    return min(groups, key=lambda s: (min(c.last_tick for c in groups[s]),
+                                      all(c.step == 0 for c in groups[s]),
+                                      -len(groups[s]),
+                                      min(c.arrival for c in groups[s])))
