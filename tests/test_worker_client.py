@@ -1,0 +1,163 @@
+"""JobClient against a real redis-server: capped atomic submit, owner checks, cancel, wait, and the
+RQ view of our jobs (JSON serializer, RQ's own key names)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from latentd.settings import Settings
+from worker import keys
+from worker.client import JobClient, QueueFull
+from worker.spec import JobSpec
+from worker.state import Scripts
+
+
+def make_client(redis_server, **over):
+    s = Settings(redis_url=redis_server.url, queue_name="q", **over)
+    return JobClient(redis_server.client(), s)
+
+
+def test_keys_match_rq(redis_server):
+    from rq import Queue
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    q = Queue("q", connection=redis_server.client(), serializer=JSONSerializer)
+    assert q.key == keys.rq_queue("q")
+    assert q.started_job_registry.key == keys.rq_started("q")
+    assert Job.key_for("abc") == keys.rq_job("abc")
+    assert Queue.redis_queues_keys == keys.RQ_QUEUES
+
+
+def test_submit_is_json_rq_job_and_record(redis_server):
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    c = make_client(redis_server)
+    jid = c.submit(JobSpec(prompt="a red cat", owner="alice", n=3, steps=4, seed=10))
+    r = redis_server.client()
+    # nothing pickled: the RQ job's data is JSON (compressed by RQ) of our spec
+    q = Queue("q", connection=r, serializer=JSONSerializer)
+    assert q.job_ids == [jid]
+    job = q.fetch_job(jid)
+    assert job.get_status() == "queued"
+    assert job.args[0]["prompt"] == "a red cat" and job.args[0]["seed"] == 10
+    d = c.get(jid, "alice")
+    assert d["status"] == "queued" and d["queue_position"] == 0
+    assert d["progress"] == {"step": 0, "total": 12}
+    assert d["params"]["seed"] == 10 and "owner" not in d["params"]
+    assert c.get(jid, "bob") is None
+    assert c.get("../../etc/passwd", "alice") is None
+    assert c.image_png(jid, 0, "alice") is None
+
+
+def test_random_seed_is_fixed_at_submit(redis_server):
+    c = make_client(redis_server)
+    jid = c.submit(JobSpec(prompt="x", owner="a", n=2))
+    seed = c.get(jid, "a")["params"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**63 - 2
+
+
+def test_queue_cap_rejects_and_enqueues_nothing(redis_server):
+    c = make_client(redis_server, queue_cap=3)
+    for _ in range(3):
+        c.submit(JobSpec(prompt="x", owner="a"))
+    before = set(redis_server.client().keys("*"))
+    with pytest.raises(QueueFull):
+        c.submit(JobSpec(prompt="x", owner="a"))
+    assert c.queue_depth() == 3
+    assert set(redis_server.client().keys("*")) == before   # no job hash, no record left behind
+
+
+def test_queue_cap_holds_under_concurrent_submits(redis_server):
+    cap = 25
+    c = make_client(redis_server, queue_cap=cap)
+    accepted, rejected = [], []
+
+    def hammer():
+        cl = make_client(redis_server, queue_cap=cap)
+        for _ in range(20):
+            try:
+                accepted.append(cl.submit(JobSpec(prompt="x", owner="a")))
+            except QueueFull:
+                rejected.append(1)
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(accepted) == cap and len(rejected) == 160 - cap
+    assert c.queue_depth() == cap
+    assert len(redis_server.client().keys("latentd:job:*")) == cap
+
+
+def test_cancel_queued_owner_only(redis_server):
+    c = make_client(redis_server)
+    a = c.submit(JobSpec(prompt="x", owner="alice"))
+    b = c.submit(JobSpec(prompt="y", owner="alice"))
+    assert c.cancel(a, "bob") is None
+    assert c.get(a, "alice")["status"] == "queued"
+    d = c.cancel(a, "alice")
+    assert d["status"] == "canceled" and d["error"]["code"] == "canceled"
+    assert c.queue_depth() == 1 and c.get(b, "alice")["queue_position"] == 0
+    assert c.cancel(a, "alice")["status"] == "canceled"   # idempotent, ends once
+    assert redis_server.client().hget(keys.rq_job(a), "status") == b"canceled"
+    assert redis_server.client().ttl(keys.job(a)) > 0
+
+
+def test_wait_wakes_on_completion_and_times_out(redis_server):
+    c = make_client(redis_server)
+    jid = c.submit(JobSpec(prompt="x", owner="alice"))
+    t = time.monotonic()
+    assert c.wait(jid, "alice", 0.3)["status"] == "queued"
+    assert 0.25 < time.monotonic() - t < 2
+    threading.Timer(0.3, lambda: c.cancel(jid, "alice")).start()
+    t = time.monotonic()
+    assert c.wait(jid, "alice", 10)["status"] == "canceled"
+    assert time.monotonic() - t < 1.5          # woken by pub/sub, not the timeout
+    assert c.wait(jid, "bob", 1) is None
+
+
+def test_claim_fences_a_stale_attempt(redis_server):
+    """Two claims of one job (a requeue in between): only the newer attempt may write."""
+    c = make_client(redis_server)
+    r = redis_server.client()
+    sc = Scripts(r)
+    jid = c.submit(JobSpec(prompt="x", owner="a", n=1, steps=2))
+    kq = [keys.rq_queue("q"), keys.inbox("w1"), keys.leases("q"), keys.rq_started("q")]
+    got = sc.claim(keys=kq, args=["w1", time.time(), time.time() + 0.01, "t"])
+    assert got[0].decode() == jid and int(got[1]) == 1
+    assert r.zcard(keys.rq_started("q")) == 1
+    time.sleep(0.05)
+    res = sc.reap(keys=[keys.leases("q"), keys.rq_queue("q"), keys.workers("q")],
+                  args=[time.time(), 3, 60, "t", 100, "q"])
+    assert list(res)[0] == 1 and c.get(jid, "a")["status"] == "queued"
+    assert r.zcard(keys.rq_started("q")) == 0
+    got2 = sc.claim(keys=kq, args=["w2", time.time(), time.time() + 60, "t"])
+    assert int(got2[1]) == 2
+    img = json.dumps({"index": 0, "seed": 1, "nsfw": False})
+    args = lambda att: [jid, att, 0, img, 0.5, 2, time.time(), 60, "t"]
+    assert sc.image(keys=[keys.job(jid)], args=args(1)) == -1      # stale worker refused
+    assert sc.image(keys=[keys.job(jid)], args=args(2)) == 2       # recorded, job succeeded
+    assert sc.image(keys=[keys.job(jid)], args=args(2)) == -1      # ends once
+    d = c.get(jid, "a")
+    assert d["status"] == "succeeded" and len(d["images"]) == 1 and d["usage"]["compute_seconds"] == 0.5
+    assert r.zcard(keys.leases("q")) == 0
+
+
+def test_spec_validation():
+    with pytest.raises(ValidationError):
+        JobSpec(prompt="x", owner="a", n=0)
+    with pytest.raises(ValidationError):
+        JobSpec(prompt="x", owner="a", guidance_scale=float("nan"))
+    with pytest.raises(ValidationError):
+        JobSpec(prompt="x", owner="a", seed=2**63 - 1, n=2)
+    with pytest.raises(ValidationError):
+        JobSpec(prompt="x", owner="a", steps="4")
+    with pytest.raises(ValidationError):
+        JobSpec(prompt="x", owner="a", bogus=1)
+    s = JobSpec(prompt="x", owner="a", n=2, seed=5)
+    assert JobSpec.from_json(s.to_json()) == s and s.seeds() == [5, 6]
