@@ -1,0 +1,148 @@
+"""A complete, randomly initialised Stable Diffusion folder in diffusers' layout, built offline.
+
+make_tiny_sd(path) writes what `StableDiffusionPipeline.save_pretrained` writes for SD 1.x
+("sd1": epsilon prediction, 8 heads, conv projections) or SD 2.x ("sd2": v-prediction, head dim
+16 standing in for 64, linear projections), with tiny widths so tests run in seconds. Every
+component is diffusers'/transformers' own class, so key names and configs are the real ones. The
+tokenizer is shipped as SD repositories ship it (vocab.json + merges.txt), with a byte-level vocab
+built here; the same seed gives the same files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+MERGES = ("t h", "th e</w>", "a n", "an d</w>", "c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>")
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins for bytes used by GPT-2/CLIP byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def tokenizer_files() -> tuple[dict[str, int], str]:
+    """(vocab, merges.txt text) of a tiny CLIP byte-level BPE."""
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in MERGES] + list(SPECIAL)
+    merges = "#version: 0.2\n" + "\n".join(MERGES) + "\n"
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_tokenizer(folder: Path, max_length: int = 77) -> None:
+    """vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json, like SD repos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tokenizer_files()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text(merges)
+    special = {"bos_token": SPECIAL[0], "eos_token": SPECIAL[1], "unk_token": SPECIAL[1], "pad_token": SPECIAL[1]}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True,
+         "errors": "replace", "add_prefix_space": False, **special}, indent=2))
+
+
+def unet_config(variant: str = "sd1") -> dict:
+    cfg = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=32)
+    if variant == "sd1":
+        cfg["attention_head_dim"] = 8                                   # SD 1.x: 8 heads everywhere
+    else:
+        cfg.update(attention_head_dim=(2, 4), use_linear_projection=True)   # heads = channels / 16
+    return cfg
+
+
+def vae_config() -> dict:
+    # four levels, so that latents are H/8 x W/8 as in Stable Diffusion
+    return dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                sample_size=64, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def scheduler(variant: str = "sd1"):
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    common = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    if variant == "sd1":
+        return PNDMScheduler(skip_prk_steps=True, prediction_type="epsilon", **common)
+    return DDIMScheduler(clip_sample=False, prediction_type="v_prediction", **common)
+
+
+def _perturb(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.02) -> None:
+    """Add small noise to every parameter, so zero-initialised layers (conv_out, proj_out, ...)
+    carry signal and a wrong wiring cannot hide behind a zero."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def make_tiny_sd(path, variant: str = "sd1", safety: bool = True, seed: int = 0) -> Path:
+    """Write a tiny random StableDiffusionPipeline folder at `path` and return it."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if variant not in ("sd1", "sd2"):
+        raise ValueError(f"variant must be sd1 or sd2, not {variant!r}")
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(variant))
+    vae = AutoencoderKL(**vae_config())
+    vocab, _ = tokenizer_files()
+    text_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                              vocab_size=len(vocab), max_position_embeddings=77, projection_dim=32,
+                              hidden_act="quick_gelu" if variant == "sd1" else "gelu",
+                              bos_token_id=vocab[SPECIAL[0]], eos_token_id=vocab[SPECIAL[1]],
+                              pad_token_id=vocab[SPECIAL[1]])
+    text_encoder = CLIPTextModel(text_cfg)
+    for m in (unet, vae, text_encoder):
+        _perturb(m, gen)
+
+    tok_dir = path / "tokenizer"
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    safety_checker = feature_extractor = None
+    if safety:
+        clip_cfg = CLIPConfig(
+            text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                             vocab_size=len(vocab), bos_token_id=vocab[SPECIAL[0]],
+                             eos_token_id=vocab[SPECIAL[1]], pad_token_id=vocab[SPECIAL[1]]),
+            vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                               image_size=32, patch_size=4, num_channels=3),
+            projection_dim=32)
+        safety_checker = StableDiffusionSafetyChecker(clip_cfg).eval()
+        _perturb(safety_checker, gen)
+        with torch.no_grad():   # random concept directions instead of the all-ones default
+            safety_checker.concept_embeds.copy_(torch.randn(safety_checker.concept_embeds.shape, generator=gen))
+            safety_checker.special_care_embeds.copy_(
+                torch.randn(safety_checker.special_care_embeds.shape, generator=gen))
+        feature_extractor = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+            do_normalize=True, do_resize=True, do_convert_rgb=True, resample=3,
+            image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler(variant), safety_checker=safety_checker,
+                                   feature_extractor=feature_extractor, requires_safety_checker=safety)
+    pipe.save_pretrained(path, safe_serialization=True)
+    shutil.rmtree(tok_dir)            # what transformers wrote -> the SD repository layout instead
+    write_tokenizer(tok_dir)
+    if safety:                        # without torchvision transformers records its PIL fallback
+        index = json.loads((path / "model_index.json").read_text())
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+        (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return path
