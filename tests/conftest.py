@@ -21,3 +21,16 @@ def tiny_model_sd2(tmp_path_factory):
     from tests.tiny_model import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd2"), variant="sd2", safety=True, seed=0)
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a free port with deploy/redis.conf (AOF), data in a temp dir;
+    killed at the end. `.url`, `.client()`, `.kill()`, `.restart()` (same port and data)."""
+    from tests.services import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
