@@ -1,0 +1,89 @@
+"""Admission: validate against the model -> per-key rate limit -> queue cap (inside
+JobClient.submit, one Lua script) -> enqueued. Each step rejects early with a 4xx/503 and
+enqueues nothing. Also where the API learns what model it serves (for validation and /v1/models).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import fields
+
+from pydantic import ValidationError
+
+from app import metrics
+from app.errors import ApiError
+from app.ratelimit import RateLimiter
+from app.schemas import ImagesGenerationRequest, to_job_params
+from model.errors import ModelLoadError
+from model.info import ModelInfo, read_model_info
+from worker.client import QueueFull
+from worker.spec import JobSpec
+
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
+
+
+def info_from_dict(d: dict) -> ModelInfo:
+    names = {f.name for f in fields(ModelInfo)}
+    kw = {k: v for k, v in d.items() if k in names}
+    for k in ("sizes",):
+        kw[k] = tuple(tuple(s) for s in kw.get(k, ()))
+    for k in ("samplers", "karras_samplers"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    return ModelInfo(**kw)
+
+
+class ModelSource:
+    """The model's info: from its folder when the API can read it (LATENTD_MODEL, else the bundled
+    model), otherwise from what ready workers publish in Redis (cached for a few seconds)."""
+
+    def __init__(self, settings, jobs, ttl_s: float = 2.0):
+        self.jobs, self.ttl_s = jobs, ttl_s
+        path = settings.model or BUNDLED
+        try:
+            self.local = read_model_info(path) if os.path.exists(path) else None
+        except ModelLoadError:
+            self.local = None
+        self._at, self._remote = -1e9, []
+
+    def all(self) -> list[ModelInfo]:
+        if self.local is not None:
+            return [self.local]
+        if time.monotonic() - self._at > self.ttl_s:
+            self._remote = [info_from_dict(m) for m in self.jobs.models()]
+            self._at = time.monotonic()
+        return self._remote
+
+    def info(self) -> ModelInfo | None:
+        models = self.all()
+        return models[0] if models else None
+
+
+def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str) -> tuple[str, JobSpec]:
+    """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError."""
+    settings = state.settings
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    info = state.models.info()
+    if info is None:
+        raise ApiError(503, "not_ready", "no worker has a model loaded yet; retry later",
+                       headers=retry, allowed=None)
+    params = to_job_params(req, info, settings)
+    limiter: RateLimiter = state.limiter
+    wait = limiter.take(owner, params.n)
+    if wait:
+        raise ApiError(429, "rate_limited",
+                       f"rate limit exceeded ({limiter.rate:g} images/s, burst {limiter.burst}); "
+                       f"retry in {wait:.2f} s", headers={"Retry-After": limiter.retry_after(wait)})
+    try:
+        spec = JobSpec(owner=owner, **params.model_dump())
+    except ValidationError as e:   # our bounds are tighter than the spec's; kept as a safety net
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        raise ApiError(422, "invalid_value", f"{field}: {err.get('msg')}", field) from None
+    try:
+        job_id = state.jobs.submit(spec)
+    except QueueFull as e:
+        raise ApiError(503, "queue_full", f"the queue is full ({e.cap} jobs waiting); retry later",
+                       headers=retry) from None
+    metrics.ADMITTED.labels(endpoint).inc()
+    return job_id, spec

@@ -1,0 +1,135 @@
+"""Error bodies and handlers: every rejection is `{"error": {code, message, field, allowed}}`
+(plus OpenAI's `type`/`param`, so the `openai` client reports it), never a bare 500.
+
+Pydantic's errors become 422 naming the first bad field and its allowed range; unreadable bodies
+(invalid JSON or UTF-8) name `body`; an oversized body is 413.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("latentd.api")
+
+
+class ApiError(Exception):
+    """Raised by routes and deps; rendered by `api_error_handler`."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 allowed: object = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.field, self.allowed, self.headers = field, allowed, headers
+
+
+def error_body(code: str, message: str, field: str | None = None, allowed: object = None,
+               kind: str = "invalid_request_error") -> dict:
+    return {"error": {"code": code, "message": message, "field": field, "allowed": allowed,
+                      "type": kind, "param": field}}
+
+
+def _field_of(loc: tuple) -> str:
+    """("body", "steps") -> "steps"; ("path", "k") -> "k"; ("body",) -> "body"."""
+    parts = [str(p) for p in (loc[1:] if loc[:1] in (("body",), ("query",), ("path",), ("header",))
+                              else loc)]
+    return ".".join(parts) or "body"
+
+
+def _allowed_of(err: dict) -> object:
+    ctx = err.get("ctx") or {}
+    lo = next((ctx[k] for k in ("ge", "gt", "min_length") if k in ctx), None)
+    hi = next((ctx[k] for k in ("le", "lt", "max_length") if k in ctx), None)
+    if "expected" in ctx:
+        return str(ctx["expected"])
+    if lo is not None or hi is not None:
+        return {"min": lo, "max": hi}
+    t = err.get("type", "")
+    for word, what in (("int", "an integer"), ("float", "a finite number"), ("bool", "true or false"),
+                       ("string", "a string"), ("finite", "a finite number")):
+        if word in t:
+            return what
+    return None
+
+
+def _json_safe(v: object) -> object:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+
+async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    err = errs[0] if errs else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
+    loc = tuple(err.get("loc") or ("body",))
+    if err.get("type") == "json_invalid":
+        field, msg = "body", f"request body is not valid JSON: {(err.get('ctx') or {}).get('error', '')}"
+        return _reject(request, 400, "invalid_json", msg, field, "a JSON object")
+    field = _field_of(loc)
+    if err.get("type") == "extra_forbidden":
+        return _reject(request, 422, "unknown_field", f"{field}: unknown field", field, None)
+    if err.get("type") == "missing":
+        return _reject(request, 422, "missing_field", f"{field}: field required", field, None)
+    if err.get("type") in ("model_type", "model_attributes_type", "dict_type") and field == "body":
+        return _reject(request, 422, "invalid_body", "request body must be a JSON object", "body",
+                       "a JSON object")
+    msg = f"{field}: {err.get('msg', 'invalid value')}"
+    return _reject(request, 422, "invalid_value", msg, field, _json_safe(_allowed_of(err)))
+
+
+def _reject(request: Request, status: int, code: str, message: str, field, allowed) -> JSONResponse:
+    from app import metrics
+
+    metrics.rejected(status, code)
+    return JSONResponse(error_body(code, message, field, allowed), status_code=status)
+
+
+async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
+    from app import metrics
+
+    metrics.rejected(exc.status, exc.code)
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
+    return JSONResponse(error_body(exc.code, exc.message, exc.field, exc.allowed, kind),
+                        status_code=exc.status, headers=exc.headers)
+
+
+async def http_error_handler(request: Request, exc: HTTPException) -> JSONResponse:
+    status = exc.status_code
+    if status == 413:
+        body = error_body("body_too_large", "request body too large", "body",
+                          {"max_bytes": request.app.state.settings.max_body_bytes})
+    elif status == 400:
+        body = error_body("invalid_body", f"request body could not be read: {exc.detail} "
+                          "(it must be UTF-8 JSON)", "body", "a UTF-8 JSON object")
+    else:
+        body = error_body("http_error", str(exc.detail), None, None)
+    if status in (400, 413):
+        from app import metrics
+
+        metrics.rejected(status, body["error"]["code"])
+    return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
+
+
+async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Redis down and friends: a quick 503, never a 500 with a traceback (and never the key)."""
+    import redis
+
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return JSONResponse(error_body("unavailable", "the job store is unreachable; retry later",
+                                       kind="server_error"), status_code=503,
+                            headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+    log.exception("unhandled error on %s %s", request.method, request.scope.get("route", ""))
+    return JSONResponse(error_body("internal", "internal error", kind="server_error"),
+                        status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unhandled_handler)

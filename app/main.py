@@ -1,0 +1,103 @@
+"""Builds the API: `create_app(settings)`. Thin: state on app.state, routes in app/routes/.
+
+Refuses insecure configurations outside dev (LATENTD_ENV != dev): auth on with no keys, or no
+(or a weak) URL-signing secret. In dev, auth is off unless keys are configured.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import redis as redis_lib
+from fastapi import FastAPI
+
+from app import auth, errors, signing
+from app.admission import ModelSource
+from app.metrics import MetricsMiddleware
+from app.ratelimit import RateLimiter
+from app.routes import images, jobs, system
+from latentd.settings import Settings, get_settings
+from worker.client import JobClient
+
+log = logging.getLogger("latentd.api")
+
+
+class InsecureConfig(RuntimeError):
+    pass
+
+
+def config_problems(settings: Settings) -> list[str]:
+    """What stops the API from starting (empty outside dev means OK; dev never refuses)."""
+    if settings.env == "dev":
+        return []
+    out = []
+    if auth.auth_enabled(settings) and not auth.load_keys(settings):
+        out.append("no API keys configured: run `latentd keys create NAME` (keys file "
+                   f"{auth.keys_path(settings)}) or set LATENTD_API_KEYS, or switch auth off "
+                   "explicitly with LATENTD_AUTH=off / `latentd serve --insecure-no-auth`")
+    problem = signing.secret_problem(settings)
+    if problem:
+        out.append(problem + "; e.g. LATENTD_SIGNING_SECRET=$(openssl rand -hex 32)")
+    return out
+
+
+def key_store(settings: Settings) -> auth.KeyStore | None:
+    """None = auth off (explicitly, or dev without keys)."""
+    if not auth.auth_enabled(settings):
+        return None
+    keys = auth.load_keys(settings)
+    return auth.KeyStore(keys) if keys or settings.env != "dev" else None
+
+
+def make_redis(settings: Settings) -> redis_lib.Redis:
+    return redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10,
+                                    health_check_interval=30, max_connections=1000)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    import anyio.to_thread
+
+    # sync routes wait on Redis (the sync endpoint for a whole job): allow many in flight
+    anyio.to_thread.current_default_thread_limiter().total_tokens = 256
+    yield
+    app.state.redis.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    problems = config_problems(settings)
+    if problems:
+        raise InsecureConfig("; ".join(problems))
+    app = FastAPI(title="latentd", version="0.1.0", lifespan=lifespan,
+                  max_body_size=settings.max_body_bytes,
+                  description="Self-hosted text-to-image: OpenAI-compatible images API + async jobs")
+    st = app.state
+    st.settings = settings
+    st.redis = make_redis(settings)
+    st.jobs = JobClient(st.redis, settings)
+    st.keys = key_store(settings)
+    st.secret = signing.secret_bytes(settings)
+    st.limiter = RateLimiter(st.redis, settings.rate_limit_per_s, settings.rate_limit_burst)
+    st.models = ModelSource(settings, st.jobs)
+    errors.install(app)
+    for r in (images.router, jobs.router, system.router):
+        app.include_router(r)
+    if not settings.metrics_port:
+        system.add_metrics_route(app)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(MetricsMiddleware)
+    log.info("latentd API: auth %s, %d key(s), model %s", "on" if st.keys is not None else "OFF",
+             len(st.keys or ()), st.models.local.name if st.models.local else "(from workers)")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory app.main:app_from_env` (settings from the environment)."""
+    return create_app(get_settings())

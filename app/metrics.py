@@ -1,0 +1,106 @@
+"""API metrics (prometheus-client), all prefixed latentd_. Labels are route *templates*
+(/v1/jobs/{job_id}), methods, status codes and fixed reason words: never raw paths, prompts or keys.
+
+- latentd_api_requests_total{route,method,status}
+- latentd_api_request_duration_seconds{route,method}  (histogram)
+- latentd_jobs_admitted_total{endpoint}
+- latentd_jobs_rejected_total{reason}      (invalid, unauthorized, rate_limited, queue_full, ...)
+- latentd_queue_depth, latentd_ready_workers  (read from Redis at scrape time)
+
+With several uvicorn workers set PROMETHEUS_MULTIPROC_DIR (`latentd serve` does) and the
+scrape aggregates every process's counters.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               generate_latest, multiprocess)
+from prometheus_client.core import GaugeMetricFamily
+
+disable_created_metrics()   # no *_created series: half the exposition size, nothing lost
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+REQUESTS = Counter("latentd_api_requests_total", "API requests by route template and status",
+                   ["route", "method", "status"], registry=REGISTRY)
+LATENCY = Histogram("latentd_api_request_duration_seconds", "API request latency by route template",
+                    ["route", "method"], registry=REGISTRY,
+                    buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+ADMITTED = Counter("latentd_jobs_admitted_total", "Jobs admitted to the queue", ["endpoint"],
+                   registry=REGISTRY)
+REJECTED = Counter("latentd_jobs_rejected_total", "Requests rejected before queueing, by reason",
+                   ["reason"], registry=REGISTRY)
+
+_REASONS = {401: "unauthorized", 413: "body_too_large", 429: "rate_limited", 400: "invalid"}
+
+
+def rejected(status: int, code: str) -> None:
+    if code in ("queue_full", "not_ready", "unavailable"):
+        REJECTED.labels(code).inc()
+    elif status in _REASONS:
+        REJECTED.labels(_REASONS[status]).inc()
+    elif status == 422:
+        REJECTED.labels("invalid").inc()
+    # 404s and other lookups are not admission decisions
+
+
+class QueueCollector:
+    """Reads queue depth and ready workers from Redis when scraped."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def collect(self):
+        depth = GaugeMetricFamily("latentd_queue_depth", "Jobs waiting in the queue")
+        ready = GaugeMetricFamily("latentd_ready_workers", "Workers with a loaded model and a fresh heartbeat")
+        up = GaugeMetricFamily("latentd_redis_up", "1 if Redis answered this scrape")
+        try:
+            depth.add_metric([], float(self.client.queue_depth()))
+            ready.add_metric([], float(len(self.client.ready_workers())))
+            up.add_metric([], 1.0)
+            yield depth
+            yield ready
+        except Exception:
+            up.add_metric([], 0.0)
+        yield up
+
+
+def render(client) -> bytes:
+    """The exposition text: this process's (or every process's) metrics + the Redis gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        text = generate_latest(reg)
+    else:
+        text = generate_latest(REGISTRY)
+    live = CollectorRegistry(auto_describe=False)
+    live.register(QueueCollector(client))
+    return text + generate_latest(live)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (cheap): counts and times each request by its route template."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            REQUESTS.labels(template, method, str(status[0])).inc()
+            LATENCY.labels(template, method).observe(time.perf_counter() - start)

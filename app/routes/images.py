@@ -1,0 +1,51 @@
+"""POST /v1/images/generations: OpenAI-compatible, synchronous (submit, then wait). Past
+LATENTD_SYNC_WAIT_S it answers 504 with the job id to poll (and `x-should-retry: false`, so the
+openai client does not resubmit)."""
+from __future__ import annotations
+
+import base64
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app.admission import admit
+from app.deps import JobsDep, OwnerDep
+from app.errors import ApiError, error_body
+from app.routes.jobs import ERRORS, image_url, links
+from app.schemas import ErrorResponse, ImagesGenerationRequest, ImagesResponse
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+NO_RETRY = {"x-should-retry": "false"}
+
+
+@router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+             responses={**ERRORS, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+                        504: {"model": ErrorResponse}})
+def generate(request: Request, body: ImagesGenerationRequest, owner: OwnerDep, jobs: JobsDep):
+    st = request.app.state
+    job_id, spec = admit(st, body, owner, "images")
+    d = jobs.wait(job_id, owner, st.settings.sync_wait_s)
+    if d is None:
+        raise ApiError(404, "not_found", "the job disappeared", "job_id")
+    if d["status"] in ("queued", "running"):
+        err = error_body("timeout", f"the job is still {d['status']} after {st.settings.sync_wait_s:g} s; "
+                                    f"poll GET /v1/jobs/{job_id}", kind="timeout_error")
+        err["error"].update(job_id=job_id, links=links(request, job_id))
+        return JSONResponse(err, status_code=504, headers=NO_RETRY)
+    if d["status"] != "succeeded":
+        e = d.get("error") or {"code": d["status"], "message": f"the job was {d['status']}"}
+        status = 409 if d["status"] == "canceled" else 422 if e.get("code") == "invalid_request" else 502
+        body_ = error_body(e.get("code", "failed"), e.get("message", ""), e.get("field"),
+                           kind="server_error" if status == 502 else "invalid_request_error")
+        body_["error"]["job_id"] = job_id
+        return JSONResponse(body_, status_code=status, headers=NO_RETRY)
+    data = []
+    for im in d["images"]:
+        item = {"revised_prompt": spec.prompt, "seed": im["seed"], "nsfw": bool(im.get("nsfw"))}
+        if body.response_format == "b64_json":
+            png = jobs.image_png(job_id, im["index"], owner)
+            item["b64_json"] = base64.b64encode(png or b"").decode()
+        else:
+            item["url"] = image_url(request, owner, job_id, im["index"])
+        data.append(item)
+    return {"created": int(d.get("created_at") or 0), "data": data}

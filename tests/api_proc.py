@@ -1,0 +1,77 @@
+"""A real API process for tests: `uvicorn --factory app.main:app_from_env` on a free port with the
+given LATENTD_* environment; waits for /healthz; `stop()` kills it (fixtures call it in finally)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from tests.services import ROOT, free_port
+
+
+def api_env(redis_url: str, **settings) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTD_")}
+    env.update({"LATENTD_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                "LATENTD_SIGNING_SECRET": "test-signing-secret-0123456789",
+                "LATENTD_KEYS_FILE": os.path.join(tempfile.gettempdir(), "latentd-no-such-keys.json")})
+    for k, v in settings.items():
+        env[f"LATENTD_{k.upper()}"] = str(v)
+    return env
+
+
+class ApiProc:
+    def __init__(self, redis_url: str, argv: list[str] | None = None, port: int | None = None,
+                 **settings):
+        self.port = port or free_port()
+        self.env = api_env(redis_url, **settings)
+        self.argv = argv or [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_from_env",
+                             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        self.log = tempfile.NamedTemporaryFile(prefix="latentd-api-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0, health: str = "/healthz") -> "ApiProc":
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"API exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + health, timeout=1).status_code < 500:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"API not up after {timeout}s:\n{self.output()}")
+
+    def client(self, key: str | None = None, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 30), **kw)
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            return f.read()[-6000:]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
