@@ -10,6 +10,7 @@ admit/cancel/read side.
 Record (hash keys.job(id)); times are unix seconds as strings:
   id owner queue spec(JSON) n steps status created_at started_at finished_at attempt worker
   execution(the rq:wip member) error(JSON {code,message}) compute_s done(images recorded)
+  graceful(requeues on graceful stop, not counted against max_attempts) lost_worker
   p:<k>(steps done of image k)  img:<k>(JSON {index, seed, nsfw, warnings, timings})
 """
 from __future__ import annotations
@@ -143,10 +144,10 @@ local requeued, failed = 0, 0
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 for _, id in ipairs(ids) do
   local rec = 'latentd:job:' .. id
-  local r = redis.call('HMGET', rec, 'status', 'attempt', 'execution', 'worker')
+  local r = redis.call('HMGET', rec, 'status', 'attempt', 'execution', 'worker', 'graceful')
   redis.call('ZREM', KEYS[1], id)
   if r[1] == 'running' then
-    if tonumber(r[2]) >= tonumber(ARGV[2]) then
+    if tonumber(r[2]) - tonumber(r[5] or 0) >= tonumber(ARGV[2]) then
       local err = cjson.encode({code='worker_lost', message='the worker running this job stopped '
         .. 'heartbeating ' .. r[2] .. ' time(s) (killed or hung); giving up after ' .. ARGV[2] .. ' attempts'})
       end_job(id, ARGV[6], 'failed', err, ARGV[1], ARGV[3], ARGV[4])
@@ -169,6 +170,20 @@ end
 return {requeued, failed, #dead}
 """
 
+# Graceful stop: hand a held job back to the queue front (not counted against max_attempts).
+# KEYS: record, leases, queue, rq started  ARGV: id, attempt -> 1 requeued, 0 not ours
+REQUEUE = r"""
+local r = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'execution')
+if r[1] ~= 'running' or r[2] ~= ARGV[2] then return 0 end
+if r[3] then redis.call('ZREM', KEYS[4], r[3]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'graceful', 1)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'execution', '')
+redis.call('HSET', 'rq:job:' .. ARGV[1], 'status', 'queued')
+redis.call('LPUSH', KEYS[3], ARGV[1])
+return 1
+"""
+
 
 class Scripts:
     """The scripts registered on one Redis client (EVALSHA, reloaded on NOSCRIPT after a restart)."""
@@ -180,6 +195,7 @@ class Scripts:
         self.touch = redis.register_script(TOUCH)
         self.image = redis.register_script(IMAGE)
         self.reap = redis.register_script(REAP)
+        self.requeue = redis.register_script(REQUEUE)
 
 
 def _s(v) -> str:

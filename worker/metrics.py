@@ -1,0 +1,54 @@
+"""Worker metrics (prometheus-client), names prefixed latentd_worker_. Labels never carry
+prompts or keys: `key` is the API key's NAME (the job's owner), `reason` an error code."""
+from __future__ import annotations
+
+import resource
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_T = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+QUEUE_WAIT = Histogram("latentd_worker_queue_wait_seconds",
+                       "Seconds from submit to first claim by a worker", buckets=_T)
+RUN_TIME = Histogram("latentd_worker_run_seconds",
+                     "Seconds from claim to the job's end (all its images)", buckets=_T)
+STEP_TIME = Histogram("latentd_worker_step_seconds",
+                      "Seconds per batched denoising iteration (one U-Net call)", buckets=_T)
+BATCH_SIZE = Histogram("latentd_worker_batch_size", "Requests stepped by one U-Net call",
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+RUNNING = Gauge("latentd_worker_running_requests", "Requests in the running batch set")
+WAITING = Gauge("latentd_worker_waiting_requests", "Requests claimed, waiting for admission")
+UNET_CALLS = Counter("latentd_worker_unet_calls_total", "Batched U-Net calls (iterations that stepped)")
+UNET_PER_IMAGE = Gauge("latentd_worker_unet_calls_per_image",
+                       "U-Net calls so far divided by images generated so far")
+IMAGES = Counter("latentd_worker_images_generated_total", "Images generated and stored")
+FLAGGED = Counter("latentd_worker_images_flagged_total", "Images flagged by the safety checker")
+JOBS = Counter("latentd_worker_jobs_total", "Jobs ended by this worker", ["status"])
+FAILURES = Counter("latentd_worker_failures_total", "Failed jobs by reason", ["reason"])
+REQUEUED = Counter("latentd_worker_requeued_total",
+                   "Jobs requeued by this worker's reaper (lease expired) or on graceful stop", ["why"])
+MODEL_LOAD = Gauge("latentd_worker_model_load_seconds", "Seconds the model took to load")
+DEVICE_MEMORY = Gauge("latentd_worker_device_memory_bytes",
+                      "Device memory in use (CUDA allocated; on the CPU: peak process RSS)", ["device"])
+COMPUTE = Counter("latentd_worker_compute_seconds_total",
+                  "Compute seconds (each request's share of batched calls) per API key name", ["key"])
+REDIS_ERRORS = Counter("latentd_worker_redis_errors_total", "Redis connection errors survived")
+
+
+def serve(port: int) -> None:
+    """Expose /metrics on `port` (0: don't)."""
+    if port:
+        start_http_server(port)
+
+
+def update_device_memory(device: str) -> None:
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            DEVICE_MEMORY.labels(device=device).set(torch.cuda.memory_allocated(device))
+            return
+    except Exception:  # noqa: BLE001 - metrics must never break the worker
+        pass
+    # ru_maxrss is KiB on Linux
+    DEVICE_MEMORY.labels(device=device).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
