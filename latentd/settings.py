@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     safety: bool = True                    # run the safety checker (flagged -> black image + flag)
     progress_interval_s: float = 0.25      # min seconds between progress writes per worker
     worker_heartbeat_s: float = 2.0        # worker info refresh; /readyz sees it for 3x this
+    worker_grace_s: float = 20.0           # on SIGTERM: finish held work this long, then requeue it
 
 
 @lru_cache

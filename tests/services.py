@@ -90,7 +90,7 @@ class RedisServer:
 
 def worker_env(redis_url: str, model: str | None, **settings) -> dict:
     """Environment for a worker subprocess: LATENTD_* from keyword arguments."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTD_")}
     env.update({"LATENTD_REDIS_URL": redis_url, "LATENTD_ENV": "dev", "HF_HUB_OFFLINE": "1",
                 "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                 "LATENTD_WORKER_METRICS_PORT": "0"})

@@ -78,10 +78,10 @@ def resolve_device(settings) -> tuple[str, object]:
 
 
 class Worker:
-    def __init__(self, settings, grace_s: float | None = None):
+    def __init__(self, settings):
         self.s = settings
         self.name = (settings.worker_name or f"{socket.gethostname()}-{os.getpid()}").replace(":", "_")
-        self.grace_s = min(settings.job_timeout_s, 30.0) if grace_s is None else grace_s
+        self.grace_s = settings.worker_grace_s
         self.held: dict[str, Held] = {}
         self._held_lock = threading.Lock()
         self.outbox: list[tuple] = []
