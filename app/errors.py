@@ -133,3 +133,48 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(Exception, unhandled_handler)
+
+
+class BodyLimitMiddleware:
+    """413 (JSON, naming `body`) for request bodies over `limit` bytes: by Content-Length before
+    reading, or while reading a chunked body. Bodies are small (JSON), so the accepted body is
+    buffered and replayed to the app."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._too_large(scope, send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > self.limit:
+                return await self._too_large(scope, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, send):
+        from app import metrics
+
+        metrics.rejected(413, "body_too_large")
+        resp = JSONResponse(error_body("body_too_large", f"request body too large (max {self.limit} bytes)",
+                                       "body", {"max_bytes": self.limit}), status_code=413,
+                            headers={"Connection": "close"})
+        await resp(scope, None, send)

@@ -70,7 +70,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if problems:
         raise InsecureConfig("; ".join(problems))
     app = FastAPI(title="latentd", version="0.1.0", lifespan=lifespan,
-                  max_body_size=settings.max_body_bytes,
                   description="Self-hosted text-to-image: OpenAI-compatible images API + async jobs")
     st = app.state
     st.settings = settings
@@ -92,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(errors.BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     log.info("latentd API: auth %s, %d key(s), model %s", "on" if st.keys is not None else "OFF",
              len(st.keys or ()), st.models.local.name if st.models.local else "(from workers)")

@@ -66,17 +66,28 @@ class QueueCollector:
         yield up
 
 
+class AllMetrics:
+    """This process's metrics (or, in multiprocess mode, every API process's) + the Redis gauges."""
+
+    def __init__(self, client):
+        self.live = QueueCollector(client)
+
+    def collect(self):
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            yield from multiprocess.MultiProcessCollector(None).collect()
+        else:
+            yield from REGISTRY.collect()
+        yield from self.live.collect()
+
+
+def registry_for(client) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(AllMetrics(client))
+    return reg
+
+
 def render(client) -> bytes:
-    """The exposition text: this process's (or every process's) metrics + the Redis gauges."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        reg = CollectorRegistry()
-        multiprocess.MultiProcessCollector(reg)
-        text = generate_latest(reg)
-    else:
-        text = generate_latest(REGISTRY)
-    live = CollectorRegistry(auto_describe=False)
-    live.register(QueueCollector(client))
-    return text + generate_latest(live)
+    return generate_latest(registry_for(client))
 
 
 class MetricsMiddleware:

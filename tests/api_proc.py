@@ -75,3 +75,36 @@ class ApiProc:
             os.unlink(self.log.name)
         except OSError:
             pass
+
+
+# --- fixtures shared by tests/test_api_*.py (import them into the test module) ----------------
+import pytest  # noqa: E402
+
+from app.auth import hash_key  # noqa: E402
+
+ALICE, BOB = "ltd_test_alice_0123456789abcdef", "ltd_test_bob_0123456789abcdef"
+KEYS = f"alice:{hash_key(ALICE)},bob:{hash_key(BOB)}"
+SECRET = "test-signing-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def module_redis():
+    """One real redis-server for a test module (the API tests share it; each test that counts
+    queue entries reads before/after)."""
+    from tests.services import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def api(module_redis, tiny_model):
+    """A real uvicorn API with two keys (alice, bob) on the tiny model's info; no worker."""
+    proc = ApiProc(module_redis.url, api_keys=KEYS, model=tiny_model, rate_limit_per_s=0).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

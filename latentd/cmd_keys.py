@@ -1,0 +1,36 @@
+"""`latentd keys create NAME`: make an API key, print it ONCE, store only its SHA-256 hash in the
+keys file (LATENTD_KEYS_FILE, or --file). `latentd keys list` shows the names."""
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="keys_command", required=True)
+    c = sub.add_parser("create", help="create a key; prints it once")
+    c.add_argument("name", help="the key's name: the owner id of its jobs")
+    c.add_argument("--file", help="keys file (default: LATENTD_KEYS_FILE)")
+    ls = sub.add_parser("list", help="list key names (hashes are never shown)")
+    ls.add_argument("--file", help="keys file (default: LATENTD_KEYS_FILE)")
+
+
+def run(args) -> int:
+    import os
+
+    from app import auth
+    from latentd.settings import get_settings
+
+    path = os.path.expanduser(args.file) if args.file else auth.keys_path(get_settings())
+    try:
+        if args.keys_command == "list":
+            for name in sorted(auth.read_keys_file(path)):
+                print(name)
+            return 0
+        key = auth.add_key(path, args.name)
+    except ValueError as e:
+        print(f"latentd keys: {e}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"Created key {args.name!r}; only its SHA-256 hash is stored, in {path}. "
+          "Save the key now: it is not shown again.", file=sys.stderr)
+    return 0

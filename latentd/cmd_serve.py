@@ -1,0 +1,53 @@
+"""`latentd serve`: the API under uvicorn (N worker processes). Refuses to start on an insecure
+configuration (no API keys, no signing secret) unless LATENTD_ENV=dev; auth goes off only with
+--insecure-no-auth or LATENTD_AUTH=off. Never imports torch."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--host", help="bind address (LATENTD_HOST)")
+    p.add_argument("--port", type=int, help="port (LATENTD_PORT)")
+    p.add_argument("--workers", type=int, help="uvicorn worker processes (LATENTD_API_WORKERS)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve WITHOUT API keys (anyone who can reach the port can use it)")
+
+
+def run(args) -> int:
+    # CLI flags become settings in the environment, so every uvicorn worker sees the same.
+    for flag, var in (("host", "LATENTD_HOST"), ("port", "LATENTD_PORT"), ("workers", "LATENTD_API_WORKERS")):
+        if getattr(args, flag) is not None:
+            os.environ[var] = str(getattr(args, flag))
+    if args.insecure_no_auth:
+        os.environ["LATENTD_AUTH"] = "off"
+    from latentd.settings import get_settings
+
+    get_settings.cache_clear()
+    s = get_settings()
+    if s.api_workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="latentd-prom-")
+    from app.main import config_problems, make_redis
+
+    problems = config_problems(s)
+    if problems:
+        print("latentd serve: refusing to start:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 2
+    if s.metrics_port:
+        from prometheus_client import start_http_server
+
+        from app.metrics import registry_for
+        from worker.client import JobClient
+
+        start_http_server(s.metrics_port, addr=s.host, registry=registry_for(JobClient(make_redis(s), s)))
+    import uvicorn
+
+    print(f"latentd API on http://{s.host}:{s.port} ({s.api_workers} process(es))", file=sys.stderr)
+    uvicorn.run("app.main:app_from_env", factory=True, host=s.host, port=s.port,
+                workers=s.api_workers, log_level=s.log_level, access_log=False)
+    return 0
