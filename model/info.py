@@ -112,25 +112,32 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
     sched = _maybe_json(os.path.join(folder, "scheduler", "scheduler_config.json")) or {}
     index = _maybe_json(os.path.join(folder, "model_index.json")) or {}
     over = _maybe_json(os.path.join(folder, "latentd.json")) or {}
+    safety_entry = index.get("safety_checker", None)
+    has_safety = (os.path.isfile(os.path.join(folder, "safety_checker", "config.json"))
+                  and not (isinstance(safety_entry, list) and None in safety_entry))
+    return info_from_configs(unet, vae, sched, has_safety=has_safety,
+                             name=os.path.basename(os.path.normpath(folder)), overrides=over)
+
+
+def info_from_configs(unet: dict, vae: dict, scheduler: dict, *, has_safety: bool, name: str,
+                      overrides: dict | None = None) -> ModelInfo:
+    """ModelInfo from already-read diffusers config dicts (unet, vae, scheduler) + latentd.json."""
     vae_blocks = vae.get("block_out_channels") or [128, 256, 512, 512]
     unet_blocks = unet.get("block_out_channels") or [320, 640, 1280, 1280]
     sample_size = unet.get("sample_size", 64)
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
-    safety_entry = index.get("safety_checker", None)
-    has_safety = (os.path.isfile(os.path.join(folder, "safety_checker", "config.json"))
-                  and not (isinstance(safety_entry, list) and None in safety_entry))
     base = dict(
-        name=os.path.basename(os.path.normpath(folder)),
+        name=name,
         sample_size=int(sample_size),
         vae_factor=2 ** (len(vae_blocks) - 1),
         n_down=len(unet_blocks) - 1,
         latent_channels=int(unet.get("in_channels", 4)),
-        prediction_type=sched.get("prediction_type", "epsilon"),
-        num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
-        has_safety=has_safety,
+        prediction_type=scheduler.get("prediction_type") or "epsilon",
+        num_train_timesteps=int(scheduler.get("num_train_timesteps") or 1000),
+        has_safety=bool(has_safety),
     )
-    return _build(base, over)
+    return _build(base, overrides or {})
 
 
 def _build(base: dict, over: dict) -> ModelInfo:
