@@ -115,14 +115,18 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
     return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 
 
-async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
-    """Redis down and friends: a quick 503, never a 500 with a traceback (and never the key)."""
-    import redis
+async def redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Redis unreachable: a quick 503 with Retry-After, not a 500 (and no traceback in the body)."""
+    from app import metrics
 
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return JSONResponse(error_body("unavailable", "the job store is unreachable; retry later",
-                                       kind="server_error"), status_code=503,
-                            headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+    metrics.rejected(503, "unavailable")
+    log.warning("redis unavailable on %s: %s", request.url.path, type(exc).__name__)
+    return JSONResponse(error_body("unavailable", "the job store is unreachable; retry later",
+                                   kind="server_error"), status_code=503,
+                        headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+
+
+async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.scope.get("route", ""))
     return JSONResponse(error_body("internal", "internal error", kind="server_error"),
                         status_code=500)
@@ -132,6 +136,10 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
+    import redis
+
+    app.add_exception_handler(redis.ConnectionError, redis_down_handler)
+    app.add_exception_handler(redis.TimeoutError, redis_down_handler)
     app.add_exception_handler(Exception, unhandled_handler)
 
 

@@ -53,7 +53,7 @@ class JobParams(BaseModel):
     sampler: str
     karras: bool
     seed: int
-    model: str
+    model: str | None      # None: whatever model the workers serve
 
 
 def _bad(field: str, message: str, allowed: object) -> ApiError:
@@ -113,7 +113,7 @@ def to_job_params(req: ImagesGenerationRequest, info, settings) -> JobParams:
         seed = req.seed
     return JobParams(prompt=req.prompt, negative_prompt=req.negative_prompt, n=req.n, width=width,
                      height=height, steps=steps, guidance_scale=g, sampler=sampler, karras=karras,
-                     seed=seed, model=info.name)
+                     seed=seed, model=req.model)
 
 
 # --- responses --------------------------------------------------------------------------------
