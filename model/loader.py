@@ -1,0 +1,277 @@
+"""Loading a Stable Diffusion model: a diffusers folder, a single-file checkpoint, or a hub id.
+
+    load_components(source, device, dtype, config_dir=None, safety=True) -> Components
+
+Sources:
+- a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, [safety_checker/,
+  feature_extractor/], model_index.json) with *.safetensors weights;
+- a single-file original checkpoint `*.safetensors` (model.diffusion_model.*, first_stage_model.*,
+  cond_stage_model.*). Its U-Net/VAE/text-encoder weights come from the file; what a checkpoint does
+  not hold (tokenizer, text-encoder and scheduler configs, safety checker) comes from `config_dir`,
+  a diffusers folder of the same family (weights of its unet/vae/text_encoder are not needed and
+  not read). If config_dir has unet/config.json or vae/config.json they are used (and checked
+  against the file's shapes); otherwise the U-Net/VAE shapes are inferred from the tensors. Without
+  config_dir a single file is refused, naming what is missing: a checkpoint alone does not say
+  whether it predicts eps or v, nor carry a tokenizer;
+- a hub id ("owner/name"), fetched with huggingface_hub.snapshot_download (safetensors and configs
+  only) — only when the caller names one and no local path of that name exists.
+
+Weights are read with safetensors only; pickles are refused (model.weights.CONVERT_HINT). Any
+problem raises ModelLoadError naming the file and, for weight mismatches, the keys.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import UNetConfig, VAEConfig
+from model.convert_single_file import (convert_text_encoder, convert_unet, convert_vae, infer_unet_config,
+                                       infer_vae_config)
+from model.errors import ModelLoadError
+from model.unet import UNet
+from model.vae import AutoencoderKL
+from model.weights import (PICKLE_SUFFIXES, VAE_DIFFUSERS_RENAMES, check_state, load_into, read_safetensors,
+                           refuse_pickle, rename)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                     "diffusion_pytorch_model.fp16.safetensors")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model.fp16.safetensors")
+
+
+@dataclass
+class Components:
+    unet: UNet
+    unet_config: UNetConfig
+    vae: AutoencoderKL
+    vae_config: VAEConfig
+    text_encoder: Any                         # transformers CLIPTextModel
+    tokenizer: Any                            # transformers CLIPTokenizer
+    safety_state: dict[str, torch.Tensor] | None   # safety_checker/ weights (None: no checker / off)
+    safety_config: Any                        # transformers CLIPConfig of the checker, or None
+    feature_extractor_config: dict | None     # feature_extractor/preprocessor_config.json
+    scheduler_config: dict                    # scheduler/scheduler_config.json
+    model_index: dict                         # model_index.json ({} for a single file without one)
+    name: str
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+
+
+def find_weights(folder: Path, names=DIFFUSERS_WEIGHTS) -> Path:
+    """The safetensors weights file of a component folder; pickles refused, absence named."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: folder not found")
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        refuse_pickle(pickles[0])
+    raise ModelLoadError(f"{folder}: no weights file (looked for {', '.join(names)})")
+
+
+def _config(cls, cfg: dict, where: Path):
+    try:
+        return cls.from_diffusers(cfg)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+
+
+def load_unet(folder_or_state, device="cpu", dtype=torch.float32, config: UNetConfig | None = None,
+              source: str = "state dict") -> tuple[UNet, UNetConfig]:
+    """U-Net from a diffusers unet/ folder, or from a state dict with our names plus its config."""
+    if isinstance(folder_or_state, dict):
+        state = folder_or_state
+    else:
+        folder = Path(folder_or_state)
+        config = _config(UNetConfig, read_json(folder / "config.json"), folder / "config.json")
+        source = find_weights(folder)
+        state = read_safetensors(source)
+    if config is None:
+        raise ModelLoadError("load_unet: a state dict needs its UNetConfig")
+    return load_into(lambda: UNet(config), state, source, device, dtype), config
+
+
+def load_vae(folder_or_state, device="cpu", dtype=torch.float32, config: VAEConfig | None = None,
+             source: str = "state dict") -> tuple[AutoencoderKL, VAEConfig]:
+    """VAE from a diffusers vae/ folder, or from a state dict with our names plus its config."""
+    if isinstance(folder_or_state, dict):
+        state = folder_or_state
+    else:
+        folder = Path(folder_or_state)
+        config = _config(VAEConfig, read_json(folder / "config.json"), folder / "config.json")
+        source = find_weights(folder)
+        state = rename(read_safetensors(source), VAE_DIFFUSERS_RENAMES)
+    if config is None:
+        raise ModelLoadError("load_vae: a state dict needs its VAEConfig")
+    return load_into(lambda: AutoencoderKL(config), state, source, device, dtype), config
+
+
+def _build_hf(model_cls, config):
+    """A transformers model without spending time on a random init we overwrite anyway."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:                       # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return model_cls(config)
+
+
+def _fit_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """SD repositories name text-encoder weights text_model.*; transformers 5 writes them without
+    the prefix. Match whichever the installed CLIPTextModel expects; drop the old position_ids."""
+    want = any(k.startswith("text_model.") for k in model.state_dict())
+    out = {}
+    for k, v in state.items():
+        if k.endswith("embeddings.position_ids"):
+            continue
+        has = k.startswith("text_model.")
+        out[("text_model." + k) if want and not has else (k[len("text_model."):] if has and not want else k)] = v
+    return out
+
+
+def _text_encoder_from_state(config_folder: Path, state, source, device, dtype):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    read_json(config_folder / "config.json")          # a clear error if missing or broken
+    try:
+        cfg = CLIPTextConfig.from_pretrained(config_folder)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config_folder / 'config.json'}: not a CLIP text config ({e})") from None
+    model = _build_hf(CLIPTextModel, cfg)
+    state = _fit_prefix(state, model)
+    check_state(model, state, source)
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_text_encoder(folder, device="cpu", dtype=torch.float32):
+    """transformers CLIPTextModel from a diffusers text_encoder/ folder (safetensors only)."""
+    folder = Path(folder)
+    source = find_weights(folder, TRANSFORMERS_WEIGHTS)
+    return _text_encoder_from_state(folder, read_safetensors(source), source, device, dtype)
+
+
+def load_tokenizer(folder):
+    """CLIPTokenizer from vocab.json + merges.txt (SD repositories) or tokenizer.json (transformers 5)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: tokenizer folder not found")
+    has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not has_bpe and not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{folder}: no tokenizer files (need vocab.json + merges.txt, or tokenizer.json)")
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except Exception as e:                            # tokenizers raises its own exception types
+        raise ModelLoadError(f"{folder}: cannot load the CLIP tokenizer ({type(e).__name__}: {e})") from None
+
+
+def load_safety(folder) -> tuple[dict[str, torch.Tensor], Any]:
+    """(state dict, transformers CLIPConfig) of diffusers' StableDiffusionSafetyChecker in `folder`."""
+    from transformers import CLIPConfig
+
+    folder = Path(folder)
+    source = find_weights(folder, TRANSFORMERS_WEIGHTS)
+    read_json(folder / "config.json")
+    try:
+        config = CLIPConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: not a CLIP config ({e})") from None
+    return read_safetensors(source), config
+
+
+def resolve(source: str | Path) -> Path:
+    """A local path, or a hub id fetched (safetensors and configs only) when no such path exists."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if isinstance(source, str) and HUB_ID.match(source) and not source.startswith("."):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                                          ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"]))
+        except Exception as e:
+            raise ModelLoadError(f"{source}: no such local path, and fetching it as a hub model failed "
+                                 f"({type(e).__name__}: {e})") from None
+    raise ModelLoadError(f"{source}: model not found (neither a folder, a .safetensors file, nor a hub id)")
+
+
+def _optional_json(path: Path) -> dict | None:
+    return read_json(path) if path.is_file() else None
+
+
+def _safety(folder: Path, want: bool):
+    if not want or not (folder / "safety_checker").is_dir():
+        return None, None
+    return load_safety(folder / "safety_checker")
+
+
+def load_components(source, device="cpu", dtype=torch.float32, config_dir=None, safety: bool = True) -> Components:
+    path = resolve(source)
+    if path.is_file():
+        return _load_single_file(path, device, dtype, config_dir, safety)
+    if not (path / "unet").is_dir():
+        refuse_pickle(path)
+        raise ModelLoadError(f"{path}: not a diffusers Stable Diffusion folder (no unet/ subfolder)")
+    unet, unet_cfg = load_unet(path / "unet", device, dtype)
+    vae, vae_cfg = load_vae(path / "vae", device, dtype)
+    safety_state, safety_cfg = _safety(path, safety)
+    return Components(
+        unet=unet, unet_config=unet_cfg, vae=vae, vae_config=vae_cfg,
+        text_encoder=load_text_encoder(path / "text_encoder", device, dtype),
+        tokenizer=load_tokenizer(path / "tokenizer"),
+        safety_state=safety_state, safety_config=safety_cfg,
+        feature_extractor_config=_optional_json(path / "feature_extractor" / "preprocessor_config.json"),
+        scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
+        model_index=_optional_json(path / "model_index.json") or {},
+        name=str(source) if not Path(str(source)).exists() else path.name)
+
+
+def _load_single_file(path: Path, device, dtype, config_dir, safety: bool) -> Components:
+    refuse_pickle(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path}: a single-file checkpoint must be a .safetensors file")
+    state = read_safetensors(path)
+    if config_dir is None:
+        raise ModelLoadError(
+            f"{path}: a single-file checkpoint holds no tokenizer, text-encoder config or scheduler "
+            "config; pass config_dir= a diffusers folder of the same family (e.g. the SD 1.5 or SD 2.1 "
+            "repository's configs and tokenizer; its unet/vae/text_encoder weights are not needed)")
+    cdir = resolve(config_dir)
+    try:
+        ucfg = (_config(UNetConfig, read_json(cdir / "unet" / "config.json"), cdir / "unet" / "config.json")
+                if (cdir / "unet" / "config.json").is_file() else infer_unet_config(state))
+        vcfg = (_config(VAEConfig, read_json(cdir / "vae" / "config.json"), cdir / "vae" / "config.json")
+                if (cdir / "vae" / "config.json").is_file() else infer_vae_config(state, 8 * ucfg.sample_size))
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot read the model's shape from the checkpoint ({e})") from None
+    unet, _ = load_unet(convert_unet(state, ucfg), device, dtype, ucfg, source=str(path))
+    vae, _ = load_vae(convert_vae(state, vcfg), device, dtype, vcfg, source=str(path))
+    text_cfg = read_json(cdir / "text_encoder" / "config.json")
+    text_state = convert_text_encoder(state, int(text_cfg.get("num_hidden_layers", 12)))
+    if not text_state:
+        raise ModelLoadError(f"{path}: no text encoder (cond_stage_model.*) in the checkpoint")
+    del state
+    text_encoder = _text_encoder_from_state(cdir / "text_encoder", text_state, path, device, dtype)
+    safety_state, safety_cfg = _safety(cdir, safety)
+    return Components(
+        unet=unet, unet_config=ucfg, vae=vae, vae_config=vcfg, text_encoder=text_encoder,
+        tokenizer=load_tokenizer(cdir / "tokenizer"), safety_state=safety_state, safety_config=safety_cfg,
+        feature_extractor_config=_optional_json(cdir / "feature_extractor" / "preprocessor_config.json"),
+        scheduler_config=read_json(cdir / "scheduler" / "scheduler_config.json"),
+        model_index=_optional_json(cdir / "model_index.json") or {}, name=path.stem)
