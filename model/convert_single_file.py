@@ -165,6 +165,8 @@ def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
 
 
 def infer_vae_config(state: dict[str, torch.Tensor], sample_size: int = 512) -> VAEConfig:
+    """VAE shape from an original checkpoint's tensors; GroupNorm's 32 groups and the 0.18215
+    latent scale are not in the weights and are SD's (give config_dir/vae/config.json otherwise)."""
     p = VAE_PREFIX + "encoder.down."
     levels = sorted({int(k[len(p):].split(".")[0]) for k in state if k.startswith(p)})
     if not levels:

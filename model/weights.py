@@ -101,8 +101,11 @@ def load_into(build, state: dict[str, torch.Tensor], source: str | Path, device=
               dtype: torch.dtype = torch.float32) -> nn.Module:
     """Build a module with `build()` on the meta device (no random init, no second copy), check
     `state` against it, and give it the tensors of `state` (moved to device/dtype)."""
-    with torch.device("meta"):
-        module = build()
+    try:
+        with torch.device("meta"):
+            module = build()
+    except (ValueError, RuntimeError) as e:       # e.g. channels not divisible by the group count
+        raise ModelLoadError(f"{source}: the config does not describe a buildable network ({e})") from None
     check_state(module, state, source)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
