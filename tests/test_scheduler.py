@@ -31,7 +31,7 @@ def simulate(waiting, limits, arrivals=None, max_iters=10_000):
         decisions.append(d)
         assert not d.reject
         by_id = {w.request_id: w for w in waiting}
-        running += [replace(by_id[i], last_tick=tick) for i in d.admit]
+        running += [replace(by_id[i], last_tick=tick - 1) for i in d.admit]
         waiting = [w for w in waiting if w.request_id not in d.admit]
         admitted += d.admit
         assert len(running) <= limits.max_batch

@@ -46,7 +46,7 @@ class Item:
     total: int = 1              # steps in all
     mem_mb: float = 0.0         # estimated device memory while running
     last_tick: int = 0          # waiting: iteration it was queued; running: iteration it last
-                                # stepped, or was admitted if it has not stepped yet
+                                # stepped, or the one before its admission if it has not yet
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,289 @@
+"""BatchExecutor: runs what worker/scheduler.py decides, one continuous-batching iteration at a time.
+
+Each `iterate()` (DESIGN.md convention 12: the scheduler decides, this runs; vLLM's
+update_from_output):
+  1. applies cancels (queued or running requests simply leave: their state is dropped),
+  2. asks the pure scheduler which waiting requests to admit and which latent size steps,
+  3. text-encodes ALL newly admitted requests in ONE batched text-encoder call (`pipe.encode`)
+     and creates their states (`pipe.start`: initial latent from the request's own seed),
+  4. runs ONE batched U-Net step over the chosen size group (`pipe.step`; 2 rows per request for
+     classifier-free guidance, each row with its own timestep, guidance, sampler state),
+  5. finishes the requests that reached their last step in ONE batched VAE decode + safety check
+     (`pipe.finish`), and returns events: Progress / Finished / Failed.
+
+Compute accounting: every batched call's wall time is split over the requests in it (equal
+shares: every request contributes the same number of rows to a call, e.g. 2 U-Net rows with CFG,
+as all requests in one step share one latent size); a request's `compute_s` is the sum of its
+shares of encode, start, every step and finish. A failed call is charged to nobody.
+
+Isolation: if `pipe.step` raises for a batch, the batch is bisected and the halves are retried, so
+only a request that fails ALONE is failed; its batch-mates step normally in the same iteration.
+The engine promises (docs/CONTRACTS.md §1) that an exception inside `step` leaves the other
+states as they were; states that the engine did advance before raising (state.step changed) are
+not stepped again. `encode` and `finish` fall back to one call per request the same way.
+
+Thread safety: `add` and `cancel` may be called from another thread than `iterate`.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from worker.scheduler import Item, Limits, schedule
+
+
+@dataclass(frozen=True)
+class Progress:
+    request_id: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: str
+    image: object               # model.pipeline.GeneratedImage
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_id: str
+    code: str                   # docs/CONTRACTS.md §2 error codes
+    message: str
+
+
+@dataclass(eq=False)
+class _Entry:
+    request_id: str
+    key_name: str
+    req: object                 # model.pipeline.GenerationRequest
+    arrival: int
+    size: tuple[int, int]       # latent (h, w)
+    mem_mb: float
+    last_tick: int              # see scheduler.Item.last_tick
+    state: object = None        # model.pipeline.RequestState once admitted
+    compute_s: float = 0.0
+
+    def item(self) -> Item:
+        st = self.state
+        return Item(self.request_id, self.key_name, self.arrival, self.size,
+                    st.step if st is not None else 0,
+                    st.total if st is not None else self.req.steps, self.mem_mb, self.last_tick)
+
+
+def error_code(exc: BaseException) -> str:
+    from model.errors import InvalidRequest
+    if isinstance(exc, InvalidRequest):
+        return "invalid_request"
+    if isinstance(exc, MemoryError) or "OutOfMemoryError" in type(exc).__name__:
+        return "out_of_memory"
+    return "engine_error"
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def estimate_mb(size: tuple[int, int], dtype_bytes: int = 4) -> float:
+    """Rough device memory of one request in a U-Net call, MB, from its latent (h, w).
+
+    Calibrated on SD 1.x: a 512x512 image (64x64 latent, 2 CFG rows) needs about 1.5 GB of
+    activations in fp16 with memory-efficient attention; activations scale with latent cells and
+    element size. Only used when a memory budget is set."""
+    h, w = size
+    return 1500.0 * (h * w) / (64 * 64) * dtype_bytes / 2
+
+
+class BatchExecutor:
+    def __init__(self, pipe, max_batch: int = 16, memory_budget_mb: float | None = None, *,
+                 memory_estimate: Callable[[tuple[int, int]], float] | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.pipe = pipe
+        self.limits = Limits(max_batch=max_batch, memory_budget_mb=memory_budget_mb)
+        self._estimate = memory_estimate or self._default_estimate
+        self._lock = threading.Lock()
+        self._incoming: list[_Entry] = []       # added since the last iteration (under _lock)
+        self._cancels: set[str] = set()         # (under _lock)
+        self._pending: list = []                # events produced outside iterate() (under _lock)
+        self._waiting: dict[str, _Entry] = {}
+        self._running: dict[str, _Entry] = {}
+        self._arrival = itertools.count()
+        self._tick = 0
+        self.stats = {"unet_calls": 0, "images_finished": 0, "last_batch_size": 0,
+                      "iterations": 0, "request_steps": 0, "failed": 0, "text_calls": 0,
+                      "finish_calls": 0}
+
+    # --- the loop's side ---------------------------------------------------------------------
+    def add(self, request_id: str, key_name: str, req) -> None:
+        """Queue a request; it waits for admission. An invalid one fails at the next iterate()."""
+        try:
+            self.pipe.validate(req)
+            size = self._latent_size(req)
+        except Exception as exc:          # InvalidRequest, or anything validation trips on
+            with self._lock:
+                self._pending.append(Failed(request_id, error_code(exc), _message(exc)))
+            return
+        entry = _Entry(request_id, key_name, req, next(self._arrival), size,
+                       self._estimate(size), self._tick)
+        with self._lock:
+            self._cancels.discard(request_id)
+            self._incoming.append(entry)
+
+    def cancel(self, request_id: str) -> None:
+        """The request leaves at the next iterate(), queued or running; no event is emitted."""
+        with self._lock:
+            self._cancels.add(request_id)
+
+    @property
+    def waiting_count(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._incoming)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not (self._waiting or self._running or self._incoming or self._pending)
+
+    def iterate(self) -> list:
+        self._tick += 1
+        self.stats["iterations"] += 1
+        with self._lock:
+            events, self._pending = self._pending, []
+            for e in self._incoming:
+                self._waiting[e.request_id] = e
+            self._incoming = []
+            cancels, self._cancels = self._cancels, set()
+        for rid in cancels:
+            self._waiting.pop(rid, None)
+            self._running.pop(rid, None)
+
+        d = schedule([e.item() for e in self._running.values()],
+                     [e.item() for e in self._waiting.values()], self.limits)
+        for rid, reason in d.reject:
+            self._waiting.pop(rid)
+            events.append(Failed(rid, "out_of_memory", reason))
+        events += self._admit([self._waiting.pop(rid) for rid in d.admit])
+
+        group = [self._running[rid] for rid in d.run if rid in self._running]
+        self.stats["last_batch_size"] = len(group)
+        if group:
+            stepped, failed = self._step(group)
+            events += failed
+            for e in stepped:
+                e.last_tick = self._tick
+                events.append(Progress(e.request_id, e.state.step, e.state.total))
+            self.stats["request_steps"] += len(stepped)
+            events += self._finish([e for e in stepped if e.state.done])
+        self.stats["failed"] += sum(isinstance(ev, Failed) for ev in events)
+        return events
+
+    # --- running the engine ------------------------------------------------------------------
+    def _admit(self, entries: list[_Entry]) -> list:
+        """One batched text-encoder call for all newly admitted requests, then their states."""
+        if not entries:
+            return []
+        events = []
+        ok, conds, failed = self._batched(entries, self.pipe.encode, "text_calls")
+        for e, exc in failed:
+            events.append(Failed(e.request_id, error_code(exc), _message(exc)))
+        started = []
+        t0 = time.perf_counter()
+        for e, cond in zip(ok, conds):
+            try:
+                e.state = self.pipe.start(e.req, cond)   # latent (1, 4, h, w) from e.req.seed
+            except Exception as exc:
+                events.append(Failed(e.request_id, error_code(exc), _message(exc)))
+                continue
+            e.last_tick = self._tick - 1    # not stepped yet: next in the rotation (scheduler.Item)
+            self._running[e.request_id] = e
+            started.append(e)
+        share = (time.perf_counter() - t0) / max(len(started), 1)
+        for e in started:                   # starts are tiny (one randn each): equal shares
+            e.compute_s += share
+        return events
+
+    def _step(self, entries: list[_Entry]) -> tuple[list[_Entry], list[Failed]]:
+        """One U-Net call over `entries` (same latent size); on an exception, bisect so that only
+        requests that fail alone are failed. Returns (stepped entries, Failed events)."""
+        states = [e.state for e in entries]
+        before = [s.step for s in states]
+        t0 = time.perf_counter()
+        self.stats["unet_calls"] += 1
+        try:
+            self.pipe.step(states)
+        except Exception as exc:
+            advanced = [e for e, b in zip(entries, before) if e.state.step != b]
+            rest = [e for e, b in zip(entries, before) if e.state.step == b]
+            if len(rest) == 1 and not advanced:
+                self._running.pop(rest[0].request_id, None)
+                return [], [Failed(rest[0].request_id, error_code(exc), _message(exc))]
+            stepped, failed = list(advanced), []
+            half = (len(rest) + 1) // 2
+            for part in (rest[:half], rest[half:]):
+                if part:
+                    s, f = self._step(part)
+                    stepped += s
+                    failed += f
+            return stepped, failed
+        share = (time.perf_counter() - t0) / len(entries)
+        for e in entries:
+            e.compute_s += share
+        return entries, []
+
+    def _finish(self, entries: list[_Entry]) -> list:
+        """One batched VAE decode + safety check for the requests that took their last step."""
+        if not entries:
+            return []
+        for e in entries:
+            self._running.pop(e.request_id, None)
+        events = []
+        ok, images, failed = self._batched(entries, self.pipe.finish, "finish_calls",
+                                           arg=lambda e: e.state)
+        for e, exc in failed:
+            events.append(Failed(e.request_id, error_code(exc), _message(exc)))
+        for e, img in zip(ok, images):
+            events.append(Finished(e.request_id, img, e.compute_s))
+            e.state = None                      # free the latent now
+        self.stats["images_finished"] += len(ok)
+        return events
+
+    def _batched(self, entries, fn, counter, arg=lambda e: e.req):
+        """fn(list) -> list, batched; on an exception one call per entry. Charges equal shares.
+        Returns (ok entries, their results, [(entry, exception)])."""
+        t0 = time.perf_counter()
+        self.stats[counter] += 1
+        try:
+            out = fn([arg(e) for e in entries])
+        except Exception as exc:
+            if len(entries) == 1:
+                return [], [], [(entries[0], exc)]
+            ok, res, failed = [], [], []
+            for e in entries:           # one at a time, so one bad request fails alone
+                o, r, f = self._batched([e], fn, counter, arg)
+                ok, res, failed = ok + o, res + r, failed + f
+            return ok, res, failed
+        share = (time.perf_counter() - t0) / len(entries)
+        for e in entries:
+            e.compute_s += share
+        return list(entries), list(out), []
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _latent_size(self, req) -> tuple[int, int]:
+        info = self.pipe.info
+        w = req.width or info.native_width
+        h = req.height or info.native_height
+        return (h // info.vae_factor, w // info.vae_factor)
+
+    def _default_estimate(self, size: tuple[int, int]) -> float:
+        import torch
+        dtype = getattr(self.pipe, "dtype", torch.float32)
+        return estimate_mb(size, torch.empty((), dtype=dtype).element_size())
