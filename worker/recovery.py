@@ -70,6 +70,7 @@ class Heartbeat(threading.Thread):
         self.stop_event = threading.Event()
         self.connected_since: float | None = None
         self.had_outage = False
+        self.rq_worker = None
         self.next_reap = 0.0
         self.reaped = [0, 0, 0]
         self.lost: set[str] = set()      # job ids no longer ours, for the main loop
@@ -104,9 +105,12 @@ class Heartbeat(threading.Thread):
                            args=[repr(now + s.lease_s), self.worker_name,
                                  repr(now + 3 * self.interval),
                                  json.dumps([[j, a, {}] for j, a in held])], client=pipe)
-        lost = pipe.execute()[-1]
+        if self.rq_worker is not None:
+            self.rq_worker.heartbeat(ttl, pipeline=pipe)
+        lost = pipe.execute()[2]            # hset, expire, touch, (rq heartbeat)
         if self.connected_since is None:
             self.connected_since = time.monotonic()
+            self.register_rq_worker()
         if lost:
             with self._lock:
                 self.lost.update(x.decode() for x in lost)
@@ -122,6 +126,21 @@ class Heartbeat(threading.Thread):
                 metrics.FAILURES.labels(reason="worker_lost").inc(failed)
             for i, v in enumerate((requeued, failed, dead)):
                 self.reaped[i] += v
+
+    def register_rq_worker(self) -> None:
+        """Also appear as an RQ worker (`rq info` lists it), kept alive by our heartbeat. It is
+        only a registration: RQ's SimpleWorker never runs our jobs."""
+        from rq import Queue, SimpleWorker
+        from rq.serializers import JSONSerializer
+
+        if self.rq_worker is None:
+            q = Queue(self.settings.queue_name, connection=self.redis, serializer=JSONSerializer)
+            self.rq_worker = SimpleWorker([q], connection=self.redis, name=self.worker_name,
+                                          serializer=JSONSerializer)
+        try:
+            self.rq_worker.register_birth()
+        except ValueError:
+            pass   # still registered (Redis kept it across our reconnect)
 
     def may_reap(self) -> bool:
         """Not right after an outage: leases may look expired only because no one could refresh
@@ -160,5 +179,7 @@ class Heartbeat(threading.Thread):
             while self.redis.lmove(keys.inbox(self.worker_name), keys.rq_queue(q), "RIGHT", "LEFT"):
                 pass
             pipe.execute()
+            if self.rq_worker is not None:
+                self.rq_worker.register_death()
         except REDIS_ERRORS:
             pass

@@ -1,0 +1,135 @@
+"""Issue 6, crashes and restarts: SIGKILLed workers and a SIGKILLed Redis lose no admitted job,
+and no image is stored twice. Small leases (3 s) keep it fast; the bound is lease + reap interval.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.test_worker_loop import FAST, stack, wait_status  # noqa: F401 (fixture)
+from worker import keys
+from worker.spec import JobSpec
+from worker.state import TERMINAL
+
+Q = "latentd"
+
+
+def assert_exactly_once(stack, jids, owner="o"):
+    """Every job terminal; every succeeded job has exactly n distinct images, each stored."""
+    c = stack.client()
+    r = stack.redis.client()
+    statuses = {}
+    for j in jids:
+        d = c.get(j, owner)
+        assert d is not None, f"job {j} lost"
+        statuses[j] = d["status"]
+        n = d["params"]["n"]
+        rec = stack.record(j)
+        imgs = [k for k in rec if k.startswith("img:")]
+        assert len(imgs) == len(set(imgs)) == int(rec["done"]) <= n
+        if d["status"] == "succeeded":
+            assert sorted(i["index"] for i in d["images"]) == list(range(n))
+            assert all(r.exists(keys.image(j, k)) for k in range(n))
+    assert r.zcard(keys.leases(Q)) == 0 and r.zcard(keys.rq_started(Q)) == 0
+    assert r.llen(keys.rq_queue(Q)) == 0
+    return statuses
+
+
+def test_sigkill_mid_run_requeued_within_lease_bound(stack):
+    a = stack.start()
+    c = stack.client()
+    jid = c.submit(JobSpec(prompt="long", owner="o", steps=150, n=2, seed=3))
+    wait_status(c, jid, "o", ("running",))
+    time.sleep(0.5)
+    a.kill()
+    killed = time.monotonic()
+    b = stack.start()                      # a restarted worker (new name) picks it up
+    deadline = killed + 60
+    while int(stack.record(jid)["attempt"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    requeue_s = time.monotonic() - killed
+    bound = FAST["lease_s"] + FAST["reap_interval_s"]
+    print(f"requeued {requeue_s:.2f}s after SIGKILL (bound {bound}s + worker start)")
+    rec = stack.record(jid)
+    assert rec["attempt"] == "2" and rec["worker"] == b.name and rec["lost_worker"] == a.name
+    d = c.wait(jid, "o", 120)
+    assert d["status"] == "succeeded" and [i["seed"] for i in d["images"]] == [3, 4]
+    assert_exactly_once(stack, [jid])
+
+
+def test_reaper_bound_with_a_live_worker(stack):
+    """With a second worker already up, the requeue happens within lease_s + reap_interval_s."""
+    a = stack.start(worker_max_batch=1)
+    b = stack.start(worker_max_batch=1)
+    c = stack.client()
+    j1 = c.submit(JobSpec(prompt="one", owner="o", steps=150))
+    j2 = c.submit(JobSpec(prompt="two", owner="o", steps=150))
+    wait_status(c, j1, "o", ("running",)), wait_status(c, j2, "o", ("running",))
+    jid = j1 if stack.record(j1)["worker"] == a.name else j2     # the job `a` holds
+    c.cancel(j2 if jid == j1 else j1, "o")            # free the survivor `b`
+    victim = a
+    victim.kill()
+    killed = time.monotonic()
+    while int(stack.record(jid)["attempt"]) < 2 and time.monotonic() < killed + 60:
+        time.sleep(0.05)
+    took = time.monotonic() - killed
+    print(f"requeue + reclaim {took:.2f}s after SIGKILL (lease {FAST['lease_s']}s, reap {FAST['reap_interval_s']}s)")
+    assert took <= FAST["lease_s"] + FAST["reap_interval_s"] + 2.0
+    assert c.wait(jid, "o", 120)["status"] == "succeeded"
+
+
+def test_max_attempts_fails_with_reason(stack):
+    a = stack.start(max_attempts=1)
+    c = stack.client()
+    jid = c.submit(JobSpec(prompt="doomed", owner="o", steps=150))
+    wait_status(c, jid, "o", ("running",))
+    a.kill()
+    stack.start(max_attempts=1)
+    d = c.wait(jid, "o", 60)
+    assert d["status"] == "failed" and d["error"]["code"] == "worker_lost", d
+    assert_exactly_once(stack, [jid])
+
+
+def test_three_rounds_of_sigkill_lose_and_duplicate_nothing(stack):
+    """Issue 6: two workers, 30 jobs, three rounds of SIGKILL at random moments."""
+    rng = random.Random(6)
+    settings = dict(worker_max_batch=4, max_attempts=10)
+    workers = [stack.start(**settings), stack.start(**settings)]
+    c = stack.client()
+    jids = [c.submit(JobSpec(prompt=f"job {i}", owner="o", steps=rng.choice([4, 8, 16]),
+                             n=rng.choice([1, 2]), seed=i * 10)) for i in range(30)]
+    for _ in range(3):
+        time.sleep(rng.uniform(0.2, 2.0))
+        i = rng.randrange(2)
+        workers[i].kill()
+        workers[i] = stack.start(**settings)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if all(c.get(j, "o")["status"] in TERMINAL for j in jids):
+            break
+        time.sleep(0.2)
+    statuses = assert_exactly_once(stack, jids)
+    attempts = [int(stack.record(j)["attempt"]) for j in jids]
+    print(f"statuses: { {s: list(statuses.values()).count(s) for s in set(statuses.values())} }, "
+          f"re-run jobs: {sum(a > 1 for a in attempts)}")
+    assert set(statuses.values()) == {"succeeded"}
+
+
+def test_redis_sigkill_and_restart(stack):
+    w = stack.start()
+    c = stack.client()
+    jids = [c.submit(JobSpec(prompt=f"j{i}", owner="o", steps=40, seed=i)) for i in range(6)]
+    time.sleep(1.5)                               # admitted at least a second before the crash
+    stack.redis.kill()
+    time.sleep(1.0)
+    stack.redis.start()                           # same port, same dir: replays the AOF
+    c = stack.client()
+    after = c.submit(JobSpec(prompt="after", owner="o", steps=2))
+    for j in jids + [after]:
+        d = c.wait(j, "o", 120)
+        assert d is not None and d["status"] == "succeeded", (j, d, w.output())
+    assert w.alive()
+    assert_exactly_once(stack, jids + [after])
+    assert c.ready_workers()                      # heartbeat back after reconnecting

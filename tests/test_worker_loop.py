@@ -1,0 +1,203 @@
+"""`latentd worker` end to end: real redis-server, real worker subprocesses, the tiny model.
+
+Each test submits through JobClient (what the API uses) and checks what a client would see.
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from latentd.settings import Settings
+from tests.services import WorkerProc, free_port
+from worker import keys
+from worker.client import JobClient
+from worker.spec import JobSpec
+
+FAST = dict(lease_s=3, reap_interval_s=1, worker_heartbeat_s=0.5, progress_interval_s=0.05)
+
+
+@pytest.fixture
+def stack(redis_server, tiny_model):
+    """start(**settings) -> WorkerProc (ready); client(**settings) -> JobClient. Kills all."""
+    procs: list[WorkerProc] = []
+
+    class Stack:
+        redis = redis_server
+
+        def start(self, wait=True, **settings):
+            w = WorkerProc(redis_server.url, str(tiny_model), **{**FAST, **settings}).start()
+            procs.append(w)
+            return w.wait_ready() if wait else w
+
+        def client(self, **over):
+            return JobClient(redis_server.client(), Settings(redis_url=redis_server.url, **over))
+
+        def record(self, job_id):
+            return {k.decode(): v.decode() for k, v in
+                    redis_server.client().hgetall(keys.job(job_id)).items()}
+
+    try:
+        yield Stack()
+    finally:
+        for w in procs:
+            w.stop()
+
+
+def wait_status(c, jid, owner, statuses, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = c.get(jid, owner)
+        if d and d["status"] in statuses:
+            return d
+        time.sleep(0.02)
+    raise AssertionError(f"job {jid} not in {statuses} after {timeout}s: {c.get(jid, owner)}")
+
+
+def test_submit_to_png_with_metadata(stack):
+    w = stack.start()
+    c = stack.client()
+    ready = c.ready_workers()
+    assert [x["name"] for x in ready] == [w.name]
+    assert ready[0]["model"]["native_width"] == 64 and c.models()[0]["name"]
+    jid = c.submit(JobSpec(prompt="a red cat", owner="alice", n=2, steps=3, seed=41,
+                           width=48, height=32, sampler="euler"))
+    d = c.wait(jid, "alice", 60)
+    assert d["status"] == "succeeded", (d, w.output())
+    assert [(i["index"], i["seed"]) for i in d["images"]] == [(0, 41), (1, 42)]
+    assert d["progress"] == {"step": 6, "total": 6}
+    assert d["created_at"] <= d["started_at"] <= d["finished_at"]
+    assert d["usage"]["compute_seconds"] > 0 and d["error"] is None
+    pngs = [c.image_png(jid, k, "alice") for k in (0, 1)]
+    assert c.image_png(jid, 0, "bob") is None and c.image_png(jid, 2, "alice") is None
+    for k, png in enumerate(pngs):
+        im = Image.open(io.BytesIO(png))
+        assert im.format == "PNG" and im.size == (48, 32)
+        meta = json.loads(im.text["latentd"])
+        assert meta["prompt"] == "a red cat" and meta["seed"] == 41 + k and meta["steps"] == 3
+        assert "alice" not in im.text["parameters"] + im.text["latentd"]   # never the owner/key
+    assert pngs[0] != pngs[1]
+    r = stack.redis.client()
+    assert r.hget(keys.rq_job(jid), "status") == b"finished"
+    assert r.zcard(keys.rq_started("latentd")) == 0 and r.zcard(keys.leases("latentd")) == 0
+
+
+def test_same_seed_same_png_and_rq_info(stack):
+    stack.start()
+    c = stack.client()
+    a, b = (c.submit(JobSpec(prompt="a dog", owner="o", steps=2, seed=7)) for _ in range(2))
+    assert c.wait(a, "o", 60)["status"] == c.wait(b, "o", 60)["status"] == "succeeded"
+    assert c.image_png(a, 0, "o") == c.image_png(b, 0, "o")
+    out = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url", stack.redis.url],
+                         capture_output=True, text=True, timeout=60)
+    assert "latentd" in out.stdout, out.stdout + out.stderr
+
+
+def test_two_workers_share_one_queue(stack):
+    w1, w2 = stack.start(worker_max_batch=2), stack.start(worker_max_batch=2)
+    c = stack.client()
+    jids = [c.submit(JobSpec(prompt=f"shape {i}", owner="o", steps=4, seed=i)) for i in range(12)]
+    for j in jids:
+        assert c.wait(j, "o", 120)["status"] == "succeeded"
+    by = {stack.record(j)["worker"] for j in jids}
+    assert by == {w1.name, w2.name}
+
+
+def test_cancel_queued_and_running(stack):
+    stack.start(worker_max_batch=1)
+    c = stack.client()
+    long = c.submit(JobSpec(prompt="long", owner="o", steps=150, seed=1))
+    queued = c.submit(JobSpec(prompt="queued", owner="o", steps=2, seed=2))
+    d = wait_status(c, long, "o", ("running",))
+    assert c.get(queued, "o")["status"] == "queued"
+    assert c.cancel(queued, "o")["status"] == "canceled"
+    deadline = time.monotonic() + 60
+    while c.get(long, "o")["progress"]["step"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    d = c.cancel(long, "o")
+    assert d["status"] == "canceled"
+    time.sleep(1.0)                                   # the worker drops it at its next step
+    after = c.get(long, "o")
+    assert after["status"] == "canceled" and after["images"] == []
+    assert after["progress"]["step"] < 150
+    assert stack.record(queued)["attempt"] == "0"     # the queued one never ran
+    nxt = c.submit(JobSpec(prompt="next", owner="o", steps=2))
+    assert c.wait(nxt, "o", 60)["status"] == "succeeded"
+    # the canceled job was really dropped: its progress stopped moving
+    assert c.get(long, "o")["progress"]["step"] == after["progress"]["step"]
+
+
+def test_failing_job_is_recorded_and_worker_goes_on(stack):
+    w = stack.start()
+    c = stack.client()
+    bad = c.submit(JobSpec(prompt="x", owner="o", width=50, height=64, steps=2))   # not a multiple of 16
+    d = c.wait(bad, "o", 60)
+    assert d["status"] == "failed" and d["error"]["code"] == "invalid_request"
+    assert "width" in d["error"]["message"]
+    good = c.submit(JobSpec(prompt="y", owner="o", steps=2))
+    assert c.wait(good, "o", 60)["status"] == "succeeded"
+    assert w.alive()
+
+
+def test_timeout_stops_job_and_next_runs(stack):
+    stack.start()
+    c = stack.client()
+    slow = c.submit(JobSpec(prompt="slow", owner="o", steps=150, timeout_s=1.0))
+    d = c.wait(slow, "o", 60)
+    assert d["status"] == "failed" and d["error"]["code"] == "timeout", d
+    assert d["finished_at"] - d["started_at"] < 10
+    nxt = c.submit(JobSpec(prompt="next", owner="o", steps=2))
+    assert c.wait(nxt, "o", 60)["status"] == "succeeded"
+
+
+def test_file_store(stack, tmp_path):
+    stack.start(storage="file", storage_dir=str(tmp_path))
+    c = stack.client(storage="file", storage_dir=str(tmp_path))
+    jid = c.submit(JobSpec(prompt="file", owner="o", steps=2, n=2))
+    assert c.wait(jid, "o", 60)["status"] == "succeeded"
+    assert sorted(p.name for p in (tmp_path / jid).iterdir()) == ["0.png", "1.png"]
+    assert c.image_png(jid, 1, "o").startswith(b"\x89PNG")
+    assert not stack.redis.client().exists(keys.image(jid, 0))
+
+
+def test_worker_metrics(stack):
+    port = free_port()
+    stack.start(worker_metrics_port=port)
+    c = stack.client()
+    jid = c.submit(JobSpec(prompt="m", owner="team-a", steps=3, n=2))
+    assert c.wait(jid, "team-a", 60)["status"] == "succeeded"
+    bad = c.submit(JobSpec(prompt="m", owner="team-a", width=50, steps=3))
+    c.wait(bad, "team-a", 60)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ("latentd_worker_queue_wait_seconds_bucket", "latentd_worker_run_seconds_bucket",
+                 "latentd_worker_step_seconds_bucket", "latentd_worker_batch_size_bucket",
+                 "latentd_worker_running_requests", "latentd_worker_unet_calls_per_image",
+                 "latentd_worker_images_generated_total 2.0", "latentd_worker_images_flagged_total",
+                 'latentd_worker_failures_total{reason="invalid_request"} 1.0',
+                 "latentd_worker_model_load_seconds", "latentd_worker_device_memory_bytes",
+                 'latentd_worker_compute_seconds_total{key="team-a"}'):
+        assert name in text, name
+    assert "prompt" not in text
+
+
+def test_sigterm_finishes_or_hands_back(stack):
+    w = stack.start(worker_grace_s=0.5)
+    c = stack.client()
+    jid = c.submit(JobSpec(prompt="long", owner="o", steps=150))
+    wait_status(c, jid, "o", ("running",))
+    time.sleep(0.3)
+    assert w.terminate(30) == 0
+    d = c.get(jid, "o")
+    assert d["status"] == "queued", d                 # handed back, not lost, not failed
+    rec = stack.record(jid)
+    assert rec["graceful"] == "1"
+    r = stack.redis.client()
+    assert r.lrange(keys.rq_queue("latentd"), 0, -1) == [jid.encode()]
+    assert r.zcard(keys.rq_started("latentd")) == 0
+    assert not r.exists(keys.worker(w.name))
