@@ -34,8 +34,9 @@ def info_from_dict(d: dict) -> ModelInfo:
 
 
 class ModelSource:
-    """The model's info: from its folder when the API can read it (LATENTD_MODEL, else the bundled
-    model), otherwise from what ready workers publish in Redis (cached for a few seconds)."""
+    """The models the API validates against: what ready workers publish in Redis (cached for a few
+    seconds), else the folder the API can read itself (LATENTD_MODEL, else the bundled model), so
+    validation matches what actually runs and still works before the first worker is up."""
 
     def __init__(self, settings, jobs, ttl_s: float = 2.0):
         self.jobs, self.ttl_s = jobs, ttl_s
@@ -47,23 +48,30 @@ class ModelSource:
         self._at, self._remote = -1e9, []
 
     def all(self) -> list[ModelInfo]:
-        if self.local is not None:
-            return [self.local]
         if time.monotonic() - self._at > self.ttl_s:
             self._remote = [info_from_dict(m) for m in self.jobs.models()]
             self._at = time.monotonic()
-        return self._remote
+        if self._remote:
+            return self._remote
+        return [self.local] if self.local is not None else []
 
-    def info(self) -> ModelInfo | None:
+    def pick(self, name: str | None) -> ModelInfo | None:
+        """The named model (ApiError 422 if no one serves it), or the default; None: none ready."""
         models = self.all()
-        return models[0] if models else None
+        if not models or name is None:
+            return models[0] if models else None
+        for m in models:
+            if m.name == name:
+                return m
+        raise ApiError(422, "invalid_value", f"model: unknown model {name!r}", "model",
+                       [m.name for m in models])
 
 
 def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str) -> tuple[str, JobSpec]:
     """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError."""
     settings = state.settings
     retry = {"Retry-After": str(settings.retry_after_s)}
-    info = state.models.info()
+    info = state.models.pick(req.model)
     if info is None:
         raise ApiError(503, "not_ready", "no worker has a model loaded yet; retry later",
                        headers=retry, allowed=None)
