@@ -13,6 +13,8 @@ import re
 import time
 import uuid
 
+from redis.exceptions import NoScriptError
+
 from worker import keys
 from worker.spec import JobSpec
 from worker.state import TERMINAL, Scripts, record_to_dict, rq_time
@@ -60,11 +62,20 @@ class JobClient:
         argv = [int(self.settings.queue_cap), job_id]
         for k, v in fields.items():
             argv += [k, v]
-        pipe = self.redis.pipeline(transaction=False)
-        job.save(pipeline=pipe)
-        self.scripts.admit(keys=[keys.rq_queue(self.queue), keys.rq_job(job_id), keys.job(job_id),
-                                 keys.RQ_QUEUES], args=argv, client=pipe)
-        depth = pipe.execute()[-1]
+        admit_keys = [keys.rq_queue(self.queue), keys.rq_job(job_id), keys.job(job_id), keys.RQ_QUEUES]
+        for tries in (1, 2):
+            # One round trip: EVALSHA straight in the pipeline (redis-py's Script in a pipeline
+            # would first ask SCRIPT EXISTS); after a Redis restart, load it and go again.
+            pipe = self.redis.pipeline(transaction=False)
+            job.save(pipeline=pipe)
+            pipe.evalsha(self.scripts.admit.sha, len(admit_keys), *admit_keys, *argv)
+            try:
+                depth = pipe.execute()[-1]
+                break
+            except NoScriptError:
+                if tries == 2:
+                    raise
+                self.redis.script_load(self.scripts.admit.script)
         if depth == -1:
             raise QueueFull(self.settings.queue_cap, self.settings.queue_cap)
         return job_id
