@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import pytest
+
 from worker.scheduler import Item, Limits, schedule
 
 A, B = "alice", "bob"
@@ -27,7 +29,7 @@ def simulate(waiting, limits, arrivals=None, max_iters=10_000):
         waiting += arrivals.get(tick, [])
         if not waiting and not running and tick > max(arrivals, default=0):
             break
-        d = schedule(running, waiting, limits)
+        d = schedule(running, waiting, limits, now=tick)
         decisions.append(d)
         assert not d.reject
         by_id = {w.request_id: w for w in waiting}
@@ -122,43 +124,81 @@ def test_tie_goes_to_the_bigger_group():
 
 
 def test_new_request_joins_its_size_group_at_once_or_the_back_of_the_rotation():
-    running = [Item(f"a{i}", A, i, S64, 4, 50, 0, last_tick=10) for i in range(8)]
-    same = [Item("short", B, 20, S64, 0, 10, 0, last_tick=3)]
+    running = [Item(f"a{i}", A, i, S64, 4, 12, 0, last_tick=10) for i in range(8)]
+    same = [Item("new", B, 20, S64, 0, 10, 0, last_tick=3)]
     d = schedule(running, same, Limits())
-    assert d.admit == ("short",) and d.group == S64 and "short" in d.run and len(d.run) == 9
+    assert d.admit == ("new",) and d.group == S64 and "new" in d.run and len(d.run) == 9
     # Another size: queued long ago (tick 3), yet it does not jump the running group's turn ...
-    other = [Item("short", B, 20, S32, 0, 10, 0, last_tick=3)]
+    other = [Item("new", B, 20, S32, 0, 10, 0, last_tick=3)]
     running += [Item("b0", B, 9, (8, 4), 1, 9, 0, last_tick=9)]
     d = schedule(running, other, Limits())
-    assert d.admit == ("short",) and d.group == (8, 4)
+    assert d.admit == ("new",) and d.group == (8, 4)
     # ... and runs right after it (it ties with the group that ran last, started groups first).
-    running[-1] = replace(running[-1], last_tick=11)
     running = [replace(r, last_tick=11 if r.size == (8, 4) else r.last_tick) for r in running]
     d = schedule(running + [replace(other[0], last_tick=10)], [], Limits())
     assert d.group == S64
+    d = schedule([replace(r, last_tick=12) if r.size == S64 else r for r in running]
+                 + [replace(other[0], last_tick=10)], [], Limits())
+    assert d.group == S32 and d.run == ("new",)
 
 
-def test_mixed_sizes_no_starvation_and_equal_step_rates():
+def test_short_request_steps_alone_among_long_ones_until_they_age():
+    longs = [Item(f"l{i}", A, i, S64, 4, 50, 0, last_tick=10) for i in range(8)]
+    short = [Item("short", B, 20, S64, 0, 10, 0, last_tick=10)]
+    d = schedule(longs, short, Limits(), now=11)
+    assert d.run == ("short",)                          # 10 <= 2 * 10 + 4 < 46
+    short = [replace(short[0], step=3, last_tick=13)]
+    assert schedule(longs + short, [], Limits(), now=14).run == ("short",)
+    # Aging: the long ones have not stepped for more than max_skip iterations -> all step.
+    assert len(schedule(longs + short, [], Limits(max_skip=16), now=27).run) == 9
+    # band=inf: plain continuous batching, everyone in the group steps every time.
+    assert len(schedule(longs + short, [], Limits(band=float("inf")), now=14).run) == 9
+
+
+def test_requests_a_few_steps_apart_step_together():
+    running = [Item(f"r{i}", A, i, S64, s, 20, 0, last_tick=5) for i, s in enumerate((0, 3, 8))]
+    assert schedule(running, [], Limits(), now=6).run == ("r0", "r1", "r2")   # 20, 17, 12 left
+
+
+def test_head_of_line_short_request_finishes_in_its_own_steps():
+    # Eight 50-step requests run; a 10-step request arrives at iteration 4. It finishes 10
+    # iterations later (as if alone); the long ones all finish, none skipped > max_skip.
+    limits = Limits(max_skip=16)
+    late = {4: [Item("short", B, 100, S64, 0, 10, 0, last_tick=4)]}
+    _, finished, decisions = simulate(items(A, 8, total=50), limits, arrivals=late)
+    assert finished["short"] == 4 + 10 - 1
+    assert len(finished) == 9
+    assert max(finished.values()) == 50 + 10
+    # With plain continuous batching (band=inf) it would share every call with the long ones.
+    _, _, plain = simulate(items(A, 8, total=50), Limits(band=float("inf")), arrivals=late)
+    assert all(len(d.run) == 9 for d in plain[3:13])
+
+
+@pytest.mark.parametrize("band, bound", [(float("inf"), 3), (2.0, 16 + 3)])
+def test_mixed_sizes_no_starvation(band, bound):
     rng = random.Random(0)
     waiting = [Item(f"r{i}", rng.choice([A, B, "carol"]), i, rng.choice([S64, S32, (8, 4)]),
-                    0, rng.randint(1, 12), rng.uniform(10, 200), last_tick=0) for i in range(60)]
-    limits = Limits(max_batch=6, memory_budget_mb=600.0)
+                    0, rng.randint(1, 30), rng.uniform(10, 200), last_tick=0) for i in range(60)]
+    limits = Limits(max_batch=6, memory_budget_mb=600.0, band=band, max_skip=16)
     _, finished, decisions = simulate(waiting, limits)
     assert len(finished) == 60
     # Every iteration steps someone while work is left (work conserving).
     assert all(d.run for d in decisions)
-    # A running request never waits more than (number of sizes) iterations between steps
-    # (or between its admission and its first step).
+    # A running request never waits more than `bound` iterations between steps (or between its
+    # admission and its first step): number of sizes, plus max_skip with short-first bands.
     last: dict[str, int] = {}
+    worst = 0
     for t, d in enumerate(decisions):
         for i in d.admit:
             last[i] = t
         for i in d.run:
-            assert t - last[i] <= 3, (i, t, last[i])
+            worst = max(worst, t - last[i])
             last[i] = t
-        for i in list(last):
-            if i in finished and finished[i] <= t + 1:
-                last.pop(i)
+    assert worst <= bound
+    if band == float("inf"):
+        return
+    # ... and short-first bands did make some request wait (else this test shows nothing).
+    assert worst > 3
 
 
 def test_empty():

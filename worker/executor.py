@@ -167,7 +167,7 @@ class BatchExecutor:
             self._running.pop(rid, None)
 
         d = schedule([e.item() for e in self._running.values()],
-                     [e.item() for e in self._waiting.values()], self.limits)
+                     [e.item() for e in self._waiting.values()], self.limits, now=self._tick)
         for rid, reason in d.reject:
             self._waiting.pop(rid)
             events.append(Failed(rid, "out_of_memory", reason))

@@ -17,17 +17,24 @@ Policy (one call to `schedule` per worker iteration):
    iteration (no skipping ahead to smaller requests), so a large request cannot be starved by a
    stream of small ones; it gets in as soon as enough running work finishes. A request whose
    estimate alone exceeds the whole budget can never run and is rejected.
-2. Which size group runs: one U-Net call only takes latents of one (h, w). The scheduler picks
-   the group holding the request that has waited LONGEST since it last stepped: `min(last_tick)`
-   over the group. With several groups this rotates through them (round-robin), so every running
-   request advances at the same rate and no group waits more than (number of groups) iterations;
-   with one group it runs every iteration. Newly admitted requests are candidates in the same
-   decision (a new request of a running size steps in the iteration that admits it), counted as
-   having last stepped with the most recently stepped running group: its time in the queue buys
-   admission, not precedence over running groups, so a group made only of new requests joins the
-   BACK of the rotation (else a stream of long-queued arrivals of one size could keep that size in
-   front and starve the others). Ties: a group with started requests before one of only new ones,
-   then the bigger group (more work per call), then the oldest arrival.
+2. Which size group runs: one U-Net call only takes latents of one (h, w). Groups take turns:
+   the group that last ran LONGEST ago runs (round-robin; "last ran" = the newest `last_tick` of
+   its started members), so no group waits more than (number of groups) iterations. Newly
+   admitted requests are candidates in the same decision: a new request of a running size steps
+   in the iteration that admits it; a group made only of new requests joins the BACK of the
+   rotation (its time in the queue bought admission, not precedence over running groups).
+   Ties: a group with started requests before one of only new ones, then more work per call,
+   then the oldest arrival.
+3. Who in the group steps (short requests first, with aging): a request steps if its remaining
+   steps are within `band * r_min + band_slack` of the group's fewest remaining steps `r_min`,
+   or if it has not stepped for more than `max_skip` iterations. Equal requests (the common case,
+   and a closed loop of clients) always step together; but a 10-step request that arrives while
+   50-step requests run steps ALONE until it is done (or until the long ones have waited
+   `max_skip` iterations), so on hardware where a bigger batch costs more per call (a CPU) its
+   latency stays close to its latency alone (head-of-line blocking, issue 5). This is shortest-
+   remaining-first by bands (SRPT minimises mean latency); the aging bound keeps it starvation-
+   free: under any load a running request steps at least once every `max_skip + groups`
+   iterations. With `band=inf` every request of the group steps every time it runs.
 """
 from __future__ import annotations
 
@@ -53,6 +60,9 @@ class Item:
 class Limits:
     max_batch: int = 16                   # most requests in the running set (all sizes)
     memory_budget_mb: float | None = None  # None: no memory limit
+    band: float = 2.0                     # step together: remaining <= band * r_min + band_slack
+    band_slack: int = 4
+    max_skip: int = 16                    # skipped this many iterations -> steps regardless
 
 
 @dataclass(frozen=True)
@@ -63,20 +73,46 @@ class Decision:
     run: tuple[str, ...] = ()                     # ids that step (running + admitted, that size)
 
 
-def schedule(running: list[Item], waiting: list[Item], limits: Limits) -> Decision:
+def schedule(running: list[Item], waiting: list[Item], limits: Limits,
+             now: int | None = None) -> Decision:
+    """`now`: this iteration's tick (default: one past the newest last_tick)."""
     admit, reject = _admit(running, waiting, limits)
     by_id = {w.request_id: w for w in waiting}
     # A newly admitted request counts as having waited no longer than the most recently stepped
-    # running group; otherwise a stream of long-queued arrivals of one size could keep that
-    # group in front and starve a running group of another size.
+    # running group (see 2. above).
     latest = max((r.last_tick for r in running), default=None)
     candidates = list(running) + [
         by_id[i] if latest is None else replace(by_id[i], last_tick=max(by_id[i].last_tick, latest))
         for i in admit]
-    group = _pick_group(candidates)
-    run = tuple(c.request_id for c in sorted(candidates, key=lambda c: c.arrival)
-                if c.size == group) if group is not None else ()
+    if now is None:
+        now = max((c.last_tick for c in candidates), default=0) + 1
+    groups: dict[tuple[int, int], list[Item]] = defaultdict(list)
+    for c in candidates:
+        groups[c.size].append(c)
+    if not groups:
+        return Decision(admit=tuple(admit), reject=tuple(reject))
+    eligible = {size: _eligible(members, limits, now) for size, members in groups.items()}
+    group = min(groups, key=lambda s: (_last_ran(groups[s]),
+                                      all(c.step == 0 for c in groups[s]),
+                                      -len(eligible[s]),
+                                      min(c.arrival for c in groups[s])))
+    run = tuple(c.request_id for c in sorted(eligible[group], key=lambda c: c.arrival))
     return Decision(admit=tuple(admit), reject=tuple(reject), group=group, run=run)
+
+
+def _last_ran(members: list[Item]) -> int:
+    """When this group last ran: the newest last_tick of its started members (new members
+    carry their admission tick, which must not push an existing group back in the rotation)."""
+    started = [c.last_tick for c in members if c.step > 0]
+    return max(started) if started else max(c.last_tick for c in members)
+
+
+def _eligible(members: list[Item], limits: Limits, now: int) -> list[Item]:
+    """Members that step if this group runs: the shortest remaining band, plus the aged."""
+    r_min = min(c.total - c.step for c in members)
+    cut = limits.band * r_min + limits.band_slack
+    return [c for c in members
+            if c.total - c.step <= cut or now - c.last_tick > limits.max_skip]
 
 
 def _admit(running: list[Item], waiting: list[Item], limits: Limits):
@@ -110,15 +146,3 @@ def _admit(running: list[Item], waiting: list[Item], limits: Limits):
         if not queues[key]:
             del queues[key]
     return admit, reject
-
-
-def _pick_group(candidates: list[Item]) -> tuple[int, int] | None:
-    groups: dict[tuple[int, int], list[Item]] = defaultdict(list)
-    for c in candidates:
-        groups[c.size].append(c)
-    if not groups:
-        return None
-    return min(groups, key=lambda s: (min(c.last_tick for c in groups[s]),
-                                      all(c.step == 0 for c in groups[s]),
-                                      -len(groups[s]),
-                                      min(c.arrival for c in groups[s])))
