@@ -44,6 +44,16 @@ def owner_of(request: Request, creds: HTTPAuthorizationCredentials | None) -> st
     return owner
 
 
+def owner_of_request(request: Request) -> str:
+    """owner_of, reading the Authorization header directly (for hot-path routes)."""
+    if request.app.state.keys is None:
+        return ANONYMOUS
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    creds = (HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+             if scheme.lower() == "bearer" and token.strip() else None)
+    return owner_of(request, creds)
+
+
 async def _owner(request: Request,
                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> str:
     return owner_of(request, creds)

@@ -62,30 +62,29 @@ def _json_safe(v: object) -> object:
     return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
 
 
+def error_from(errs: list, prefix: tuple = ()) -> ApiError:
+    """The ApiError for the first of pydantic's errors (`prefix` is prepended to each loc, e.g.
+    ("body",) for errors of model_validate_json, whose locs are relative to the body)."""
+    err = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    loc = prefix + tuple(err.get("loc") or ())
+    kind = err.get("type", "")
+    if kind == "json_invalid" or (kind == "value_error" and loc in ((), ("body",))):
+        detail = (err.get("ctx") or {}).get("error", "") or err.get("msg", "")
+        return ApiError(400, "invalid_json", f"request body is not valid UTF-8 JSON: {detail}",
+                        "body", "a UTF-8 JSON object")
+    field = _field_of(loc or ("body",))
+    if kind == "extra_forbidden":
+        return ApiError(422, "unknown_field", f"{field}: unknown field", field, None)
+    if kind == "missing":
+        return ApiError(422, "missing_field", f"{field}: field required", field, None)
+    if field == "body":
+        return ApiError(422, "invalid_body", "request body must be a JSON object", "body", "a JSON object")
+    return ApiError(422, "invalid_value", f"{field}: {err.get('msg', 'invalid value')}", field,
+                    _json_safe(_allowed_of(err)))
+
+
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errs = exc.errors()
-    err = errs[0] if errs else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
-    loc = tuple(err.get("loc") or ("body",))
-    if err.get("type") == "json_invalid":
-        field, msg = "body", f"request body is not valid JSON: {(err.get('ctx') or {}).get('error', '')}"
-        return _reject(request, 400, "invalid_json", msg, field, "a JSON object")
-    field = _field_of(loc)
-    if err.get("type") == "extra_forbidden":
-        return _reject(request, 422, "unknown_field", f"{field}: unknown field", field, None)
-    if err.get("type") == "missing":
-        return _reject(request, 422, "missing_field", f"{field}: field required", field, None)
-    if err.get("type") in ("model_type", "model_attributes_type", "dict_type") and field == "body":
-        return _reject(request, 422, "invalid_body", "request body must be a JSON object", "body",
-                       "a JSON object")
-    msg = f"{field}: {err.get('msg', 'invalid value')}"
-    return _reject(request, 422, "invalid_value", msg, field, _json_safe(_allowed_of(err)))
-
-
-def _reject(request: Request, status: int, code: str, message: str, field, allowed) -> JSONResponse:
-    from app import metrics
-
-    metrics.rejected(status, code)
-    return JSONResponse(error_body(code, message, field, allowed), status_code=status)
+    return await api_error_handler(request, error_from(list(exc.errors())))
 
 
 async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:

@@ -50,7 +50,9 @@ def key_store(settings: Settings) -> auth.KeyStore | None:
 
 
 def make_redis(settings: Settings) -> redis_lib.Redis:
-    return redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10,
+    """Short timeouts: handlers call Redis inline on the event loop, so a sick Redis must turn
+    into a quick 503 rather than a stalled process."""
+    return redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=3,
                                     health_check_interval=30, max_connections=1000)
 
 

@@ -87,24 +87,56 @@ KEYS = f"alice:{hash_key(ALICE)},bob:{hash_key(BOB)}"
 SECRET = "test-signing-secret-0123456789"
 
 
-@pytest.fixture(scope="module")
-def module_redis():
-    """One real redis-server for a test module (the API tests share it; each test that counts
-    queue entries reads before/after)."""
+def configs_only_model(folder: str | None = None) -> str:
+    """A model folder with only the JSON configs the API validates against (no weights, no torch):
+    native 64x64, sizes multiples of 16 up to 256 a side, at most 16384 pixels, 150 steps, the
+    same limits as tests/tiny_model.py's folder."""
+    import json
+
+    folder = folder or os.path.join(tempfile.mkdtemp(prefix="latentd-cfg-"), "cfg64")
+    for sub, cfg in (("unet", {"block_out_channels": [32, 64], "sample_size": 8, "in_channels": 4}),
+                     ("vae", {"block_out_channels": [32, 64, 64, 64]})):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        with open(os.path.join(folder, sub, "config.json"), "w") as f:
+            json.dump(cfg, f)
+    return folder
+
+
+# One redis-server and one API for all the API test modules (process starts are the slow part of
+# these tests): session fixtures backed by a cache, so every module that imports them shares one.
+_SHARED: dict = {}
+
+
+def _shared(request, name, make):
+    if name not in _SHARED:
+        obj = make()
+        _SHARED[name] = obj
+
+        def stop():
+            _SHARED.pop(name, None)
+            obj.stop()
+
+        request.addfinalizer(stop)
+    return _SHARED[name]
+
+
+@pytest.fixture(scope="session")
+def module_redis(request):
+    """A real redis-server shared by the API tests (tests that count queue entries read
+    before/after; tests that need an empty database flush it first)."""
     from tests.services import RedisServer
 
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return _shared(request, "redis", lambda: RedisServer().start())
 
 
-@pytest.fixture(scope="module")
-def api(module_redis, tiny_model):
-    """A real uvicorn API with two keys (alice, bob) on the tiny model's info; no worker."""
-    proc = ApiProc(module_redis.url, api_keys=KEYS, model=tiny_model, rate_limit_per_s=0).start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+@pytest.fixture(scope="session")
+def cfg_model():
+    return configs_only_model()
+
+
+@pytest.fixture(scope="session")
+def api(request, module_redis, cfg_model):
+    """A real uvicorn API with two keys (alice, bob), validating against a configs-only model
+    folder; no worker."""
+    return _shared(request, "api", lambda: ApiProc(module_redis.url, api_keys=KEYS, model=cfg_model,
+                                                   rate_limit_per_s=0).start())

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, api, module_redis  # noqa: F401
+from tests.api_proc import ALICE, BOB, KEYS, ApiProc, api, cfg_model, module_redis  # noqa: F401
 from tests.services import free_port
 from worker import keys
 
@@ -15,8 +15,8 @@ QUEUE = keys.rq_queue("latentd")
 
 
 @pytest.fixture(scope="module")
-def limited(module_redis, tiny_model):
-    proc = ApiProc(module_redis.url, api_keys=KEYS, model=tiny_model, rate_limit_per_s=0.05,
+def limited(module_redis, cfg_model):
+    proc = ApiProc(module_redis.url, api_keys=KEYS, model=cfg_model, rate_limit_per_s=0.05,
                    rate_limit_burst=3, queue_cap=4, metrics_token="metrics-token",
                    cors_origins="https://app.example", sync_wait_s=0.5).start()
     try:
@@ -110,8 +110,8 @@ def test_readyz_503_without_a_worker(api):
     assert httpx.get(api.url + "/healthz").status_code == 200
 
 
-def test_redis_down_gives_quick_503s(tiny_model):
-    proc = ApiProc(f"redis://127.0.0.1:{free_port()}/0", api_keys=KEYS, model=tiny_model).start()
+def test_redis_down_gives_quick_503s(cfg_model):
+    proc = ApiProc(f"redis://127.0.0.1:{free_port()}/0", api_keys=KEYS, model=cfg_model).start()
     try:
         with proc.client(ALICE) as c:
             for method, path in (("POST", "/v1/jobs"), ("GET", "/readyz"), ("GET", "/v1/jobs/" + "a" * 32)):

@@ -9,24 +9,27 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, module_redis  # noqa: F401
-from tests.services import WorkerProc
+from tests.api_proc import ALICE, BOB, KEYS, ApiProc
+from tests.services import RedisServer, WorkerProc
 
 FAST = {"steps": 2, "sampler": "euler"}
 
 
 @pytest.fixture(scope="module")
-def stack(module_redis, tiny_model):
-    api = ApiProc(module_redis.url, api_keys=KEYS, model=tiny_model, rate_limit_per_s=0).start()
-    worker = None
+def stack(tiny_model):
+    redis_srv = RedisServer().start()      # its own: no other worker has ever heartbeated here
+    api = worker = None
     try:
+        api = ApiProc(redis_srv.url, api_keys=KEYS, model=tiny_model, rate_limit_per_s=0).start()
         before = httpx.get(api.url + "/readyz").status_code
-        worker = WorkerProc(module_redis.url, tiny_model).start().wait_ready(180)
+        worker = WorkerProc(redis_srv.url, tiny_model).start().wait_ready(180)
         yield {"api": api, "worker": worker, "readyz_before": before}
     finally:
         if worker:
             worker.stop()
-        api.stop()
+        if api:
+            api.stop()
+        redis_srv.stop()
 
 
 def _wait(client, job_id, timeout=60):

@@ -7,24 +7,30 @@ import base64
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.admission import admit
-from app.deps import JobsDep, OwnerDep
+from app.deps import owner_of_request
 from app.errors import ApiError, error_body
 from app.routes.jobs import ERRORS, image_url, links
-from app.schemas import ErrorResponse, ImagesGenerationRequest, ImagesResponse
+from app.schemas import GENERATION_BODY, ErrorResponse, ImagesResponse, parse_generation_request
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 NO_RETRY = {"x-should-retry": "false"}
 
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses={**ERRORS, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+             openapi_extra=GENERATION_BODY,
+             responses={**ERRORS, 400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                        429: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
                         504: {"model": ErrorResponse}})
-def generate(request: Request, body: ImagesGenerationRequest, owner: OwnerDep, jobs: JobsDep):
+async def generate(request: Request):
     st = request.app.state
+    owner = owner_of_request(request)
+    body = parse_generation_request(await request.body())
+    jobs = st.jobs
     job_id, spec = admit(st, body, owner, "images")
-    d = jobs.wait(job_id, owner, st.settings.sync_wait_s)
+    d = await run_in_threadpool(jobs.wait, job_id, owner, st.settings.sync_wait_s)
     if d is None:
         raise ApiError(404, "not_found", "the job disappeared", "job_id")
     if d["status"] in ("queued", "running"):
@@ -48,4 +54,4 @@ def generate(request: Request, body: ImagesGenerationRequest, owner: OwnerDep, j
         else:
             item["url"] = image_url(request, owner, job_id, im["index"])
         data.append(item)
-    return {"created": int(d.get("created_at") or 0), "data": data}
+    return JSONResponse({"created": int(d.get("created_at") or 0), "data": data})

@@ -1,16 +1,22 @@
 """The async job API: submit (202), status, image bytes, cancel. A job belongs to the key that
-made it; any other key gets 404 on every route that takes its id."""
+made it; any other key gets 404 on every route that takes its id.
+
+Handlers are `async` and call Redis inline: each is one or two round trips to a local Redis
+(short socket timeouts, see app.main.make_redis), which costs less than a thread-pool hop; only
+the long wait of the sync endpoint runs in the thread pool."""
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from app import signing
 from app.admission import admit
-from app.deps import CredsDep, JobsDep, OwnerDep, owner_of
+from app.deps import CredsDep, JobsDep, OwnerDep, owner_of, owner_of_request
 from app.errors import ApiError
-from app.schemas import ErrorResponse, ImagesGenerationRequest, JobCreated, JobStatus
+from app.schemas import (GENERATION_BODY, ErrorResponse, JobCreated, JobStatus,
+                         parse_generation_request)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "no such job"
@@ -47,17 +53,22 @@ def job_view(request: Request, owner: str, d: dict) -> dict:
             "links": lk}
 
 
-@router.post("", status_code=202, response_model=JobCreated,
-             responses={**ERRORS, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-def submit_job(request: Request, body: ImagesGenerationRequest, owner: OwnerDep, response: Response):
+@router.post("", status_code=202, response_model=JobCreated, openapi_extra=GENERATION_BODY,
+             responses={**ERRORS, 400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                        429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def submit_job(request: Request):
+    """Admit a job (202) and return its id and links; poll `links.self`. Hot path: the key, then
+    the raw body are checked here directly (no per-request dependency solving)."""
+    owner = owner_of_request(request)
+    body = parse_generation_request(await request.body())
     job_id, _ = admit(request.app.state, body, owner, "jobs")
     lk = links(request, job_id)
-    response.headers["Location"] = lk["self"]
-    return {"id": job_id, "status": "queued", "links": lk}
+    return JSONResponse({"id": job_id, "status": "queued", "links": lk}, status_code=202,
+                        headers={"Location": lk["self"]})
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=ERRORS)
-def get_job(request: Request, job_id: str, owner: OwnerDep, jobs: JobsDep):
+async def get_job(request: Request, job_id: str, owner: OwnerDep, jobs: JobsDep):
     d = jobs.get(job_id, owner)
     if d is None:
         raise ApiError(404, "not_found", NOT_FOUND, "job_id")
@@ -65,7 +76,7 @@ def get_job(request: Request, job_id: str, owner: OwnerDep, jobs: JobsDep):
 
 
 @router.delete("/{job_id}", response_model=JobStatus, responses=ERRORS)
-def cancel_job(request: Request, job_id: str, owner: OwnerDep, jobs: JobsDep):
+async def cancel_job(request: Request, job_id: str, owner: OwnerDep, jobs: JobsDep):
     d = jobs.cancel(job_id, owner)
     if d is None:
         raise ApiError(404, "not_found", NOT_FOUND, "job_id")
@@ -74,7 +85,7 @@ def cancel_job(request: Request, job_id: str, owner: OwnerDep, jobs: JobsDep):
 
 @router.get("/{job_id}/images/{k}", response_class=Response,
             responses={200: {"content": {"image/png": {}}}, **ERRORS, 403: {"model": ErrorResponse}})
-def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, creds: CredsDep,
+async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, creds: CredsDep,
               o: Annotated[str | None, Query(max_length=200, description="owner (signed URLs)")] = None,
               exp: Annotated[str | None, Query(max_length=20, description="expiry (signed URLs)")] = None,
               sig: Annotated[str | None, Query(max_length=100, description="signature (signed URLs)")] = None):
