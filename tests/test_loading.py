@@ -7,90 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import UNetConfig, VAEConfig
-from model.convert_single_file import RESNET_LEAVES, VAE_ATTN_LEAVES, unet_table, vae_table
 from model.errors import ModelLoadError
 from model.loader import load_components, load_tokenizer, load_unet, load_vae, read_json
+from tests.tiny_model import make_single_file
 
 
 def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-# -- making an original-format checkpoint ------------------------------------------------------
-# diffusers ships only the original -> diffusers direction, so the file is written with the
-# inverse of our table and then *validated by diffusers' own converter* (convert_ldm_*): if our
-# table were wrong, diffusers would not map the file back onto the folder's weights.
-
-def _invert(state, table, prefix_out, leaves_back, vae=False):
-    inv = sorted(((ours, orig) for orig, ours in table.items()), key=lambda p: len(p[0]), reverse=True)
-    out = {}
-    for key, value in state.items():
-        ours, orig = next(((o, g) for o, g in inv if key.startswith(o)), (None, None))
-        if ours is None:
-            out[prefix_out + key] = value
-            continue
-        leaf = key[len(ours):]
-        for a, b in leaves_back(ours).items():
-            if leaf.startswith(a):
-                leaf = b + leaf[len(a):]
-                if vae and value.ndim == 2 and "attentions" in ours:
-                    value = value[:, :, None, None]
-                break
-        out[orig + leaf] = value
-    return out
-
-
-def _unet_leaves(prefix):
-    return {v: k for k, v in RESNET_LEAVES.items() if k != "nin_shortcut."} if ".resnets." in prefix else {}
-
-
-def _vae_leaves(prefix):
-    if ".resnets." in prefix:
-        return {"conv_shortcut.": "nin_shortcut."}
-    return {v: k for k, v in VAE_ATTN_LEAVES.items()} if "attentions" in prefix else {}
-
-
-def _text_original(text_state):
-    return {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in text_state.items()}
-
-
-def _open_clip_original(text_state, hidden):
-    """SD 2.x layout: OpenCLIP names, fused q/k/v, plus a last block that SD 2 does not use."""
-    s = {k.removeprefix("text_model."): v for k, v in text_state.items()}
-    p = "cond_stage_model.model."
-    out = {p + "token_embedding.weight": s["embeddings.token_embedding.weight"],
-           p + "positional_embedding": s["embeddings.position_embedding.weight"],
-           p + "ln_final.weight": s["final_layer_norm.weight"], p + "ln_final.bias": s["final_layer_norm.bias"],
-           p + "text_projection": torch.randn(hidden, hidden), p + "logit_scale": torch.tensor(4.6)}
-    n = 1 + max(int(k.split(".")[2]) for k in s if k.startswith("encoder.layers."))
-    for i in range(n + 1):                      # block n: the unused 24th layer of OpenCLIP ViT-H
-        src, dst = f"encoder.layers.{min(i, n - 1)}.", f"{p}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + "attn.in_proj_" + kind] = torch.cat(
-                [s[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv"])
-            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                         ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                out[f"{dst}{b}.{kind}"] = s[f"{src}{a}.{kind}"]
-    return out
-
-
-def make_single_file(folder, out_path):
-    """The folder's U-Net, VAE and text encoder in one original-format safetensors file."""
-    ucfg = UNetConfig.from_diffusers(read_json(folder / "unet" / "config.json"))
-    vcfg = VAEConfig.from_diffusers(read_json(folder / "vae" / "config.json"))
-    unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-    vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
-    text = load_file(folder / "text_encoder" / "model.safetensors")
-    state = _invert(unet, unet_table(ucfg), "model.diffusion_model.", _unet_leaves)
-    state |= _invert(vae, vae_table(vcfg), "first_stage_model.", _vae_leaves, vae=True)
-    sd2 = ucfg.use_linear_projection
-    state |= _open_clip_original(text, ucfg.cross_attention_dim) if sd2 else _text_original(text)
-    state["alphas_cumprod"] = torch.linspace(1, 0, 1000)         # schedule buffers real files carry
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(out_path))
-    return out_path
 
 
 @pytest.fixture(params=["sd1", "sd2"])

@@ -6,6 +6,10 @@ make_tiny_sd(path) writes what `StableDiffusionPipeline.save_pretrained` writes 
 component is diffusers'/transformers' own class, so key names and configs are the real ones. The
 tokenizer is shipped as SD repositories ship it (vocab.json + merges.txt), with a byte-level vocab
 built here; the same seed gives the same files.
+
+make_single_file(folder, path) writes the same weights as one original-format (CompVis/Stability)
+checkpoint: model.diffusion_model.*, first_stage_model.*, and cond_stage_model.transformer.* (SD 1)
+or an OpenCLIP cond_stage_model.model.* tower (SD 2).
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from model.config import UNetConfig, VAEConfig
+from model.convert_single_file import RESNET_LEAVES, VAE_ATTN_LEAVES, unet_table, vae_table
 
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 MERGES = ("t h", "th e</w>", "a n", "an d</w>", "c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>")
@@ -146,3 +153,84 @@ def make_tiny_sd(path, variant: str = "sd1", safety: bool = True, seed: int = 0)
         index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
         (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return path
+
+
+# -- the same weights as an original single-file checkpoint --------------------------------------
+# diffusers ships only the original -> diffusers direction, so the file is written with the
+# inverse of our table and then *validated by diffusers' own converter* (convert_ldm_*): if our
+# table were wrong, diffusers would not map the file back onto the folder's weights.
+
+def to_original_names(state, table, prefix_out, leaves_back, vae=False):
+    """Our (diffusers) names -> original names, by the inverse of a convert_single_file table."""
+    inv = sorted(((ours, orig) for orig, ours in table.items()), key=lambda p: len(p[0]), reverse=True)
+    out = {}
+    for key, value in state.items():
+        ours, orig = next(((o, g) for o, g in inv if key.startswith(o)), (None, None))
+        if ours is None:
+            out[prefix_out + key] = value
+            continue
+        leaf = key[len(ours):]
+        for a, b in leaves_back(ours).items():
+            if leaf.startswith(a):
+                leaf = b + leaf[len(a):]
+                if vae and value.ndim == 2 and "attentions" in ours:
+                    value = value[:, :, None, None]
+                break
+        out[orig + leaf] = value
+    return out
+
+
+def unet_leaves(prefix):
+    """Inverse leaf renames inside a U-Net block starting at our `prefix`."""
+    return {v: k for k, v in RESNET_LEAVES.items() if k != "nin_shortcut."} if ".resnets." in prefix else {}
+
+
+def vae_leaves(prefix):
+    """Inverse leaf renames inside a VAE block starting at our `prefix`."""
+    if ".resnets." in prefix:
+        return {"conv_shortcut.": "nin_shortcut."}
+    return {v: k for k, v in VAE_ATTN_LEAVES.items()} if "attentions" in prefix else {}
+
+
+def _text_original(text_state):
+    return {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in text_state.items()}
+
+
+def _open_clip_original(text_state, hidden):
+    """SD 2.x layout: OpenCLIP names, fused q/k/v, plus a last block that SD 2 does not use."""
+    s = {k.removeprefix("text_model."): v for k, v in text_state.items()}
+    p = "cond_stage_model.model."
+    out = {p + "token_embedding.weight": s["embeddings.token_embedding.weight"],
+           p + "positional_embedding": s["embeddings.position_embedding.weight"],
+           p + "ln_final.weight": s["final_layer_norm.weight"], p + "ln_final.bias": s["final_layer_norm.bias"],
+           p + "text_projection": torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(0)), p + "logit_scale": torch.tensor(4.6)}
+    n = 1 + max(int(k.split(".")[2]) for k in s if k.startswith("encoder.layers."))
+    for i in range(n + 1):                      # block n: the unused 24th layer of OpenCLIP ViT-H
+        src, dst = f"encoder.layers.{min(i, n - 1)}.", f"{p}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + "attn.in_proj_" + kind] = torch.cat(
+                [s[f"{src}self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                         ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{dst}{b}.{kind}"] = s[f"{src}{a}.{kind}"]
+    return out
+
+
+def make_single_file(folder, out_path):
+    """The folder's U-Net, VAE and text encoder in one original-format safetensors file."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    ucfg = UNetConfig.from_diffusers(json.loads((folder / "unet" / "config.json").read_text()))
+    vcfg = VAEConfig.from_diffusers(json.loads((folder / "vae" / "config.json").read_text()))
+    unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    text = load_file(folder / "text_encoder" / "model.safetensors")
+    state = to_original_names(unet, unet_table(ucfg), "model.diffusion_model.", unet_leaves)
+    state |= to_original_names(vae, vae_table(vcfg), "first_stage_model.", vae_leaves, vae=True)
+    sd2 = ucfg.use_linear_projection
+    state |= _open_clip_original(text, ucfg.cross_attention_dim) if sd2 else _text_original(text)
+    state["alphas_cumprod"] = torch.linspace(1, 0, 1000)         # schedule buffers real files carry
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(out_path))
+    return out_path
