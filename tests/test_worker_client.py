@@ -121,22 +121,63 @@ def test_wait_wakes_on_completion_and_times_out(redis_server):
     assert c.wait(jid, "bob", 1) is None
 
 
+def claim(sc, worker, lease_s=60.0, queue="q"):
+    """The worker loop's claim call."""
+    now = time.time()
+    return sc.claim(keys=[keys.rq_queue(queue), keys.inbox(worker), keys.leases(queue),
+                          keys.rq_started(queue), keys.owners(queue)],
+                    args=[worker, now, now + lease_s, "t", queue])
+
+
+def reap(sc, queue="q", max_attempts=3):
+    return list(sc.reap(keys=[keys.leases(queue), keys.rq_queue(queue), keys.workers(queue)],
+                        args=[time.time(), max_attempts, 60, "t", 100, queue]))
+
+
+def test_claims_take_turns_across_owners(redis_server):
+    """A flood from one key does not starve another: claims rotate over owners, FIFO within."""
+    c = make_client(redis_server)
+    sc = Scripts(redis_server.client())
+    flood = [c.submit(JobSpec(prompt="a", owner="flood")) for _ in range(20)]
+    other = [c.submit(JobSpec(prompt="b", owner="other")) for _ in range(2)]
+    got = [claim(sc, "w")[0].decode() for _ in range(5)]
+    assert got == [flood[0], other[0], flood[1], other[1], flood[2]]
+    assert c.queue_depth() == 17
+    r = redis_server.client()
+    assert r.lrange(keys.owners("q"), 0, -1) == [b"flood"]
+    # a canceled queued job is skipped; the rest still come out in order
+    c.cancel(flood[3], "flood")
+    assert claim(sc, "w")[0].decode() == flood[4]
+
+
+def test_dead_worker_inbox_goes_back(redis_server):
+    """An id a worker moved into its inbox (blocking pop) but never claimed is not lost."""
+    c = make_client(redis_server)
+    r = redis_server.client()
+    sc = Scripts(r)
+    jid = c.submit(JobSpec(prompt="x", owner="a"))
+    assert r.blmove(keys.rq_queue("q"), keys.inbox("ghost"), 1, "LEFT", "RIGHT") == jid.encode()
+    r.zadd(keys.workers("q"), {"ghost": time.time() - 1})      # its heartbeat expired
+    assert reap(sc) == [0, 0, 1]
+    assert r.lrange(keys.rq_queue("q"), 0, -1) == [jid.encode()]
+    assert claim(sc, "w2")[0].decode() == jid
+    assert claim(sc, "w2") is None                              # once
+
+
 def test_claim_fences_a_stale_attempt(redis_server):
     """Two claims of one job (a requeue in between): only the newer attempt may write."""
     c = make_client(redis_server)
     r = redis_server.client()
     sc = Scripts(r)
     jid = c.submit(JobSpec(prompt="x", owner="a", n=1, steps=2))
-    kq = [keys.rq_queue("q"), keys.inbox("w1"), keys.leases("q"), keys.rq_started("q")]
-    got = sc.claim(keys=kq, args=["w1", time.time(), time.time() + 0.01, "t"])
+    got = claim(sc, "w1", lease_s=0.01)
     assert got[0].decode() == jid and int(got[1]) == 1
     assert r.zcard(keys.rq_started("q")) == 1
     time.sleep(0.05)
-    res = sc.reap(keys=[keys.leases("q"), keys.rq_queue("q"), keys.workers("q")],
-                  args=[time.time(), 3, 60, "t", 100, "q"])
-    assert list(res)[0] == 1 and c.get(jid, "a")["status"] == "queued"
+    assert reap(sc)[0] == 1 and c.get(jid, "a")["status"] == "queued"
+    assert redis_server.client().lrange(keys.wait("q", "a"), 0, -1) == [jid.encode()]
     assert r.zcard(keys.rq_started("q")) == 0
-    got2 = sc.claim(keys=kq, args=["w2", time.time(), time.time() + 60, "t"])
+    got2 = claim(sc, "w2")
     assert int(got2[1]) == 2
     img = json.dumps({"index": 0, "seed": 1, "nsfw": False})
     args = lambda att: [jid, att, 0, img, 0.5, 2, time.time(), 60, "t"]

@@ -59,10 +59,11 @@ class JobClient:
         fields = {"id": job_id, "owner": spec.owner, "queue": self.queue, "spec": spec.to_json(),
                   "n": spec.n, "steps": spec.steps, "status": "queued", "created_at": repr(now),
                   "attempt": 0, "compute_s": 0, "done": 0}
-        argv = [int(self.settings.queue_cap), job_id]
+        argv = [int(self.settings.queue_cap), job_id, spec.owner]
         for k, v in fields.items():
             argv += [k, v]
-        admit_keys = [keys.rq_queue(self.queue), keys.rq_job(job_id), keys.job(job_id), keys.RQ_QUEUES]
+        admit_keys = [keys.rq_queue(self.queue), keys.rq_job(job_id), keys.job(job_id), keys.RQ_QUEUES,
+                      keys.wait(self.queue, spec.owner), keys.owners(self.queue)]
         for tries in (1, 2):
             # One round trip: EVALSHA straight in the pipeline (redis-py's Script in a pipeline
             # would first ask SCRIPT EXISTS); after a Redis restart, load it and go again.

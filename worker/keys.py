@@ -45,6 +45,16 @@ def leases(queue: str) -> str:
     return f"{P}:{queue}:leases"
 
 
+def wait(queue: str, owner: str) -> str:
+    """An owner's waiting job ids, FIFO (the same ids are in rq_queue, in arrival order)."""
+    return f"{P}:{queue}:wait:{owner}"
+
+
+def owners(queue: str) -> str:
+    """Owners that have waiting jobs, rotated by each claim: claims take turns across API keys."""
+    return f"{P}:{queue}:owners"
+
+
 def workers(queue: str) -> str:
     """zset worker name -> heartbeat expiry (unix s)."""
     return f"{P}:{queue}:workers"

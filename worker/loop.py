@@ -320,8 +320,8 @@ class Worker:
             now = time.time()
             got = self.scripts.claim(
                 keys=[keys.rq_queue(self.q), keys.inbox(self.name), keys.leases(self.q),
-                      keys.rq_started(self.q)],
-                args=[self.name, repr(now), repr(now + self.s.lease_s), rq_time(now)])
+                      keys.rq_started(self.q), keys.owners(self.q)],
+                args=[self.name, repr(now), repr(now + self.s.lease_s), rq_time(now), self.q])
             if not got:
                 return
             self.start_job(got[0].decode(), int(got[1]), got[2], set(json.loads(got[3])), now)
@@ -375,7 +375,7 @@ class Worker:
                 if not h.ending:
                     self.scripts.requeue(keys=[keys.job(h.job_id), keys.leases(self.q),
                                                keys.rq_queue(self.q), keys.rq_started(self.q)],
-                                         args=[h.job_id, h.attempt])
+                                         args=[h.job_id, h.attempt, self.q])
                     metrics.REQUEUED.labels(why="graceful_stop").inc()
                     log.info("job %s handed back to the queue", h.job_id)
             except REDIS_ERRORS:

@@ -33,11 +33,27 @@ def rq_time(t: float | None = None) -> str:
 
 # Shared Lua: end a job (caller has checked that it may). Removes the lease and the RQ started
 # entry, mirrors the status into RQ's job hash, sets the TTLs, publishes once.
-_END = r"""
+_FAIR = r"""
+local function unwait(queue, owner, id)
+  local w = 'latentd:' .. queue .. ':wait:' .. owner
+  redis.call('LREM', w, 0, id)
+  if redis.call('LLEN', w) == 0 then redis.call('LREM', 'latentd:' .. queue .. ':owners', 0, owner) end
+end
+local function rewait_front(queue, owner, id)
+  local w = 'latentd:' .. queue .. ':wait:' .. owner
+  if redis.call('LPUSH', w, id) == 1 then
+    redis.call('LPUSH', 'latentd:' .. queue .. ':owners', owner)
+  end
+  redis.call('LPUSH', 'rq:queue:' .. queue, id)
+end
+"""
+
+_END = _FAIR + r"""
 local function end_job(id, queue, status, err, now, ttl, iso)
   local rec = 'latentd:job:' .. id
   local exe = redis.call('HGET', rec, 'execution')
   redis.call('LREM', 'rq:queue:' .. queue, 0, id)
+  unwait(queue, redis.call('HGET', rec, 'owner') or '', id)
   redis.call('HSET', rec, 'status', status, 'finished_at', now)
   if err ~= '' then redis.call('HSET', rec, 'error', err) end
   redis.call('ZREM', 'latentd:' .. queue .. ':leases', id)
@@ -50,15 +66,17 @@ local function end_job(id, queue, status, err, now, ttl, iso)
 end
 """
 
-# KEYS: rq queue, rq job, record, rq:queues   ARGV: cap, id, field, value, ...
+# KEYS: rq queue, rq job, record, rq:queues, owner's wait list, owners
+# ARGV: cap, id, owner, field, value, ...
 ADMIT = r"""
 local cap = tonumber(ARGV[1])
 if cap > 0 and redis.call('LLEN', KEYS[1]) >= cap then
   redis.call('DEL', KEYS[2])
   return -1
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 3))
+redis.call('HSET', KEYS[3], unpack(ARGV, 4))
 redis.call('SADD', KEYS[4], KEYS[1])
+if redis.call('RPUSH', KEYS[5], ARGV[2]) == 1 then redis.call('RPUSH', KEYS[6], ARGV[3]) end
 return redis.call('RPUSH', KEYS[1], ARGV[2])
 """
 
@@ -74,15 +92,29 @@ end_job(ARGV[1], r[4], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 return 1
 """
 
-# KEYS: queue, inbox, leases, rq started   ARGV: worker, now, lease expiry, iso
+# Fair across owners (API key names): owners with waiting jobs take turns (round robin over
+# the `owners` list), FIFO within an owner; RQ's queue list holds the same ids in arrival order.
+# KEYS: queue, inbox, leases, rq started, owners   ARGV: worker, now, lease expiry, iso, queue name
 # -> false, or {id, attempt, spec, done-indexes JSON}
-CLAIM = r"""
+CLAIM = _FAIR + r"""
 for i = 1, 1000 do
   local id = redis.call('LPOP', KEYS[2])
-  if not id then id = redis.call('LPOP', KEYS[1]) end
-  if not id then return false end
+  if id then
+    unwait(ARGV[5], redis.call('HGET', 'latentd:job:' .. id, 'owner') or '', id)
+  else
+    local owner = redis.call('LMOVE', KEYS[5], KEYS[5], 'LEFT', 'RIGHT')
+    if owner then
+      local w = 'latentd:' .. ARGV[5] .. ':wait:' .. owner
+      id = redis.call('LPOP', w)
+      if redis.call('LLEN', w) == 0 then redis.call('LREM', KEYS[5], 0, owner) end
+      if id then redis.call('LREM', KEYS[1], 1, id) else id = '' end
+    else
+      id = redis.call('LPOP', KEYS[1])      -- ids pushed by something other than submit()
+      if not id then return false end
+    end
+  end
   local rec = 'latentd:job:' .. id
-  if redis.call('HGET', rec, 'status') == 'queued' then
+  if id ~= '' and redis.call('HGET', rec, 'status') == 'queued' then
     local attempt = redis.call('HINCRBY', rec, 'attempt', 1)
     local exe = id .. ':' .. ARGV[1] .. '.' .. attempt
     redis.call('HSET', rec, 'status', 'running', 'worker', ARGV[1], 'execution', exe)
@@ -144,7 +176,7 @@ local requeued, failed = 0, 0
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 for _, id in ipairs(ids) do
   local rec = 'latentd:job:' .. id
-  local r = redis.call('HMGET', rec, 'status', 'attempt', 'execution', 'worker', 'graceful')
+  local r = redis.call('HMGET', rec, 'status', 'attempt', 'execution', 'worker', 'graceful', 'owner')
   redis.call('ZREM', KEYS[1], id)
   if r[1] == 'running' then
     if tonumber(r[2]) - tonumber(r[5] or 0) >= tonumber(ARGV[2]) then
@@ -156,7 +188,7 @@ for _, id in ipairs(ids) do
       if r[3] then redis.call('ZREM', 'rq:wip:' .. ARGV[6], r[3]) end
       redis.call('HSET', rec, 'status', 'queued', 'execution', '', 'lost_worker', r[4] or '')
       redis.call('HSET', 'rq:job:' .. id, 'status', 'queued')
-      redis.call('LPUSH', KEYS[2], id)
+      rewait_front(ARGV[6], r[6] or '', id)
       requeued = requeued + 1
     end
   end
@@ -171,16 +203,16 @@ return {requeued, failed, #dead}
 """
 
 # Graceful stop: hand a held job back to the queue front (not counted against max_attempts).
-# KEYS: record, leases, queue, rq started  ARGV: id, attempt -> 1 requeued, 0 not ours
-REQUEUE = r"""
-local r = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'execution')
+# KEYS: record, leases, queue, rq started  ARGV: id, attempt, queue name -> 1 requeued, 0 not ours
+REQUEUE = _FAIR + r"""
+local r = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'execution', 'owner')
 if r[1] ~= 'running' or r[2] ~= ARGV[2] then return 0 end
 if r[3] then redis.call('ZREM', KEYS[4], r[3]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'graceful', 1)
 redis.call('HSET', KEYS[1], 'status', 'queued', 'execution', '')
 redis.call('HSET', 'rq:job:' .. ARGV[1], 'status', 'queued')
-redis.call('LPUSH', KEYS[3], ARGV[1])
+rewait_front(ARGV[3], r[4] or '', ARGV[1])
 return 1
 """
 
