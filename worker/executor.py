@@ -116,7 +116,7 @@ class BatchExecutor:
         self._tick = 0
         self.stats = {"unet_calls": 0, "images_finished": 0, "last_batch_size": 0,
                       "iterations": 0, "request_steps": 0, "failed": 0, "text_calls": 0,
-                      "finish_calls": 0}
+                      "finish_calls": 0, "text_s": 0.0, "unet_s": 0.0, "finish_s": 0.0}
 
     # --- the loop's side ---------------------------------------------------------------------
     def add(self, request_id: str, key_name: str, req) -> None:
@@ -192,7 +192,7 @@ class BatchExecutor:
         if not entries:
             return []
         events = []
-        ok, conds, failed = self._batched(entries, self.pipe.encode, "text_calls")
+        ok, conds, failed = self._batched(entries, self.pipe.encode, "text")
         for e, exc in failed:
             events.append(Failed(e.request_id, error_code(exc), _message(exc)))
         started = []
@@ -221,6 +221,7 @@ class BatchExecutor:
         try:
             self.pipe.step(states)
         except Exception as exc:
+            self.stats["unet_s"] += time.perf_counter() - t0
             advanced = [e for e, b in zip(entries, before) if e.state.step != b]
             rest = [e for e, b in zip(entries, before) if e.state.step == b]
             if len(rest) == 1 and not advanced:
@@ -234,9 +235,10 @@ class BatchExecutor:
                     stepped += s
                     failed += f
             return stepped, failed
-        share = (time.perf_counter() - t0) / len(entries)
+        dt = time.perf_counter() - t0
+        self.stats["unet_s"] += dt
         for e in entries:
-            e.compute_s += share
+            e.compute_s += dt / len(entries)
         return entries, []
 
     def _finish(self, entries: list[_Entry]) -> list:
@@ -246,7 +248,7 @@ class BatchExecutor:
         for e in entries:
             self._running.pop(e.request_id, None)
         events = []
-        ok, images, failed = self._batched(entries, self.pipe.finish, "finish_calls",
+        ok, images, failed = self._batched(entries, self.pipe.finish, "finish",
                                            arg=lambda e: e.state)
         for e, exc in failed:
             events.append(Failed(e.request_id, error_code(exc), _message(exc)))
@@ -256,22 +258,25 @@ class BatchExecutor:
         self.stats["images_finished"] += len(ok)
         return events
 
-    def _batched(self, entries, fn, counter, arg=lambda e: e.req):
+    def _batched(self, entries, fn, stat, arg=lambda e: e.req):
         """fn(list) -> list, batched; on an exception one call per entry. Charges equal shares.
         Returns (ok entries, their results, [(entry, exception)])."""
         t0 = time.perf_counter()
-        self.stats[counter] += 1
+        self.stats[stat + "_calls"] += 1
         try:
             out = fn([arg(e) for e in entries])
         except Exception as exc:
+            self.stats[stat + "_s"] += time.perf_counter() - t0
             if len(entries) == 1:
                 return [], [], [(entries[0], exc)]
             ok, res, failed = [], [], []
             for e in entries:           # one at a time, so one bad request fails alone
-                o, r, f = self._batched([e], fn, counter, arg)
+                o, r, f = self._batched([e], fn, stat, arg)
                 ok, res, failed = ok + o, res + r, failed + f
             return ok, res, failed
-        share = (time.perf_counter() - t0) / len(entries)
+        dt = time.perf_counter() - t0
+        self.stats[stat + "_s"] += dt
+        share = dt / len(entries)
         for e in entries:
             e.compute_s += share
         return list(entries), list(out), []
