@@ -12,9 +12,6 @@ feature_extractor/preprocessor_config.json without torchvision: resize the short
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import torch
 from PIL import Image
@@ -30,13 +27,16 @@ _BUFFERS = ("concept_embeds", "concept_embeds_weights", "special_care_embeds", "
 class SafetyChecker(nn.Module):
     """CLIP vision tower + visual projection + the concept embeddings and their thresholds."""
 
-    def __init__(self, clip_config: dict, preprocess: dict | None = None):
+    def __init__(self, clip_config, preprocess: dict | None = None):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
-        vcfg = dict(clip_config.get("vision_config") or {})
-        proj = int(clip_config.get("projection_dim", 768))
-        self.vision_model = CLIPVisionModel(CLIPVisionConfig(**vcfg))
+        if isinstance(clip_config, dict):
+            vcfg = CLIPVisionConfig(**dict(clip_config.get("vision_config") or {}))
+            proj = int(clip_config.get("projection_dim", 768))
+        else:                                                   # transformers CLIPConfig
+            vcfg, proj = clip_config.vision_config, int(clip_config.projection_dim)
+        self.vision_model = CLIPVisionModel(vcfg)
         hidden = self.vision_model.config.hidden_size
         self.visual_projection = nn.Linear(hidden, proj, bias=False)
         self.register_buffer("concept_embeds", torch.ones(17, proj))
@@ -132,41 +132,11 @@ class SafetyChecker(nn.Module):
         return out, flagged
 
 
-def load_safety_checker(folder: str | os.PathLike, feature_extractor: str | os.PathLike | None = None,
-                        device="cpu", dtype=torch.float32) -> SafetyChecker:
-    """SafetyChecker from a diffusers safety_checker/ folder (config.json + model.safetensors) and
-    the feature_extractor/ folder (preprocessor_config.json, default: sibling of `folder`)."""
-    from safetensors.torch import load_file
-
-    folder = os.fspath(folder)
-    fe = os.fspath(feature_extractor) if feature_extractor else os.path.join(os.path.dirname(folder),
-                                                                             "feature_extractor")
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{folder}/config.json: cannot read the safety checker config: {e}") from e
-    pre_path = os.path.join(fe, "preprocessor_config.json")
-    pre = {}
-    if os.path.isfile(pre_path):
-        with open(pre_path, encoding="utf-8") as f:
-            pre = json.load(f)
-    weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not weights:
-        raise ModelLoadError(f"{folder}: no *.safetensors weights for the safety checker "
-                             "(pickled .bin files are refused; convert them to safetensors)")
-    state = {}
-    for w in weights:
-        try:
-            state.update(load_file(os.path.join(folder, w)))
-        except Exception as e:
-            raise ModelLoadError(f"{folder}/{w}: corrupt safetensors file: {e}") from e
-    return build_safety_checker(cfg, state, pre, source=folder, device=device, dtype=dtype)
-
-
-def build_safety_checker(clip_config: dict, state: dict[str, torch.Tensor], preprocess: dict | None,
+def build_safety_checker(clip_config, state: dict[str, torch.Tensor], preprocess: dict | None,
                          source: str = "safety_checker", device="cpu", dtype=torch.float32) -> SafetyChecker:
-    """SafetyChecker from an already-read config, state dict and preprocessor config."""
+    """SafetyChecker from the checker's CLIP config (dict or transformers CLIPConfig), its state
+    dict (diffusers' StableDiffusionSafetyChecker keys) and feature_extractor's preprocessor config
+    (model.loader.load_safety reads the first two from safety_checker/)."""
     checker = SafetyChecker(clip_config, preprocess)
     checker.load_weights(state, source)
     return checker.to(device=device, dtype=dtype).eval().requires_grad_(False)
