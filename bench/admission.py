@@ -66,7 +66,7 @@ def main() -> int:
         api = ApiProc(redis_srv.url, port=port,
                       argv=[sys.executable, "-m", "latentd.cli", "serve", "--port", str(port),
                             "--workers", str(a.api_workers)],
-                      api_keys=KEYS, model=configs_only_model(), rate_limit_per_s=0,
+                      api_keys=KEYS, model=configs_only_model(), rate_limit_per_s=10**9, rate_limit_burst=10**9,
                       queue_cap=10**8, log_level="warning").start()
         try:
             import uvloop
