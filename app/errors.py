@@ -119,7 +119,10 @@ async def redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
     from app import metrics
 
     metrics.rejected(503, "unavailable")
-    log.warning("redis unavailable on %s: %s", request.url.path, type(exc).__name__)
+    pool = request.app.state.redis.connection_pool
+    if not getattr(pool, "tripped", True):       # app.main.BreakerPool: fail the next ones fast
+        pool.trip()
+        log.warning("redis unavailable on %s: %s", request.url.path, type(exc).__name__)
     return JSONResponse(error_body("unavailable", "the job store is unreachable; retry later",
                                    kind="server_error"), status_code=503,
                         headers={"Retry-After": str(request.app.state.settings.retry_after_s)})

@@ -6,6 +6,8 @@ Refuses insecure configurations outside dev (LATENTD_ENV != dev): auth on with n
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from contextlib import asynccontextmanager
 
 import redis as redis_lib
@@ -49,11 +51,54 @@ def key_store(settings: Settings) -> auth.KeyStore | None:
     return auth.KeyStore(keys) if keys or settings.env != "dev" else None
 
 
+class BreakerPool(redis_lib.ConnectionPool):
+    """A circuit breaker in front of the pool. Handlers call Redis inline on the event loop, so
+    with a Redis that hangs (frozen, partitioned) every request would block the whole loop for a
+    socket timeout in turn: 20 waiting status reads = /healthz stalled for 60 s. After a Redis
+    error (errors.redis_down_handler calls trip()) connections are refused at once, so requests
+    get their 503 without touching Redis, and a background PING closes the breaker again."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tripped = False
+        self._probing = threading.Lock()
+
+    def trip(self) -> None:
+        self.tripped = True
+        if self._probing.acquire(blocking=False):
+            threading.Thread(target=self._probe, name="redis-breaker", daemon=True).start()
+
+    def _probe(self) -> None:
+        try:
+            while self.tripped:
+                conn = self.connection_class(**self.connection_kwargs)
+                try:
+                    conn.send_command("PING")
+                    if conn.read_response() in (b"PONG", "PONG"):
+                        self.tripped = False
+                except (redis_lib.RedisError, OSError):
+                    time.sleep(0.25)
+                finally:
+                    conn.disconnect()
+        except Exception:  # noqa: BLE001 - never leave the breaker stuck open
+            log.exception("redis breaker probe failed; closing the breaker")
+            self.tripped = False
+        finally:
+            self._probing.release()
+
+    def get_connection(self, *args, **kwargs):
+        if self.tripped:
+            raise redis_lib.ConnectionError("Redis marked unavailable (circuit breaker open)")
+        return super().get_connection(*args, **kwargs)
+
+
 def make_redis(settings: Settings) -> redis_lib.Redis:
     """Short timeouts: handlers call Redis inline on the event loop, so a sick Redis must turn
-    into a quick 503 rather than a stalled process."""
-    return redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=3,
-                                    health_check_interval=30, max_connections=1000)
+    into a quick 503 rather than a stalled process (and BreakerPool stops the next requests from
+    trying until Redis answers again)."""
+    pool = BreakerPool.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=3,
+                                health_check_interval=30, max_connections=1000)
+    return redis_lib.Redis(connection_pool=pool)
 
 
 @asynccontextmanager
