@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, module_redis  # noqa: F401
-from tests.services import WorkerProc, free_port
+from tests.api_proc import ALICE, BOB, KEYS, ApiProc
+from tests.services import RedisServer, WorkerProc, free_port
 
 FAST = {"size": "64x64", "steps": 2, "sampler": "euler"}
 ORIGIN = "https://app.example"
@@ -62,6 +62,16 @@ def flag_everything(src, dst):
             state["concept_embeds_weights"] = state["concept_embeds_weights"] * 0 - 2.0
             save_file(state, str(f), metadata={"format": "pt"})
     return dst
+
+
+@pytest.fixture(scope="module")
+def module_redis():
+    """This module's own redis-server: its workers and jobs must not leak into other modules'."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
