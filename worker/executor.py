@@ -100,11 +100,15 @@ def estimate_mb(size: tuple[int, int], dtype_bytes: int = 4) -> float:
 
 class BatchExecutor:
     def __init__(self, pipe, max_batch: int = 16, memory_budget_mb: float | None = None, *,
-                 memory_estimate: Callable[[tuple[int, int]], float] | None = None):
+                 memory_estimate: Callable[[tuple[int, int]], float] | None = None,
+                 band: float = Limits.band, max_skip: int = Limits.max_skip):
+        """band / max_skip: shortest-remaining-first within a size group (worker/scheduler.py);
+        band=float("inf") steps every running request of the group in every call."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.pipe = pipe
-        self.limits = Limits(max_batch=max_batch, memory_budget_mb=memory_budget_mb)
+        self.limits = Limits(max_batch=max_batch, memory_budget_mb=memory_budget_mb, band=band,
+                             max_skip=max_skip)
         self._estimate = memory_estimate or self._default_estimate
         self._lock = threading.Lock()
         self._incoming: list[_Entry] = []       # added since the last iteration (under _lock)
