@@ -50,6 +50,26 @@ def stack(redis_server, tiny_model):
             w.stop()
 
 
+@pytest.fixture(scope="module")
+def shared(tiny_model):
+    """One Redis + one worker (metrics on) shared by the tests that need nothing special, since
+    starting a worker costs seconds (torch import). Tests only look at their own jobs."""
+    from tests.services import RedisServer
+
+    server = RedisServer().start()
+    port = free_port()
+    w = WorkerProc(server.url, str(tiny_model), worker_metrics_port=port, **FAST)
+    try:
+        w.start().wait_ready()
+        w.metrics_port = port
+        w.redis = server
+        w.client = lambda **over: JobClient(server.client(), Settings(redis_url=server.url, **over))
+        yield w
+    finally:
+        w.stop()
+        server.stop()
+
+
 def wait_status(c, jid, owner, statuses, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,9 +80,9 @@ def wait_status(c, jid, owner, statuses, timeout=60):
     raise AssertionError(f"job {jid} not in {statuses} after {timeout}s: {c.get(jid, owner)}")
 
 
-def test_submit_to_png_with_metadata(stack):
-    w = stack.start()
-    c = stack.client()
+def test_submit_to_png_with_metadata(shared):
+    w = shared
+    c = shared.client()
     ready = c.ready_workers()
     assert [x["name"] for x in ready] == [w.name]
     assert ready[0]["model"]["native_width"] == 64 and c.models()[0]["name"]
@@ -83,20 +103,19 @@ def test_submit_to_png_with_metadata(stack):
         assert meta["prompt"] == "a red cat" and meta["seed"] == 41 + k and meta["steps"] == 3
         assert "alice" not in im.text["parameters"] + im.text["latentd"]   # never the owner/key
     assert pngs[0] != pngs[1]
-    r = stack.redis.client()
+    r = shared.redis.client()
     assert r.hget(keys.rq_job(jid), "status") == b"finished"
     assert r.zcard(keys.rq_started("latentd")) == 0 and r.zcard(keys.leases("latentd")) == 0
 
 
-def test_same_seed_same_png_and_rq_info(stack):
-    stack.start()
-    c = stack.client()
+def test_same_seed_same_png_and_rq_info(shared):
+    c = shared.client()
     a, b = (c.submit(JobSpec(prompt="a dog", owner="o", steps=2, seed=7)) for _ in range(2))
     assert c.wait(a, "o", 60)["status"] == c.wait(b, "o", 60)["status"] == "succeeded"
     assert c.image_png(a, 0, "o") == c.image_png(b, 0, "o")
-    out = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url", stack.redis.url],
+    out = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url", shared.redis.url],
                          capture_output=True, text=True, timeout=60)
-    assert "latentd" in out.stdout, out.stdout + out.stderr
+    assert "latentd" in out.stdout and shared.name in out.stdout, out.stdout + out.stderr
 
 
 def test_two_workers_share_one_queue(stack):
@@ -116,6 +135,9 @@ def test_cancel_queued_and_running(stack):
     queued = c.submit(JobSpec(prompt="queued", owner="o", steps=2, seed=2))
     d = wait_status(c, long, "o", ("running",))
     assert c.get(queued, "o")["status"] == "queued"
+    out = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url", stack.redis.url],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "1 executing" in out, out                  # rq info sees our started registry
     assert c.cancel(queued, "o")["status"] == "canceled"
     deadline = time.monotonic() + 60
     while c.get(long, "o")["progress"]["step"] < 2 and time.monotonic() < deadline:
@@ -133,9 +155,9 @@ def test_cancel_queued_and_running(stack):
     assert c.get(long, "o")["progress"]["step"] == after["progress"]["step"]
 
 
-def test_failing_job_is_recorded_and_worker_goes_on(stack):
-    w = stack.start()
-    c = stack.client()
+def test_failing_job_is_recorded_and_worker_goes_on(shared):
+    w = shared
+    c = shared.client()
     bad = c.submit(JobSpec(prompt="x", owner="o", width=50, height=64, steps=2))   # not a multiple of 16
     d = c.wait(bad, "o", 60)
     assert d["status"] == "failed" and d["error"]["code"] == "invalid_request"
@@ -145,9 +167,8 @@ def test_failing_job_is_recorded_and_worker_goes_on(stack):
     assert w.alive()
 
 
-def test_timeout_stops_job_and_next_runs(stack):
-    stack.start()
-    c = stack.client()
+def test_timeout_stops_job_and_next_runs(shared):
+    c = shared.client()
     slow = c.submit(JobSpec(prompt="slow", owner="o", steps=150, timeout_s=1.0))
     d = c.wait(slow, "o", 60)
     assert d["status"] == "failed" and d["error"]["code"] == "timeout", d
@@ -166,24 +187,33 @@ def test_file_store(stack, tmp_path):
     assert not stack.redis.client().exists(keys.image(jid, 0))
 
 
-def test_worker_metrics(stack):
-    port = free_port()
-    stack.start(worker_metrics_port=port)
-    c = stack.client()
+def scrape(port) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "prompt" not in text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_worker_metrics(shared):
+    c = shared.client()
+    before = scrape(shared.metrics_port)
     jid = c.submit(JobSpec(prompt="m", owner="team-a", steps=3, n=2))
     assert c.wait(jid, "team-a", 60)["status"] == "succeeded"
     bad = c.submit(JobSpec(prompt="m", owner="team-a", width=50, steps=3))
-    c.wait(bad, "team-a", 60)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for name in ("latentd_worker_queue_wait_seconds_bucket", "latentd_worker_run_seconds_bucket",
-                 "latentd_worker_step_seconds_bucket", "latentd_worker_batch_size_bucket",
+    assert c.wait(bad, "team-a", 60)["status"] == "failed"
+    m = scrape(shared.metrics_port)
+    grew = lambda name: m.get(name, 0) - before.get(name, 0)
+    assert grew("latentd_worker_images_generated_total") == 2
+    assert grew('latentd_worker_failures_total{reason="invalid_request"}') == 1
+    assert grew('latentd_worker_compute_seconds_total{key="team-a"}') > 0
+    assert grew("latentd_worker_unet_calls_total") >= 3
+    for name in ("latentd_worker_queue_wait_seconds_count", "latentd_worker_run_seconds_count",
+                 "latentd_worker_step_seconds_count", "latentd_worker_batch_size_count",
                  "latentd_worker_running_requests", "latentd_worker_unet_calls_per_image",
-                 "latentd_worker_images_generated_total 2.0", "latentd_worker_images_flagged_total",
-                 'latentd_worker_failures_total{reason="invalid_request"} 1.0',
-                 "latentd_worker_model_load_seconds", "latentd_worker_device_memory_bytes",
-                 'latentd_worker_compute_seconds_total{key="team-a"}'):
-        assert name in text, name
-    assert "prompt" not in text
+                 "latentd_worker_images_flagged_total", "latentd_worker_model_load_seconds",
+                 'latentd_worker_device_memory_bytes{device="cpu"}'):
+        assert name in m, name
+    assert m["latentd_worker_model_load_seconds"] > 0
 
 
 def test_sigterm_finishes_or_hands_back(stack):

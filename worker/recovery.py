@@ -107,6 +107,7 @@ class Heartbeat(threading.Thread):
                                  json.dumps([[j, a, {}] for j, a in held])], client=pipe)
         if self.rq_worker is not None:
             self.rq_worker.heartbeat(ttl, pipeline=pipe)
+            self.rq_worker.set_state("busy" if info["state"] == "busy" else "idle", pipeline=pipe)
         lost = pipe.execute()[2]            # hset, expire, touch, (rq heartbeat)
         if self.connected_since is None:
             self.connected_since = time.monotonic()

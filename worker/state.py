@@ -126,7 +126,8 @@ for i = 1, 1000 do
     local n = tonumber(redis.call('HGET', rec, 'n'))
     local done = {}
     for k = 0, n - 1 do
-      if redis.call('HEXISTS', rec, 'img:' .. k) == 1 then table.insert(done, k) end
+      if redis.call('HEXISTS', rec, 'img:' .. k) == 1 then table.insert(done, k)
+      else redis.call('HSET', rec, 'p:' .. k, 0) end   -- a re-run starts this image over
     end
     return {id, attempt, redis.call('HGET', rec, 'spec'), cjson.encode(done)}
   end
