@@ -231,3 +231,16 @@ def test_sigterm_finishes_or_hands_back(stack):
     assert r.lrange(keys.rq_queue("latentd"), 0, -1) == [jid.encode()]
     assert r.zcard(keys.rq_started("latentd")) == 0
     assert not r.exists(keys.worker(w.name))
+
+
+def test_worker_with_a_bad_model_exits_with_reason(redis_server, tmp_path):
+    (tmp_path / "unet").mkdir()
+    w = WorkerProc(redis_server.url, str(tmp_path)).start()
+    try:
+        assert w.proc.wait(120) == 2
+        assert "cannot start" in w.output()
+        assert not redis_server.client().exists(keys.worker(w.name))   # never looked ready
+        assert JobClient(redis_server.client(),
+                         Settings(redis_url=redis_server.url)).ready_workers() == []
+    finally:
+        w.stop()

@@ -131,7 +131,13 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.setup()
+        try:
+            self.setup()
+        except Exception as e:  # noqa: BLE001 - a worker that cannot load must say why and exit
+            log.error("worker %s cannot start: %s: %s", self.name, type(e).__name__, e)
+            if getattr(self, "hb", None) is not None:
+                self.hb.stop()
+            return 2
         backoff, grace_end = 0.5, None
         while True:
             self.hb.last_progress = time.monotonic()
