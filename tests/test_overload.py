@@ -127,3 +127,58 @@ def test_burst_of_ten_times_the_cap(overload_api, module_redis):
     assert probes["healthz"] and probes["job"]
     assert {c for _, c in probe_codes} == {200}, probe_codes
     assert max(probes["healthz"] + probes["job"]) < 30
+
+
+@pytest.fixture(scope="module")
+def sync_api(module_redis, tiny_model):
+    proc = ApiProc(module_redis.url, api_keys=KEYS, model=tiny_model, queue_cap=10_000,
+                   rate_limit_per_s=0, sync_wait_s=45).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_many_sync_waiters_leave_the_probes_answering(sync_api, module_redis):
+    """270 clients waiting on the sync endpoint (more than the thread pool's 256): /readyz,
+    /v1/models and /metrics (thread-pool routes) and status reads still answer while every one
+    of them is still waiting. The check is an ordering, not a time: the probes come back before
+    any sync request does (then all jobs are canceled, which ends the waits)."""
+    waiters = 270
+    r = module_redis.client()
+    r.flushdb()
+
+    async def run():
+        H = {"Authorization": f"Bearer {ALICE}"}
+        finished: list[int] = []
+        limits = httpx.Limits(max_connections=waiters + 20)
+        async with httpx.AsyncClient(base_url=sync_api.url, headers=H, timeout=120, limits=limits) as c:
+            async def sync_call(i):
+                resp = await c.post("/v1/images/generations",
+                                    json={"prompt": f"wait {i}", "size": "64x64", "steps": 2})
+                finished.append(resp.status_code)
+                return resp
+
+            tasks = [asyncio.create_task(sync_call(i)) for i in range(waiters)]
+            while r.llen(QUEUE) < waiters:                 # all admitted, all waiting
+                assert not finished, f"a sync request ended early: {finished[:5]}"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            probes = {}
+            for path in ("/readyz", "/v1/models", "/metrics", "/healthz"):
+                t = time.perf_counter()
+                probes[path] = ((await c.get(path)).status_code, time.perf_counter() - t)
+            jid = r.lindex(QUEUE, 0).decode()
+            probes["job"] = ((await c.get(f"/v1/jobs/{jid}")).status_code, 0.0)
+            done_before = len(finished)
+            await asyncio.gather(*(c.delete(f"/v1/jobs/{j.decode()}")    # end the waits
+                                   for j in r.lrange(QUEUE, 0, -1)))
+            results = await asyncio.gather(*tasks)
+        return probes, done_before, results
+
+    probes, done_before, results = asyncio.run(run())
+    print(f"\nprobes with {waiters} sync waiters:", {p: (s, f"{dt * 1e3:.0f} ms") for p, (s, dt) in probes.items()})
+    assert done_before == 0, "the probes had to wait for sync requests to give up their threads"
+    assert probes["/readyz"][0] == 503 and probes["/v1/models"][0] == 200
+    assert probes["/metrics"][0] == 200 and probes["/healthz"][0] == 200 and probes["job"][0] == 200
+    assert {x.status_code for x in results} == {409}          # canceled while waiting
