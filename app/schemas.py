@@ -53,7 +53,7 @@ def parse_generation_request(body: bytes) -> ImagesGenerationRequest:
 
 # OpenAPI for routes that read the body themselves (the hot path skips FastAPI's body machinery)
 GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": {"$ref": "#/components/schemas/ImagesGenerationRequest"}}}},
+    "schema": ImagesGenerationRequest.model_json_schema()}}},
     "security": [{"HTTPBearer": []}]}
 
 
