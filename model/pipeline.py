@@ -84,11 +84,38 @@ class RequestState:
         return int(self.latent.shape[-2]), int(self.latent.shape[-1])
 
 
+def _rowwise_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward that computes a 2-D input (B, K) one row at a time: BLAS picks different
+    kernels (gemv vs gemm, blockings) for different B, so a row's result would depend on how many
+    rows share the call. (B, L, K) inputs (attention, projections) are batch-invariant already."""
+    if x.dim() != 2 or x.shape[0] == 1:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return torch.cat([torch.nn.functional.linear(x[i:i + 1], self.weight, self.bias)
+                      for i in range(x.shape[0])])
+
+
+def make_batch_invariant(module: torch.nn.Module) -> torch.nn.Module:
+    """Route every nn.Linear of `module` through _rowwise_linear (the U-Net's time-embedding MLP
+    and per-ResNet time projections, the safety checker's projection): tiny layers, so the loop
+    costs little, and a request's image no longer depends on its batch-mates."""
+    import types
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.forward = types.MethodType(_rowwise_linear, m)
+    return module
+
+
 class Pipeline:
     """A loaded model. Build it with load_pipeline()."""
 
+    decode_batch = 8        # VAE decode chunk (memory); chunks of 1 are padded to 2, see _decode
+
     def __init__(self, *, unet, vae, text: TextEncoder, schedule: NoiseSchedule, info: ModelInfo,
                  safety=None, device="cpu", dtype=torch.float32):
+        make_batch_invariant(unet)
+        if safety is not None:
+            make_batch_invariant(safety)
         self.unet, self.vae, self.text = unet, vae, text
         self.schedule, self.info, self.safety = schedule, info, safety
         self.device, self.dtype = torch.device(device), dtype
@@ -229,11 +256,21 @@ class Pipeline:
 
     @torch.inference_mode()
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """(B, C, h, w) -> B RGB images: x = D(z / scale (+ shift)), mapped [-1, 1] -> uint8."""
+        """(B, C, h, w) -> B RGB images: x = D(z / scale (+ shift)), mapped [-1, 1] -> uint8.
+        Decoded in chunks of decode_batch; a chunk of one is decoded as two copies, because oneDNN
+        convolutions on small inputs take a different path for batch 1 than for batch >= 2."""
         z = latents / self.latent_scale
         if self.latent_shift is not None:
             z = z + self.latent_shift
-        x = self.vae.decode(z.to(self.vae_dtype)).float()                    # (B, 3, H, W)
+        z = z.to(self.vae_dtype)
+        parts = []
+        for i in range(0, z.shape[0], self.decode_batch):
+            chunk = z[i:i + self.decode_batch]
+            n = chunk.shape[0]
+            if n == 1:
+                chunk = torch.cat([chunk, chunk])
+            parts.append(self.vae.decode(chunk)[:n].float())
+        x = torch.cat(parts)                                                  # (B, 3, H, W)
         x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         arr = (x * 255).round().astype(np.uint8)                            # (B, H, W, 3)
         return [Image.fromarray(a) for a in arr]
