@@ -68,6 +68,11 @@ def main() -> int:
                 e2e.append(dt)
                 engine.append(compute)
                 over.append(dt - compute)
+            floor = []
+            for _ in range(100):        # context: one bare HTTP round trip on this machine now
+                t0 = time.perf_counter()
+                c.get("/healthz")
+                floor.append(time.perf_counter() - t0)
         ms = lambda x: f"{x * 1e3:7.1f} ms"  # noqa: E731
         print(f"model={os.path.basename(model)} size={a.size} steps={a.steps} jobs={len(e2e)} "
               f"format={a.format} load_avg={os.getloadavg()[0]:.1f}")
@@ -78,6 +83,7 @@ def main() -> int:
               f"created->started (queue + claim) {ms(pct(queued, 50))}, "
               f"started->finished minus engine {ms(pct(run_extra, 50))}, "
               f"API side (HTTP, admission, wake-up, response) {ms(pct(api_side, 50))}")
+        print(f"  for scale: GET /healthz round trip p50 {ms(pct(floor, 50))}  p95 {ms(pct(floor, 95))}")
         return 0
     finally:
         if worker:
