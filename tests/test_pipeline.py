@@ -20,6 +20,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 PROMPT = "a red cat and the dog"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: fast and steady on a shared CPU (bit-identity holds with 2 as well)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
     return load_pipeline(tiny_model, safety=False)
