@@ -26,10 +26,12 @@ def run(args) -> int:
 
     get_settings.cache_clear()
     s = get_settings()
+    own_dir = None
     if s.api_workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         import tempfile
 
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="latentd-prom-")
+        # every uvicorn worker writes its counters here; /metrics adds them up
+        own_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="latentd-prom-")
     from app.main import config_problems, make_redis
 
     problems = config_problems(s)
@@ -48,6 +50,12 @@ def run(args) -> int:
     import uvicorn
 
     print(f"latentd API on http://{s.host}:{s.port} ({s.api_workers} process(es))", file=sys.stderr)
-    uvicorn.run("app.main:app_from_env", factory=True, host=s.host, port=s.port,
-                workers=s.api_workers, log_level=s.log_level, access_log=False)
+    try:
+        uvicorn.run("app.main:app_from_env", factory=True, host=s.host, port=s.port,
+                    workers=s.api_workers, log_level=s.log_level, access_log=False)
+    finally:
+        if own_dir:
+            import shutil
+
+            shutil.rmtree(own_dir, ignore_errors=True)
     return 0

@@ -124,19 +124,22 @@ def test_serve_refuses_to_start_without_keys_or_secret(tmp_path, module_redis):
     refused = _cli("serve", "--port", str(port), env=base)
     assert refused.returncode == 2, refused.stderr
     assert "no API keys" in refused.stderr and "LATENTD_SIGNING_SECRET" in refused.stderr
-    # explicitly insecure: it starts, and answers without a key; /metrics on its own port only
+    # explicitly insecure: it starts, and answers without a key; two uvicorn workers whose
+    # counters add up on /metrics, served on its own port only
     mport = free_port()
     proc = ApiProc(module_redis.url, argv=[sys.executable, "-m", "latentd.cli", "serve",
-                                           "--insecure-no-auth", "--port", str(port)], port=port,
-                   keys_file=str(tmp_path / "none.json"), metrics_port=mport)
+                                           "--insecure-no-auth", "--port", str(port), "--workers", "2"],
+                   port=port, keys_file=str(tmp_path / "none.json"), metrics_port=mport)
     proc.start()
     try:
+        for _ in range(6):                      # fresh connections: spread over both workers
+            with httpx.Client(base_url=proc.url) as c:
+                assert c.get("/v1/models").status_code == 200
         with httpx.Client(base_url=proc.url) as c:
-            assert c.get("/v1/models").status_code == 200
             assert c.get("/metrics").status_code == 404
         separate = httpx.get(f"http://127.0.0.1:{mport}/metrics")
-        assert separate.status_code == 200 and "latentd_api_requests_total" in separate.text
-        assert "latentd_queue_depth" in separate.text
+        assert separate.status_code == 200 and "latentd_queue_depth" in separate.text
+        assert 'latentd_api_requests_total{method="GET",route="/v1/models",status="200"} 6.0' in separate.text
     finally:
         proc.stop()
 
