@@ -1,0 +1,111 @@
+"""Procedural shapes data set (issue 4): 64x64 RGB, one flat-coloured shape on a plain background,
+captioned "a {color} {shape} on a {background} background". Rendered on the fly, batched and
+vectorised in torch with anti-aliased edges (signed distance), deterministic from a Generator.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+COLORS = {  # RGB; each channel jittered by +-15 per image
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+    "yellow": (240, 210, 40), "purple": (140, 60, 200), "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+COLOR_NAMES = tuple(COLORS)
+BG_NAMES = tuple(BACKGROUNDS)
+SIZE = 64
+JITTER = 15
+R_MIN, R_MAX = 0.15, 0.35   # circumradius as a fraction of the image width
+
+
+def caption(color: str, shape: str, background: str) -> str:
+    return f"a {color} {shape} on a {background} background"
+
+
+# All 54 captions, index = (color * 3 + shape) * 3 + background.
+CAPTIONS = tuple(caption(c, s, b) for c in COLOR_NAMES for s in SHAPES for b in BG_NAMES)
+
+
+def caption_index(color: int, shape: int, background: int) -> int:
+    return (color * len(SHAPES) + shape) * len(BG_NAMES) + background
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor     # (B, 3, 64, 64) float in [-1, 1]
+    color: torch.Tensor      # (B,) long index into COLOR_NAMES
+    shape: torch.Tensor      # (B,) long index into SHAPES
+    background: torch.Tensor  # (B,) long index into BG_NAMES
+    caption: torch.Tensor    # (B,) long index into CAPTIONS
+    params: dict             # cx, cy, r (pixels), theta (radians), rgb (B, 3) in 0..255
+
+    @property
+    def captions(self) -> list[str]:
+        return [CAPTIONS[i] for i in self.caption.tolist()]
+
+
+def _coverage(shape: torch.Tensor, cx, cy, r, theta, size: int = SIZE) -> torch.Tensor:
+    """Fraction of each pixel inside the shape, (B, size, size) in [0, 1], anti-aliased from a
+    signed distance d (pixels, < 0 inside): coverage = clamp(0.5 - d, 0, 1).
+    Circles: radius r. Squares: circumradius r (half-diagonal), rotated by theta.
+    Triangles: equilateral, circumradius r (inradius r/2), rotated by theta."""
+    B = shape.shape[0]
+    g = torch.arange(size, dtype=torch.float32) + 0.5                  # pixel centres (size,)
+    y = g.view(1, size, 1) - cy.view(B, 1, 1)                          # (B, size, 1)
+    x = g.view(1, 1, size) - cx.view(B, 1, 1)                          # (B, 1, size)
+    c, s = torch.cos(theta).view(B, 1, 1), torch.sin(theta).view(B, 1, 1)
+    u, v = c * x + s * y, -s * x + c * y                               # rotate into shape frame
+    rr = r.view(B, 1, 1)
+    d_circle = torch.sqrt(x * x + y * y) - rr
+    d_square = torch.maximum(u.abs(), v.abs()) - rr / math.sqrt(2.0)
+    d_tri = None
+    for k in range(3):  # half-planes with outward normals at 90, 210, 330 degrees
+        a = math.pi / 2 + 2 * math.pi * k / 3
+        dk = u * math.cos(a) + v * math.sin(a) - rr / 2
+        d_tri = dk if d_tri is None else torch.maximum(d_tri, dk)
+    sh = shape.view(B, 1, 1)
+    d = torch.where(sh == 0, d_circle, torch.where(sh == 1, d_square, d_tri))
+    return (0.5 - d).clamp(0.0, 1.0)
+
+
+def render(color, shape, background, cx, cy, r, theta, rgb) -> torch.Tensor:
+    """Images (B, 3, 64, 64) in [-1, 1] from explicit parameters (tests draw with this too)."""
+    cov = _coverage(shape, cx, cy, r, theta).unsqueeze(1)             # (B, 1, 64, 64)
+    bg = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32)[background]  # (B, 3)
+    img = bg.view(-1, 3, 1, 1) * (1 - cov) + rgb.view(-1, 3, 1, 1) * cov
+    return img / 127.5 - 1.0
+
+
+def sample(batch_size: int, gen: torch.Generator, color=None, shape=None, background=None) -> Batch:
+    """A random batch. Optionally fix color/shape/background (int index or (B,) tensor)."""
+    B = batch_size
+
+    def pick(v, n):
+        if v is None:
+            return torch.randint(0, n, (B,), generator=gen)
+        return torch.as_tensor(v, dtype=torch.long).expand(B).clone()
+
+    col, shp, bgi = pick(color, len(COLORS)), pick(shape, len(SHAPES)), pick(background, len(BACKGROUNDS))
+    r = (R_MIN + (R_MAX - R_MIN) * torch.rand(B, generator=gen)) * SIZE
+    # centre anywhere such that the circumscribed circle is inside the image
+    cx = r + (SIZE - 2 * r) * torch.rand(B, generator=gen)
+    cy = r + (SIZE - 2 * r) * torch.rand(B, generator=gen)
+    theta = 2 * math.pi * torch.rand(B, generator=gen)
+    base = torch.tensor(list(COLORS.values()), dtype=torch.float32)[col]
+    jit = torch.randint(-JITTER, JITTER + 1, (B, 3), generator=gen).float()
+    rgb = (base + jit).clamp(0, 255)
+    theta = torch.where(shp == 0, torch.zeros_like(theta), theta)
+    images = render(col, shp, bgi, cx, cy, r, theta, rgb)
+    capt = (col * len(SHAPES) + shp) * len(BACKGROUNDS) + bgi
+    return Batch(images, col, shp, bgi, capt, dict(cx=cx, cy=cy, r=r, theta=theta, rgb=rgb))
+
+
+def to_pil(images: torch.Tensor):
+    """(B, 3, H, W) in [-1, 1] -> list of PIL RGB images."""
+    from PIL import Image
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
