@@ -32,6 +32,7 @@ ADMITTED = Counter("latentd_jobs_admitted_total", "Jobs admitted to the queue", 
 REJECTED = Counter("latentd_jobs_rejected_total", "Requests rejected before queueing, by reason",
                    ["reason"], registry=REGISTRY)
 
+_METHODS = frozenset(("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"))
 _REASONS = {401: "unauthorized", 413: "body_too_large", 429: "rate_limited", 400: "invalid"}
 
 
@@ -113,5 +114,6 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
+            method = method if method in _METHODS else "OTHER"    # bounded label values
             REQUESTS.labels(template, method, str(status[0])).inc()
             LATENCY.labels(template, method).observe(time.perf_counter() - start)
