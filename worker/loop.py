@@ -138,7 +138,7 @@ class Worker:
             if getattr(self, "hb", None) is not None:
                 self.hb.stop()
             return 2
-        backoff, grace_end = 0.5, None
+        backoff, grace_end, retry_at, down = 0.5, None, 0.0, False
         while True:
             self.hb.last_progress = time.monotonic()
             if self.stopping:
@@ -146,14 +146,21 @@ class Worker:
                 if (not self.held and not self.outbox) or time.monotonic() > grace_end:
                     break
             self.compute()
+            if time.monotonic() < retry_at:        # Redis was down: keep computing, retry later
+                if self.ex.idle:
+                    time.sleep(min(0.1, retry_at - time.monotonic()))
+                continue
             try:
                 self.redis_phase()
-                backoff = 0.5
+                if down:
+                    log.info("Redis is back; %d result(s) to write", len(self.outbox))
+                backoff, down = 0.5, False
             except REDIS_ERRORS as e:
                 metrics.REDIS_ERRORS.inc()
-                log.warning("Redis unavailable (%s); %d result(s) kept, retrying", e, len(self.outbox))
-                if self.ex.idle:
-                    time.sleep(backoff)
+                if not down:
+                    log.warning("Redis unavailable (%s); computing on, %d result(s) kept, "
+                                "reconnecting with backoff", e, len(self.outbox))
+                down, retry_at = True, time.monotonic() + backoff
                 backoff = min(backoff * 2, 5.0)
         self.shutdown()
         return 0
