@@ -237,7 +237,7 @@ class Worker:
     def check_timeouts(self) -> None:
         now = time.monotonic()
         for h in list(self.held.values()):
-            if not h.ending and now > h.deadline:
+            if not h.ending and h.todo and now > h.deadline:    # (all done: only writes left)
                 limit = h.spec.timeout_s or self.s.job_timeout_s
                 self.fail(h, "timeout", f"the job ran longer than its timeout of {limit:g}s")
 
