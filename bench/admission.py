@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,11 +83,8 @@ def main() -> int:
         def cpu(ps):
             return sum(sum(p.cpu_times()[:2]) for p in ps)
 
-        threading_timer = time.perf_counter()
         # CPU seconds spent by the server side (API processes + Redis) and by this client during
-        # the measured window: the figure that does not depend on what else shares the machine.
-        import threading
-
+        # the measured window: a figure that depends less on what else shares the machine.
         marks = {}
 
         def mark(name, delay):
@@ -98,7 +96,6 @@ def main() -> int:
         t1.start(), t2.start()
         res = asyncio.run(load(port, a.clients, a.seconds, a.warmup))
         t1.join(), t2.join()
-        del threading_timer
         server_cpu = marks["end"][0] - marks["start"][0]
         client_cpu = marks["end"][1] - marks["start"][1]
         ok = res["codes"].get(202, 0)
@@ -112,6 +109,9 @@ def main() -> int:
         per = server_cpu / max(ok, 1)
         print(f"server CPU (API + Redis): {per * 1e3:.3f} ms per admission -> "
               f"{1 / per:,.0f} admissions per server CPU-second; client CPU {client_cpu / max(ok, 1) * 1e3:.3f} ms/req")
+        cores = os.cpu_count() or 1
+        print(f"estimate with {cores} dedicated cores (server + client CPU per admission): "
+              f"{cores / (per + client_cpu / max(ok, 1)):,.0f} jobs/s")
         print(f"load average during run: {os.getloadavg()[0]:.1f} (other jobs share these {os.cpu_count()} cores)")
         return 0
     finally:
