@@ -133,3 +133,69 @@ def test_redis_sigkill_and_restart(stack):
     assert w.alive()
     assert_exactly_once(stack, jids + [after])
     assert c.ready_workers()                      # heartbeat back after reconnecting
+
+
+def _claimed_job(redis_server, worker="hb", lease_s=60.0):
+    from latentd.settings import Settings
+    from worker.client import JobClient
+    from worker.state import Scripts
+
+    s = Settings(redis_url=redis_server.url, lease_s=lease_s, worker_heartbeat_s=0.2,
+                 reap_interval_s=0.2)
+    c = JobClient(redis_server.client(), s)
+    jid = c.submit(JobSpec(prompt="x", owner="o"))
+    now = time.time()
+    got = Scripts(redis_server.client()).claim(
+        keys=[keys.rq_queue(Q), keys.inbox(worker), keys.leases(Q), keys.rq_started(Q), keys.owners(Q)],
+        args=[worker, now, now + 1.0, "t", Q])
+    assert got[0].decode() == jid
+    return s, jid
+
+
+def test_heartbeat_refreshes_leases_until_the_loop_stalls(redis_server):
+    """The heartbeat thread vouches for held jobs only while the main loop makes progress."""
+    from worker.recovery import Heartbeat
+
+    s, jid = _claimed_job(redis_server)
+    r = redis_server.client()
+    hb = Heartbeat(s, "hb", lambda: [(jid, 1)], stall_s=5.0)
+    hb.beat()
+    assert r.zscore(keys.leases(Q), jid) > time.time() + 50           # refreshed to now + lease_s
+    assert r.hget(keys.worker("hb"), "state") == b"loading"
+    r.zadd(keys.leases(Q), {jid: time.time() + 1})
+    hb.last_progress = time.monotonic() - 10                          # main loop stuck
+    hb.beat()
+    assert r.zscore(keys.leases(Q), jid) < time.time() + 2            # not refreshed
+    assert r.hget(keys.worker("hb"), "state") == b"stalled"
+
+
+def test_heartbeat_reports_jobs_that_are_no_longer_ours(redis_server):
+    from worker.client import JobClient
+    from worker.recovery import Heartbeat
+
+    s, jid = _claimed_job(redis_server)
+    JobClient(redis_server.client(), s).cancel(jid, "o")
+    hb = Heartbeat(s, "hb", lambda: [(jid, 1)], stall_s=60)
+    hb.beat()
+    assert hb.pop_lost() == {jid} and hb.pop_lost() == set()
+    assert redis_server.client().zscore(keys.leases(Q), jid) is None   # not revived
+
+
+def test_no_reaping_while_redis_is_younger_than_a_lease(redis_server):
+    """Right after a Redis restart every lease looks stale; nobody reaps until a lease has passed."""
+    from worker.recovery import Heartbeat
+
+    s, jid = _claimed_job(redis_server, lease_s=3600.0)
+    hb = Heartbeat(s, "hb2", lambda: [], stall_s=60)
+    redis_server.client().zadd(keys.leases(Q), {jid: time.time() - 1})   # expired
+    assert hb.may_reap() is False
+    hb.beat()
+    assert stack_status(redis_server, jid) == "running"
+    s2 = s.model_copy(update={"lease_s": 0.0})
+    hb2 = Heartbeat(s2, "hb3", lambda: [], stall_s=60)
+    hb2.beat()
+    assert stack_status(redis_server, jid) == "queued"
+
+
+def stack_status(redis_server, jid):
+    return redis_server.client().hget(keys.job(jid), "status").decode()
