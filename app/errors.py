@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 
+import redis
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -120,9 +122,11 @@ async def redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
 
     metrics.rejected(503, "unavailable")
     pool = request.app.state.redis.connection_pool
-    if not getattr(pool, "tripped", True):       # app.main.BreakerPool: fail the next ones fast
+    # a Redis that does not answer (a timeout, not a refusal) would stall the event loop once per
+    # request: app.main.BreakerPool fails the next ones fast until a PING answers again
+    if isinstance(exc, redis.TimeoutError) and not getattr(pool, "tripped", True):
         pool.trip()
-        log.warning("redis unavailable on %s: %s", request.url.path, type(exc).__name__)
+    log.warning("redis unavailable on %s: %s", request.url.path, type(exc).__name__)
     return JSONResponse(error_body("unavailable", "the job store is unreachable; retry later",
                                    kind="server_error"), status_code=503,
                         headers={"Retry-After": str(request.app.state.settings.retry_after_s)})

