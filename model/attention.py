@@ -87,7 +87,6 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int, layers: int = 1,
                  linear: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
@@ -96,20 +95,26 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
-        h = self.norm(x)                                            # (B, C, H, W)
-        if not self.linear:
-            h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(b, hgt * wid, c)          # (B, HW, C)
-        if self.linear:
-            h = self.proj_in(h)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(b, hgt * wid, c)   # (B, HW, C); free if channels_last
+        h = _pointwise(self.proj_in, h)
         for block in self.transformer_blocks:
             h = block(h, context)
-        if self.linear:
-            h = self.proj_out(h)
-        h = h.reshape(b, hgt, wid, c).permute(0, 3, 1, 2)           # (B, C, H, W)
-        if not self.linear:
-            h = self.proj_out(h)
-        return h + x
+        h = _pointwise(self.proj_out, h).reshape(b, hgt, wid, c).permute(0, 3, 1, 2)   # (B, C, H, W)
+        return h.contiguous(memory_format=_layout(x)) + x    # keep the input's layout
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if x is stored that way (a caller's choice, faster for CPU convolutions)."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _pointwise(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A Linear, or a 1x1 Conv2d applied as the same matrix product on (B, HW, C) tokens (one
+    matmul instead of a convolution and two layout copies; the weights keep their stored shape)."""
+    if isinstance(layer, nn.Conv2d):
+        return F.linear(h, layer.weight.flatten(1), layer.bias)   # (C_out, C_in, 1, 1) -> (C_out, C_in)
+    return layer(h)
 
 
 class VAEAttention(nn.Module):
@@ -125,8 +130,8 @@ class VAEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
-        h = self.group_norm(x).view(b, c, hgt * wid).transpose(1, 2)       # (B, HW, C)
+        h = self.group_norm(x).flatten(2).transpose(1, 2)                   # (B, HW, C)
         q, k, v = (lin(h).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)               # (B, HW, C)
-        h = self.to_out[0](h).transpose(1, 2).reshape(b, c, hgt, wid)       # (B, C, H, W)
-        return h + x
+        h = self.to_out[0](h).reshape(b, hgt, wid, c).permute(0, 3, 1, 2)   # (B, C, H, W)
+        return h.contiguous(memory_format=_layout(x)) + x

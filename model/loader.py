@@ -90,8 +90,11 @@ def _config(cls, cfg: dict, where: Path):
 
 
 def load_unet(folder_or_state, device="cpu", dtype=torch.float32, config: UNetConfig | None = None,
-              source: str = "state dict") -> tuple[UNet, UNetConfig]:
-    """U-Net from a diffusers unet/ folder, or from a state dict with our names plus its config."""
+              source: str = "state dict", channels_last: bool | None = None) -> tuple[UNet, UNetConfig]:
+    """U-Net from a diffusers unet/ folder, or from a state dict with our names plus its config.
+
+    channels_last (default: on the CPU) stores the convolution weights NHWC, so activations flow
+    channels-last: ~10% faster CPU convolutions and no layout copies around the transformers."""
     if isinstance(folder_or_state, dict):
         state = folder_or_state
     else:
@@ -101,7 +104,10 @@ def load_unet(folder_or_state, device="cpu", dtype=torch.float32, config: UNetCo
         state = read_safetensors(source)
     if config is None:
         raise ModelLoadError("load_unet: a state dict needs its UNetConfig")
-    return load_into(lambda: UNet(config), state, source, device, dtype), config
+    unet = load_into(lambda: UNet(config), state, source, device, dtype)
+    if channels_last if channels_last is not None else torch.device(device).type == "cpu":
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet, config
 
 
 def load_vae(folder_or_state, device="cpu", dtype=torch.float32, config: VAEConfig | None = None,

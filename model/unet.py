@@ -172,4 +172,4 @@ class UNet(nn.Module):
                 x, skips = _checkpointed(block, x, emb, context, skips)
             else:
                 x = block(x, emb, context, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))         # (B, 4, h, w)
+        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()   # (B, 4, h, w)

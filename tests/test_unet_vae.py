@@ -50,6 +50,10 @@ def test_unet_matches_diffusers(model_folder):
     # odd latent sizes (skip and upsampled sizes differ) and a scalar timestep
     x2 = torch.randn(2, 4, 9, 7, generator=g)
     assert (ours(x2, torch.tensor(10), ctx[:2]) - ref(x2, 10, ctx[:2]).sample).abs().max().item() <= TOL
+    # the CPU default stores convolutions channels-last; the plain layout gives the same result
+    plain, _ = load_unet(model_folder / "unet", channels_last=False)
+    assert plain.conv_in.weight.is_contiguous() and not ours.conv_in.weight.is_contiguous()
+    assert (plain(x, t, ctx) - expected).abs().max().item() <= TOL
 
 
 @torch.no_grad()
