@@ -257,17 +257,20 @@ class Pipeline:
     @torch.inference_mode()
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """(B, C, h, w) -> B RGB images: x = D(z / scale (+ shift)), mapped [-1, 1] -> uint8.
-        Decoded in chunks of decode_batch; a chunk of one is decoded as two copies, because oneDNN
-        convolutions on small inputs take a different path for batch 1 than for batch >= 2."""
+        oneDNN convolutions take a different path for batch 1 than for batch >= 2 on small inputs,
+        so the batch shape must not depend on batch-mates: small latents (< 16x16, overhead-bound)
+        decode in chunks of decode_batch with a lone one doubled; larger ones (compute-bound,
+        batching gains little) decode one at a time."""
         z = latents / self.latent_scale
         if self.latent_shift is not None:
             z = z + self.latent_shift
         z = z.to(self.vae_dtype)
+        chunk_n = self.decode_batch if z.shape[-2] * z.shape[-1] < 16 * 16 else 1
         parts = []
-        for i in range(0, z.shape[0], self.decode_batch):
-            chunk = z[i:i + self.decode_batch]
+        for i in range(0, z.shape[0], chunk_n):
+            chunk = z[i:i + chunk_n]
             n = chunk.shape[0]
-            if n == 1:
+            if n == 1 and chunk_n > 1:
                 chunk = torch.cat([chunk, chunk])
             parts.append(self.vae.decode(chunk)[:n].float())
         x = torch.cat(parts)                                                  # (B, 3, H, W)
