@@ -227,3 +227,19 @@ def test_missing_model(tmp_path):
     if not os.path.isdir(BUNDLED):
         with pytest.raises(ModelLoadError, match="bundled model"):
             load_pipeline(None)
+
+
+def test_cli_generate(tiny_model, tmp_path, capsys):
+    from PIL import Image
+
+    from latentd.cli import main
+
+    out = tmp_path / "cat.png"
+    rc = main(["generate", "a red cat", "--model", str(tiny_model), "--out", str(out), "--steps", "3",
+               "--sampler", "euler_a", "--karras", "--seed", "3", "--size", "48x32", "--no-safety"])
+    assert rc == 0 and Image.open(out).size == (48, 32)
+    assert "seed=3" in capsys.readouterr().out
+    rc = main(["generate", "a red cat", "--model", str(tiny_model), "--out", str(tmp_path / "x.png"),
+               "--size", "65x64"])
+    assert rc == 2 and "invalid width" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
