@@ -61,6 +61,10 @@ def _allowed_of(err: dict) -> object:
 def _json_safe(v: object) -> object:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
+    if isinstance(v, dict):          # {"min": 1, "max": 16} stays a JSON object, not its repr
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
     return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
 
 
@@ -81,8 +85,28 @@ def error_from(errs: list, prefix: tuple = ()) -> ApiError:
         return ApiError(422, "missing_field", f"{field}: field required", field, None)
     if field == "body":
         return ApiError(422, "invalid_body", "request body must be a JSON object", "body", "a JSON object")
+    allowed = _allowed_of(err)
+    if isinstance(allowed, dict):    # both ends of the range, not only the one that failed
+        allowed = {**_field_bounds(field), **{k: v for k, v in allowed.items() if v is not None}}
     return ApiError(422, "invalid_value", f"{field}: {err.get('msg', 'invalid value')}", field,
-                    _json_safe(_allowed_of(err)))
+                    _json_safe(allowed))
+
+
+def _field_bounds(field: str) -> dict:
+    """The declared bounds of a request field ({"min": 1, "max": 16} for n)."""
+    try:
+        from app.schemas import ImagesGenerationRequest
+
+        info = ImagesGenerationRequest.model_fields.get(field)
+    except Exception:  # noqa: BLE001 - only a nicer message; never fail the error path
+        return {}
+    out: dict = {}
+    for m in getattr(info, "metadata", None) or ():
+        for attr, key in (("ge", "min"), ("gt", "min"), ("min_length", "min"),
+                          ("le", "max"), ("lt", "max"), ("max_length", "max")):
+            if getattr(m, attr, None) is not None:
+                out.setdefault(key, getattr(m, attr))
+    return out
 
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:

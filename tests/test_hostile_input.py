@@ -248,3 +248,18 @@ def test_hostile_auth_headers_are_401(hostile_api):
             continue
         assert status == 401, (value[:40], status, text[:200])
         assert _error(status, hdrs, text).get("field") == "Authorization"
+
+
+def test_allowed_ranges_are_json_not_python_reprs(hostile_api):
+    """The range in `allowed` is data a client can read ({"min": .., "max": ..}), for the bounds
+    the schema checks (n, user) as for those the model checks (steps)."""
+    for body, field, want in (({**OK, "n": 0}, "n", {"min": 1, "max": 16}),
+                              ({**OK, "user": "u" * 300}, "user", {"max": 256}),
+                              ({**OK, "steps": 0}, "steps", None)):
+        status, hdrs, text = _send(hostile_api.port, "POST", J, body, {})
+        err = _error(status, hdrs, text)
+        assert status == 422 and err["field"] == field, text
+        assert isinstance(err["allowed"], dict), err
+        if want:
+            assert err["allowed"] == want, err
+        assert "None" not in json.dumps(err["allowed"])
