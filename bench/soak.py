@@ -23,8 +23,8 @@ terminal, then counts, per job, from the API and from Redis:
   succeeded / failed (by error code) / canceled
   lost       a 2xx job that vanished (404) or never reached a terminal state
   duplicated a job whose stored results disagree with its images: more or fewer image records
-             than n, a repeated index, `done` != number of image records, a missing PNG, or an
-             extra stored PNG beyond n
+             than n, a repeated index, `done` != number of image records, a missing PNG, an
+             extra stored PNG beyond n, or (seeded requests) image seeds other than seed + k
 and p50/p95 latency: server-side created -> finished of succeeded jobs, and the sync endpoint's
 wall time as the client saw it.
 """
@@ -168,7 +168,8 @@ class Soak:
                 await asyncio.sleep(rng.uniform(0.0, 0.3))
 
     def admitted(self, jid: str, kind: str, body: dict) -> dict:
-        rec = {"kind": kind, "n": body["n"], "t": time.time(), "status": None, "canceled_by_us": False}
+        rec = {"kind": kind, "n": body["n"], "t": time.time(), "status": None, "canceled_by_us": False,
+               "seed": body.get("seed")}
         self.jobs[jid] = rec
         return rec
 
@@ -322,7 +323,9 @@ class Soak:
             if v["status"] == "succeeded":
                 t = v["timings"]
                 latency.append(t["finished_at"] - t["created_at"])
-            if self.duplicated(jid, v, rec["n"], keys):
+            if self.duplicated(jid, v, rec["n"], keys) or (
+                    v["status"] == "succeeded" and rec.get("seed") is not None
+                    and sorted(im["seed"] for im in v["images"]) != [rec["seed"] + k for k in range(rec["n"])]):
                 out["duplicated"] += 1
                 dup_ids.append(jid)
         return {"counts": out, "fail_codes": fail_codes, "lost": lost_ids, "dup": dup_ids,
@@ -381,6 +384,8 @@ def main(argv=None) -> int:
         print(f"{k:<13} {c.get(k, 0)}")
     print(f"failed by     {dict(res['fail_codes'])}")
     print(f"rejected      {dict(soak.rejected)} (429/503: not submitted)")
+    untracked = sum(1 for j in soak.jobs.values() if j.get("untracked"))
+    print(f"              ({untracked} sync b64_json requests carry no job id: counted succeeded by their 200)")
     print(f"unexpected    {dict(soak.errors)}")
     print(f"latency       job created->finished p50 {pct(lat, 50):.2f}s p95 {pct(lat, 95):.2f}s "
           f"(n={len(lat)}); sync request p50 {pct(sync, 50):.2f}s p95 {pct(sync, 95):.2f}s (n={len(sync)})")
