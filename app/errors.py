@@ -131,6 +131,9 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
     elif status == 400:
         body = error_body("invalid_body", f"request body could not be read: {exc.detail} "
                           "(it must be UTF-8 JSON)", "body", "a UTF-8 JSON object")
+    elif status in (404, 405):       # no such route (e.g. a job id that decoded to "../x"): name the path
+        body = error_body("not_found" if status == 404 else "method_not_allowed",
+                          f"{exc.detail}: {request.method} {request.url.path[:200]!r}", "path", None)
     else:
         body = error_body("http_error", str(exc.detail), None, None)
     if status in (400, 413):
