@@ -119,10 +119,9 @@ def test_unet_trains_with_and_without_checkpointing():
 
 
 def test_unsupported_config_is_refused():
-    from model.errors import ModelLoadError  # noqa: F401  (loader wraps the ValueError in it)
-
     bad = UNetConfig().to_diffusers() | {"class_embed_type": "timestep"}
     with pytest.raises(ValueError, match="class_embed_type"):
         UNetConfig.from_diffusers(bad)
+    other_blocks = {"down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}
     with pytest.raises(ValueError, match="down block type"):
-        UNetConfig.from_diffusers(UNetConfig().to_diffusers() | {"down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4})
+        UNetConfig.from_diffusers(UNetConfig().to_diffusers() | other_blocks)

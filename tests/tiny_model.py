@@ -28,7 +28,7 @@ MERGES = ("t h", "th e</w>", "a n", "an d</w>", "c a", "ca t</w>", "d o", "do g<
 
 def _bytes_to_unicode() -> list[str]:
     """The 256 printable stand-ins for bytes used by GPT-2/CLIP byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -204,7 +204,8 @@ def _open_clip_original(text_state, hidden):
     out = {p + "token_embedding.weight": s["embeddings.token_embedding.weight"],
            p + "positional_embedding": s["embeddings.position_embedding.weight"],
            p + "ln_final.weight": s["final_layer_norm.weight"], p + "ln_final.bias": s["final_layer_norm.bias"],
-           p + "text_projection": torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(0)), p + "logit_scale": torch.tensor(4.6)}
+           p + "text_projection": torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(0)),
+           p + "logit_scale": torch.tensor(4.6)}
     n = 1 + max(int(k.split(".")[2]) for k in s if k.startswith("encoder.layers."))
     for i in range(n + 1):                      # block n: the unused 24th layer of OpenCLIP ViT-H
         src, dst = f"encoder.layers.{min(i, n - 1)}.", f"{p}transformer.resblocks.{i}."
