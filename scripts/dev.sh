@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ONE command that sets up and runs latentd on a fresh machine (bundled model, no downloads
 # at run time, no Docker or Redis needed):  ./scripts/dev.sh [--port P] [--model PATH]
-# Creates .venv if missing, installs torch 2.13.0 (CPU wheel when available) and latentd, then
+# Creates .venv if missing, installs torch 2.13.0  and latentd, then
 # runs `latentd dev`: Redis + API + one worker; prints the URL and a curl command; Ctrl-C stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,9 +9,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 if ! "$VPY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
-  "$VPY" -m pip install -q --upgrade pip
-  "$VPY" -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-    || "$VPY" -m pip install -q torch==2.13.0
+  # torch first and pinned: a looser spec lets pip pull a multi-GB CUDA build.
+  "$VPY" -m pip install -q torch==2.13.0
 fi
 "$VPY" -m pip install -q -e .
 exec .venv/bin/latentd dev "$@"

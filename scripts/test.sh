@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ONE test command (README, .ci/run): sets up what the tests need and runs them all.
 #   bash scripts/test.sh [pytest args]
-# Creates .venv if missing, installs torch 2.13.0 (CPU wheel when available) and the project with
+# Creates .venv if missing, installs torch 2.13.0  and the project with
 # its test extras, installs redis-server with apt-get if it is missing, then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,9 +11,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 if ! "$VPY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
-  "$VPY" -m pip install -q --upgrade pip
-  "$VPY" -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-    || "$VPY" -m pip install -q torch==2.13.0
+  # torch first and pinned: a looser spec lets pip pull a multi-GB CUDA build.
+  "$VPY" -m pip install -q torch==2.13.0
 fi
 "$VPY" -m pip install -q -e '.[test]'
 if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
