@@ -38,8 +38,7 @@ def caption_list(subset: int | None) -> list[tuple[int, int, int]]:
     allc = [(c, s, b) for c in range(6) for s in range(3) for b in range(3)]
     if not subset or subset >= len(allc):
         return allc
-    step = len(allc) / subset
-    return [allc[int(i * step + (i % 3) * 1)] for i in range(subset)]
+    return [(i % 6, i % 3, (i // 3) % 3) for i in range(min(subset, 18))]
 
 
 @torch.no_grad()
@@ -94,14 +93,14 @@ def main(argv=None) -> dict:
     from transformers import CLIPModel
 
     from model.pipeline import GenerationRequest, load_pipeline
-    from model.safety import load_safety_checker
     from model.training.bpe import load_tokenizer
 
-    pipe = load_pipeline(args.model, safety=False)
+    pipe = load_pipeline(args.model, safety=True)
+    # judge every image unfiltered; the checker's flags are reported separately
+    checker, pipe.safety = pipe.safety, None
     info = pipe.info
     steps = args.steps or info.default_steps
     sampler = args.sampler or info.default_sampler
-    checker = load_safety_checker(os.path.join(args.model, "safety_checker"))
     clip_dir = os.path.join(args.model, "clip")
     clip = CLIPModel.from_pretrained(clip_dir).eval() if os.path.isdir(clip_dir) else None
     tok = load_tokenizer(os.path.join(args.model, "tokenizer"))

@@ -7,6 +7,7 @@
   5. U-Net       eps-prediction on latents, 10% caption dropout             (unet_train.py)
                  (Ho et al. 2020 Eq. 14; Ho & Salimans 2022)
   6. decoder     VAE decoder fine-tuning, encoder frozen (latents unchanged) (vae_train.py)
+  7. unet_more   the U-Net continued from its EMA weights, fresh lower-LR schedule
 
 and writes a diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/, safety_checker/, feature_extractor/, latentd.json) that model.pipeline.load_pipeline
@@ -54,14 +55,16 @@ class Plan:
     safety_neg: int = 2048
     safety_steps: int = 150
     safety_batch: int = 96
-    decoder_steps: int = 0          # the stage exists; 0 in the shipped run (CPU time went to the U-Net)
+    decoder_steps: int = 300
     decoder_batch: int = 32
+    unet_more_steps: int = 1100     # continue the EMA U-Net with a fresh, lower-LR cosine schedule
+    unet_more_lr: float = 3e-4
 
 
 QUICK = Plan(clip_steps=3, clip_batch=16, vae_steps=3, vae_batch=4, unet_steps=4, unet_batch=4,
              checkpoint_every=2, safety_pos=16, safety_neg=64, safety_steps=2, safety_batch=6,
-             decoder_steps=2, decoder_batch=4)
-STAGES = ("tokenizer", "clip", "safety", "vae", "unet", "decoder")
+             decoder_steps=2, decoder_batch=4, unet_more_steps=2)
+STAGES = ("tokenizer", "clip", "safety", "vae", "unet", "decoder", "unet_more")
 
 
 def _prefixed(src: dict, want: dict, prefix: str) -> dict:
@@ -115,6 +118,35 @@ def stage_decoder(out: str, seed: int, plan: Plan, vae=None, log=print, deadline
     return {"seconds": time.time() - t0, "steps": plan.decoder_steps}
 
 
+def stage_unet_more(out: str, seed: int, plan: Plan, log=print, deadline=None) -> dict:
+    """Continue the U-Net from out/unet (the EMA weights) for plan.unet_more_steps with a fresh
+    AdamW and a lower-LR warmup+cosine schedule, on the same frozen VAE encoder / text tower."""
+    from model.loader import load_text_encoder, load_tokenizer, load_unet, load_vae
+    from model.text import TextEncoder
+    from model.training import unet_train
+    from model.training.data import CAPTIONS
+    from model.weights import save_module
+    if plan.unet_more_steps <= 0:
+        return {"steps": 0}
+    t0 = time.time()
+    vae, vcfg = load_vae(os.path.join(out, "vae"))
+    unet0, ucfg = load_unet(os.path.join(out, "unet"))
+    te = TextEncoder(load_tokenizer(os.path.join(out, "tokenizer")), load_text_encoder(os.path.join(out, "text_encoder")))
+    contexts, _ = te.encode(list(CAPTIONS) + [""])
+
+    def checkpoint(ema_unet, step):
+        save_module(ema_unet, ucfg.to_diffusers(), os.path.join(out, "unet"))
+        log(f"checkpoint: EMA U-Net (continued) at step {step} -> {out}/unet")
+
+    _, ema, hist = unet_train.train_unet(vae, vcfg.scaling_factor, contexts.clone(), ucfg, plan.unet_more_steps,
+                                         plan.unet_batch, seed + 100, log=log, lr=plan.unet_more_lr,
+                                         deadline=deadline, checkpoint=checkpoint,
+                                         checkpoint_every=plan.checkpoint_every, init=unet0.float())
+    save_module(ema, ucfg.to_diffusers(), os.path.join(out, "unet"))
+    return {"seconds": time.time() - t0, "steps_done": hist[-1][0] + 1 if hist else 0,
+            "loss_curve": hist[:: max(1, len(hist) // 20)] + hist[-1:]}
+
+
 def run(out: str, seed: int = 0, quick: bool = False, minutes_budget: float = 85.0, log=print,
         stages: tuple[str, ...] | None = None) -> dict:
     """Train everything and write the model folder `out`. Returns a summary dict.
@@ -127,6 +159,9 @@ def run(out: str, seed: int = 0, quick: bool = False, minutes_budget: float = 85
             summary["safety"] = stage_safety(out, seed, plan, log=log)
         if "decoder" in stages:
             summary["decoder"] = stage_decoder(out, seed, plan, log=log)
+        if "unet_more" in stages:
+            summary["unet_more"] = stage_unet_more(out, seed, plan, log=log,
+                                                   deadline=time.time() + 60 * minutes_budget)
         return summary
     from model.loader import load_text_encoder, load_tokenizer
     from model.text import TextEncoder
@@ -201,6 +236,8 @@ def run(out: str, seed: int = 0, quick: bool = False, minutes_budget: float = 85
 
     # 6. decoder fine-tuning (sharper corners from the same latents)
     summary["decoder"] = stage_decoder(out, seed, plan, vae=vae, log=log, deadline=end)
+    # 7. more U-Net steps from the EMA weights (lower LR)
+    summary["unet_more"] = stage_unet_more(out, seed, plan, log=log, deadline=end)
     summary["total_seconds"] = time.time() - t_start
     log(f"recipe done in {summary['total_seconds'] / 60:.1f} min")
     return summary

@@ -70,15 +70,17 @@ class EMA:
 
 def train_unet(vae, scale: float, contexts: torch.Tensor, cfg: UNetConfig, steps: int, batch: int, seed: int,
                log=print, lr: float = 1e-3, ema_decay: float = 0.995, deadline: float | None = None,
-               checkpoint=None, checkpoint_every: int = 0):
+               checkpoint=None, checkpoint_every: int = 0, init=None):
     """contexts: (55, 77, D) text-tower states of the 54 captions, then of "" (unconditional).
     Returns (unet, ema_unet, history) where history is [(step, loss), ...]."""
     torch.manual_seed(seed)
     unet = UNet(cfg).train()
+    if init is not None:          # continue from given weights (recipe stage "unet_more")
+        unet.load_state_dict(init.state_dict(), strict=True)
     ema = EMA(unet, ema_decay)
     abar = alphas_cumprod()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    warm = max(1, min(100, steps // 10))
+    warm = max(1, min(100, steps // 10)) if init is None else max(1, steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     gen = torch.Generator().manual_seed(seed + 4)
