@@ -132,7 +132,11 @@ def test_redis_sigkill_and_restart(stack):
         assert d is not None and d["status"] == "succeeded", (j, d, w.output())
     assert w.alive()
     assert_exactly_once(stack, jids + [after])
-    assert c.ready_workers()                      # heartbeat back after reconnecting
+    # heartbeat back after reconnecting (its retry backs off up to 5 s, so allow a few beats)
+    deadline = time.monotonic() + 20
+    while not c.ready_workers() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert c.ready_workers(), w.output()
 
 
 def _claimed_job(redis_server, worker="hb", lease_s=60.0):
