@@ -140,3 +140,26 @@ def api(request, module_redis, cfg_model):
     folder; no worker."""
     return _shared(request, "api", lambda: ApiProc(module_redis.url, api_keys=KEYS, model=cfg_model,
                                                    rate_limit_per_s=0).start())
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    """Poll GET /v1/jobs/{id} until the job is terminal; fail the test past `timeout`."""
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} not done: {job}")
+
+
+def open_png(data: bytes):
+    """The bytes are a PNG (magic checked) -> PIL image."""
+    import io
+
+    from PIL import Image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return Image.open(io.BytesIO(data))
+

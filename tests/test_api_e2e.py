@@ -2,14 +2,12 @@
 Submit -> poll -> PNG of the requested size; the sync endpoint through the official `openai`
 client in both response formats; signed URLs on real images; /readyz before and after a worker."""
 import base64
-import io
 import time
 
 import httpx
 import pytest
-from PIL import Image
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc
+from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
 from tests.services import RedisServer, WorkerProc
 
 FAST = {"steps": 2, "sampler": "euler"}
@@ -32,21 +30,6 @@ def stack(tiny_model):
         redis_srv.stop()
 
 
-def _wait(client, job_id, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} not done: {job}")
-
-
-def _png(data: bytes) -> Image.Image:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    return Image.open(io.BytesIO(data))
-
-
 def test_readyz_503_before_a_worker_and_200_after(stack):
     assert stack["readyz_before"] == 503
     resp = httpx.get(stack["api"].url + "/readyz")
@@ -59,7 +42,7 @@ def test_submit_poll_png_of_the_requested_size(stack):
         created = alice.post("/v1/jobs", json={"prompt": "a cat", "size": "64x128", "n": 2,
                                                "seed": 41, **FAST})
         assert created.status_code == 202, created.text
-        job = _wait(alice, created.json()["id"])
+        job = wait_job(alice, created.json()["id"], timeout=60)
         assert job["status"] == "succeeded", job
         assert [im["seed"] for im in job["images"]] == [41, 42]
         assert job["progress"] == {"step": 4, "total": 4}
@@ -68,14 +51,14 @@ def test_submit_poll_png_of_the_requested_size(stack):
         for k, im in enumerate(job["images"]):
             via_key = alice.get(f"/v1/jobs/{jid}/images/{k}")
             assert via_key.headers["content-type"] == "image/png"
-            assert _png(via_key.content).size == (64, 128)
+            assert open_png(via_key.content).size == (64, 128)
             signed = httpx.get(im["url"])                       # absolute, no headers
             assert signed.status_code == 200 and signed.content == via_key.content
             assert bob.get(f"/v1/jobs/{jid}/images/{k}").status_code == 404
         # a signature moved to the other image, or to another job, is refused
         sig0 = job["images"][0]["url"]
         assert httpx.get(sig0.replace("/images/0?", "/images/1?")).status_code == 403
-        other = _wait(alice, alice.post("/v1/jobs", json={"prompt": "dog", "size": "64x64", **FAST}).json()["id"])
+        other = wait_job(alice, alice.post("/v1/jobs", json={"prompt": "dog", "size": "64x64", **FAST}).json()["id"], timeout=60)
         assert httpx.get(sig0.replace(jid, other["id"])).status_code == 403
         assert alice.get(f"/v1/jobs/{jid}/images/2").status_code == 404
         assert bob.get(f"/v1/jobs/{jid}").status_code == 404
@@ -89,7 +72,7 @@ def test_openai_client_both_response_formats(stack):
                                  extra_body={"seed": 7, **FAST})
     assert len(res.data) == 2 and res.created > 0
     for k, item in enumerate(res.data):
-        assert _png(base64.b64decode(item.b64_json)).size == (64, 64)
+        assert open_png(base64.b64decode(item.b64_json)).size == (64, 64)
         assert item.revised_prompt == "a red square"
         assert (item.model_extra or {}).get("seed") == 7 + k
         assert (item.model_extra or {}).get("nsfw") in (True, False)
@@ -97,13 +80,13 @@ def test_openai_client_both_response_formats(stack):
                                   extra_body={"seed": 7, **FAST})
     import numpy as np
 
-    a, b = (np.asarray(_png(base64.b64decode(d.b64_json)), dtype=np.int16) for d in (same.data[0], res.data[0]))
+    a, b = (np.asarray(open_png(base64.b64decode(d.b64_json)), dtype=np.int16) for d in (same.data[0], res.data[0]))
     assert np.array_equal(a, b)              # same seed, same image, alone or in a batch of 2
     res = client.images.generate(prompt="a blue circle", size="64x64", response_format="url",
                                  extra_body=FAST)
     url = res.data[0].url
     assert url.startswith(stack["api"].url + "/v1/jobs/") and "sig=" in url
-    assert _png(httpx.get(url).content).size == (64, 64)
+    assert open_png(httpx.get(url).content).size == (64, 64)
     assert isinstance((res.data[0].model_extra or {}).get("seed"), int)   # random seed returned
     with pytest.raises(Exception) as bad:
         client.images.generate(prompt="x", size="1000x1000")
@@ -120,5 +103,5 @@ def test_cancel_ends_the_job_canceled(stack):
         job = alice.get(f"/v1/jobs/{jid}").json()
         assert job["status"] == "canceled" and job["error"]["code"] == "canceled"
         # the worker goes on with the next job
-        nxt = _wait(alice, alice.post("/v1/jobs", json={"prompt": "next", "size": "64x64", **FAST}).json()["id"])
+        nxt = wait_job(alice, alice.post("/v1/jobs", json={"prompt": "next", "size": "64x64", **FAST}).json()["id"], timeout=60)
         assert nxt["status"] == "succeeded"

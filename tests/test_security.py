@@ -26,27 +26,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc
+from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
 from tests.services import RedisServer, WorkerProc, free_port
 
 FAST = {"size": "64x64", "steps": 2, "sampler": "euler"}
 ORIGIN = "https://app.example"
 
 
-def _wait(client, job_id, timeout=120):
-    deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} not done: {job}")
-
-
 def _pixels(png: bytes) -> np.ndarray:
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    return np.asarray(open_png(png).convert("RGB"))
 
 
 def flag_everything(src, dst):
@@ -100,7 +88,7 @@ def sec(module_redis, tiny_model, tmp_path_factory):
 def test_another_key_gets_404_on_every_route_of_a_finished_job(sec):
     api = sec["api"]
     with api.client(ALICE) as alice, api.client(BOB) as bob:
-        job = _wait(alice, alice.post("/v1/jobs", json={"prompt": "mine", "n": 2, **FAST}).json()["id"])
+        job = wait_job(alice, alice.post("/v1/jobs", json={"prompt": "mine", "n": 2, **FAST}).json()["id"])
         assert job["status"] == "succeeded", job
         jid = job["id"]
         probes = [("GET", f"/v1/jobs/{jid}"), ("DELETE", f"/v1/jobs/{jid}")]
@@ -124,7 +112,7 @@ def test_another_key_gets_404_on_every_route_of_a_finished_job(sec):
 def test_flagged_images_are_stored_and_served_black(sec, module_redis):
     api = sec["api"]
     with api.client(ALICE) as alice:
-        job = _wait(alice, alice.post("/v1/jobs", json={"prompt": "anything", "n": 2, **FAST}).json()["id"])
+        job = wait_job(alice, alice.post("/v1/jobs", json={"prompt": "anything", "n": 2, **FAST}).json()["id"])
         assert job["status"] == "succeeded", job
         assert [im["nsfw"] for im in job["images"]] == [True, True]
         jid = job["id"]
@@ -191,7 +179,7 @@ def test_keys_never_leak(sec, module_redis):
     # PNG metadata: no key and no owner name
     jid = jobs.json()["id"]
     with api.client(ALICE) as alice:
-        done = _wait(alice, jid)
+        done = wait_job(alice, jid)
         if done["status"] == "succeeded":
             im = Image.open(io.BytesIO(alice.get(f"/v1/jobs/{jid}/images/0").content))
             meta = " ".join(str(v) for v in im.info.values())
@@ -234,7 +222,7 @@ def test_safety_policy_is_a_deployment_setting(sec, module_redis):
     off = WorkerProc(module_redis.url, str(sec["model"]), safety="false").start().wait_ready(180)
     try:
         with sec["api"].client(ALICE) as alice:
-            job = _wait(alice, alice.post("/v1/jobs", json={"prompt": "anything", **FAST}).json()["id"])
+            job = wait_job(alice, alice.post("/v1/jobs", json={"prompt": "anything", **FAST}).json()["id"])
             assert job["status"] == "succeeded", (job, off.output())
             assert job["images"][0]["nsfw"] is False
             assert _pixels(alice.get(f"/v1/jobs/{job['id']}/images/0").content).max() > 0
