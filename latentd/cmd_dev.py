@@ -124,9 +124,27 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(args) -> int:
-    import httpx
+def _ready(url: str) -> bool:
+    """GET url/readyz == 200 (stdlib only: `latentd dev` runs with the runtime dependencies)."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def run(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)     # `kill <pid>` stops everything, like Ctrl-C
 
     from app import auth
@@ -138,6 +156,9 @@ def run(args) -> int:
     get_settings.cache_clear()
     s = get_settings()
     host, port = args.host or s.host, args.port or s.port
+    if args.port is None and not _port_free(host, port):
+        # a second `latentd dev` on this host: the default port is taken, so take the next free one
+        port = next(p for p in range(port + 1, port + 100) if _port_free(host, p))
     with_keys = auth.auth_enabled(s) and bool(auth.load_keys(s))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("LATENTD_SIGNING_SECRET", secrets.token_hex(32))
@@ -160,16 +181,13 @@ def run(args) -> int:
                 if p.poll() is not None:
                     print(f"latentd dev: the {name} exited with {p.returncode}", file=sys.stderr)
                     return 1
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if _ready(url):
+                break
             time.sleep(0.25)
         hdr = ' -H "Authorization: Bearer $LATENTD_KEY"' if with_keys else ""
         print(f"\nlatentd is ready at {url}  (Ctrl-C stops everything)\n\n"
               f"curl -s {url}/v1/images/generations{hdr} -H 'Content-Type: application/json' \\\n"
-              f"  -d '{{\"prompt\": \"a red circle\", \"n\": 1, \"response_format\": \"url\"}}'\n",
+              f"  -d '{{\"prompt\": \"a red circle on a white background\", \"n\": 1, \"response_format\": \"url\"}}'\n",
               flush=True)
         while api.poll() is None and worker.poll() is None:
             time.sleep(0.5)

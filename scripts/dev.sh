@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-VPY=.venv/bin/python
+VENV=${LATENTD_VENV:-.venv}   # another venv for the same command (the CI smoke check uses a fresh one)
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VPY=$VENV/bin/python
 if ! "$VPY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   # torch first and pinned: a looser spec lets pip pull a multi-GB CUDA build.
   "$VPY" -m pip install -q torch==2.13.0
 fi
 "$VPY" -m pip install -q -e .
-exec .venv/bin/latentd dev "$@"
+exec "$VENV/bin/latentd" dev "$@"
