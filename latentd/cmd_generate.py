@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from latentd import cpu
+    from latentd.settings import get_settings
+    cpu.configure(get_settings().cpu_threads)     # before torch is imported
     import torch
     from tqdm import tqdm
 

@@ -12,10 +12,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from latentd import cpu
     from latentd.settings import get_settings
-    from worker.loop import Worker
 
     s = get_settings()
+    threads = cpu.configure(s.cpu_threads)        # before torch is imported (by worker.loop)
+    from worker.loop import Worker
     over = {k: v for k, v in (("model", args.model), ("worker_name", args.name),
                               ("worker_max_batch", args.max_batch),
                               ("worker_metrics_port", args.metrics_port)) if v is not None}
@@ -23,4 +25,5 @@ def run(args) -> int:
         s = s.model_copy(update=over)
     logging.basicConfig(level=s.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("latentd.worker").info("cpu threading: %s", threads)
     return Worker(s).run()

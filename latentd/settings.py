@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     storage: str = "redis"                 # redis | file
     storage_dir: str = "./data/images"     # FileStore directory (storage=file)
     worker_metrics_port: int = 9101        # 0 = no metrics server
+    cpu_threads: int = 0                   # engine threads on the CPU; 0 = the cores this process may use
     device: str = "auto"                   # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                    # auto (fp16 on cuda, else fp32) | float32 | float16 | bfloat16
     safety: bool = True                    # run the safety checker (flagged -> black image + flag)

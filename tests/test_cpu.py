@@ -1,0 +1,50 @@
+"""latentd/cpu.py: OpenMP threads and spinning decided from what the process may use."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from latentd import cpu
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cpu.cgroup_cpu_limit(str(tmp_path)) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu.cgroup_cpu_limit(str(tmp_path)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu.cgroup_cpu_limit(str(v1)) == 3.0
+    assert cpu.cgroup_cpu_limit(str(tmp_path / "none")) is None
+
+
+def test_configure_fills_in_but_the_operator_wins():
+    env: dict[str, str] = {}
+    got = cpu.configure(0, env)
+    assert env["OMP_NUM_THREADS"] == str(cpu.usable_cpus()) and int(env["OMP_NUM_THREADS"]) >= 1
+    assert env["GOMP_SPINCOUNT"] == str(cpu.SPINCOUNT) and got == env
+    mine = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
+    cpu.configure(0, mine)
+    assert mine == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}     # nothing overridden
+    forced = {"OMP_NUM_THREADS": "3"}
+    cpu.configure(1, forced)                                                  # LATENTD_CPU_THREADS=1
+    assert forced["OMP_NUM_THREADS"] == "1"
+
+
+def test_usable_cpus_follows_affinity():
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from latentd import cpu; print(cpu.usable_cpus())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+
+
+def test_torch_in_a_configured_process_uses_that_many_threads():
+    code = ("import os; from latentd import cpu; cpu.configure(1); import torch; "
+            "print(torch.get_num_threads(), os.environ['GOMP_SPINCOUNT'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["1", str(cpu.SPINCOUNT)]
