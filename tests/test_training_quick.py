@@ -44,3 +44,70 @@ def test_data_is_deterministic_and_in_spec():
     assert bool(((r >= 0.15) & (r <= 0.35)).all())
     assert bool(((a.params["cx"] - a.params["r"]) >= 0).all() and ((a.params["cx"] + a.params["r"]) <= 64).all())
     assert len(data.CAPTIONS) == 54 and data.CAPTIONS[0] == "a red circle on a white background"
+
+
+def test_unet_training_resumes_bit_for_bit(tmp_path):
+    """Two steps, save, a NEW trainer loads and takes two more == four steps straight."""
+    import torch
+
+    from model.training import unet_train
+    from model.training.vae_train import AutoencoderKL, make_config
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(make_config()).eval().requires_grad_(False)
+    contexts = torch.randn(55, 77, 16)
+    ucfg = unet_train.make_config(16, channels=(16, 32, 32), heads=(1, 2, 2), groups=8)
+    tc = unet_train.UNetTrainConfig(steps=4, batch=2, warmup=1, bf16=False)
+
+    straight = unet_train.Trainer(vae, 1.0, contexts, ucfg, tc)
+    for _ in range(4):
+        straight.step()
+    first = unet_train.Trainer(vae, 1.0, contexts, ucfg, tc)
+    first.step(), first.step()
+    first.save(str(tmp_path / "state.pt"))
+    resumed = unet_train.Trainer(vae, 1.0, contexts, ucfg, tc)
+    resumed.load(str(tmp_path / "state.pt"))
+    assert resumed.step_no == 2
+    resumed.step(), resumed.step()
+    assert resumed.done
+    for a, b in zip(straight.ema.model.state_dict().values(), resumed.ema.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # and the run() driver picks the state up from the path
+    again = unet_train.Trainer(vae, 1.0, contexts, ucfg, tc)
+    unet_train.run(again, str(tmp_path / "state.pt"), log=lambda m: None, checkpoint_every=0)
+    assert again.done and again.step_no == 4
+
+
+def test_min_snr_weight_caps_low_noise_steps():
+    import torch
+
+    from model.training.unet_train import alphas_cumprod, min_snr_weight
+    abar = alphas_cumprod()
+    w = min_snr_weight(abar, 5.0)
+    snr = abar / (1 - abar)
+    assert torch.allclose(w[snr > 5], 5.0 / snr[snr > 5])     # low noise: down-weighted by gamma / SNR
+    assert torch.all(w[snr <= 5] == 1.0)                      # high noise: unchanged
+    assert torch.all(min_snr_weight(abar, 0.0) == 1.0)        # gamma 0: the plain loss
+
+
+def test_recipe_resume_skips_finished_stages(tmp_path):
+    """A finished run resumed does nothing again; a run told to stop at once leaves its state."""
+    import json
+
+    from model.training import recipe
+
+    out = str(tmp_path / "m")
+    logs: list[str] = []
+    recipe.run(out, seed=1, quick=True, log=logs.append)
+    state = json.load(open(tmp_path / "m" / ".train" / "state.json"))
+    assert state["done"] == list(recipe.STAGES)
+    assert "gate" in state["summary"]["vae"] and state["summary"]["unet"]["eval_curve"]
+    logs.clear()
+    recipe.run(out, seed=1, quick=True, log=logs.append, resume=True)
+    assert not any(m.startswith("stage ") for m in logs), logs
+    # a budget already spent: nothing runs, nothing is lost
+    fresh = str(tmp_path / "n")
+    logs.clear()
+    recipe.run(fresh, seed=1, quick=True, log=logs.append, minutes_budget=1e-9)
+    assert any("time budget" in m for m in logs), logs
+    assert json.load(open(tmp_path / "n" / ".train" / "state.json"))["done"] == []

@@ -5,20 +5,26 @@ Per step (Ho et al. 2020, Algorithm 1 / Eq. 14):
   x0 ~ data, z0 = E(x0) * scale                      (B, 4, 16, 16)
   t ~ U{0..999}, eps ~ N(0, I)
   z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps        (forward closed form, §2)
-  loss = || eps - eps_theta(z_t, t, c) ||^2
+  loss = w(t) || eps - eps_theta(z_t, t, c) ||^2
 with c the text tower's last hidden state (B, 77, D) of the caption, replaced by that of the empty
 caption "" for 10% of the samples (caption dropout for classifier-free guidance, Ho & Salimans
-2022). AdamW, linear warmup + cosine decay, EMA of the weights for sampling.
+2022), and w(t) = min(SNR(t), gamma) / SNR(t) the Min-SNR-gamma weighting for eps-prediction
+(Hang et al. 2023, Eq. 7 with SNR = abar / (1 - abar)), which stops the many easy low-noise
+steps from dominating the gradient. AdamW, linear warmup + cosine decay, bfloat16 autocast
+(about 1.3x faster than float32 for this model on an avx512_bf16 CPU), EMA of the weights.
+
+Resumable: `Trainer.save(path)` writes every piece of state (weights, EMA, optimizer, RNG, step);
+a fresh Trainer on the same config continues bit-for-bit where it stopped.
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from model.config import UNetConfig
 from model.training import data
@@ -26,7 +32,19 @@ from model.unet import UNet
 
 # Stable Diffusion's noise schedule ("scaled_linear", 1000 steps).
 BETA_START, BETA_END, T = 0.00085, 0.012, 1000
-P_UNCOND = 0.1
+
+
+@dataclass(frozen=True)
+class UNetTrainConfig:
+    steps: int = 4000
+    batch: int = 128
+    lr: float = 2e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0      # 0 = plain (unweighted) eps loss
+    p_uncond: float = 0.1
+    bf16: bool = True
+    seed: int = 0
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -41,17 +59,37 @@ def make_config(cross_dim: int, channels=(32, 64, 128), heads=(2, 4, 4), groups:
                       sample_size=16)
 
 
+def lr_at(step: int, tc: UNetTrainConfig) -> float:
+    """Linear warmup, then cosine from lr to 5% of lr over tc.steps (a pure function of the step,
+    so a resumed run follows the same schedule)."""
+    s = min(step, tc.steps)
+    return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / tc.steps)))
+
+
 @torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, scale: float, gen: torch.Generator) -> torch.Tensor:
-    """(B, 3, 64, 64) -> z0 = sample of q(z|x) times scale: (B, 4, 16, 16)."""
-    mean, logvar = vae.encode(images)
+def encode_latents(vae, images: torch.Tensor, scale: float, gen: torch.Generator, bf16: bool = False) -> torch.Tensor:
+    """(B, 3, 64, 64) -> z0 = sample of q(z|x) times scale: (B, 4, 16, 16) float32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        mean, logvar = vae.encode(images)
+    mean, logvar = mean.float(), logvar.float()
     return (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)) * scale
 
 
-def diffusion_loss(unet, z0, t, context, noise, abar) -> torch.Tensor:
+def min_snr_weight(abar_t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) Min-SNR-gamma loss weight for eps-prediction: min(SNR, gamma) / SNR (Hang et al. 2023)."""
+    if gamma <= 0:
+        return torch.ones_like(abar_t)
+    snr = abar_t / (1 - abar_t)
+    return snr.clamp(max=gamma) / snr
+
+
+def diffusion_loss(unet, z0, t, context, noise, abar, gamma: float = 0.0, bf16: bool = False) -> torch.Tensor:
     a = abar[t].view(-1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise                             # (B, 4, 16, 16)
-    return F.mse_loss(unet(zt, t, context), noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        pred = unet(zt, t, context)
+    per = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))                 # (B,)
+    return (min_snr_weight(abar[t], gamma) * per).mean()
 
 
 class EMA:
@@ -68,49 +106,104 @@ class EMA:
             e.lerp_(p.detach(), 1 - d)
 
 
-def train_unet(vae, scale: float, contexts: torch.Tensor, cfg: UNetConfig, steps: int, batch: int, seed: int,
-               log=print, lr: float = 1e-3, ema_decay: float = 0.995, deadline: float | None = None,
-               checkpoint=None, checkpoint_every: int = 0, init=None):
-    """contexts: (55, 77, D) text-tower states of the 54 captions, then of "" (unconditional).
-    Returns (unet, ema_unet, history) where history is [(step, loss), ...]."""
-    torch.manual_seed(seed)
-    unet = UNet(cfg).train()
-    if init is not None:          # continue from given weights (recipe stage "unet_more")
-        unet.load_state_dict(init.state_dict(), strict=True)
-    ema = EMA(unet, ema_decay)
-    abar = alphas_cumprod()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    warm = max(1, min(100, steps // 10)) if init is None else max(1, steps // 30)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    gen = torch.Generator().manual_seed(seed + 4)
-    uncond = contexts.shape[0] - 1
-    hist, run, t0 = [], None, time.time()
-    bar = tqdm(range(steps), desc="unet", mininterval=5)
-    for step in bar:
-        b = data.sample(batch, gen)
-        z0 = encode_latents(vae, b.images, scale, gen)                      # (B, 4, 16, 16)
-        drop = torch.rand(batch, generator=gen) < P_UNCOND
+class Trainer:
+    """One U-Net training run: step() trains on one batch; save()/load() make it resumable.
+    contexts: (55, 77, D) text-tower states of the 54 captions, then of "" (unconditional)."""
+
+    def __init__(self, vae, scale: float, contexts: torch.Tensor, cfg: UNetConfig, tc: UNetTrainConfig,
+                 init: torch.nn.Module | None = None):
+        torch.manual_seed(tc.seed)
+        self.vae, self.scale, self.contexts, self.cfg, self.tc = vae, scale, contexts, cfg, tc
+        self.unet = UNet(cfg).train()
+        if init is not None:
+            self.unet.load_state_dict(init.state_dict(), strict=True)
+        self.ema = EMA(self.unet, tc.ema_decay)
+        self.abar = alphas_cumprod()
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, weight_decay=0.01, betas=(0.9, 0.99))
+        self.gen = torch.Generator().manual_seed(tc.seed + 4)
+        self.step_no = 0
+        self.avg: float | None = None
+        self.history: list[tuple[int, float]] = []      # (step, running loss)
+        self.samples_per_s: list[tuple[int, float]] = []
+
+    def step(self) -> float:
+        tc, gen = self.tc, self.gen
+        b = data.sample(tc.batch, gen)
+        z0 = encode_latents(self.vae, b.images, self.scale, gen, bf16=tc.bf16)       # (B, 4, 16, 16)
+        uncond = self.contexts.shape[0] - 1
+        drop = torch.rand(tc.batch, generator=gen) < tc.p_uncond
         idx = torch.where(drop, torch.full_like(b.caption, uncond), b.caption)
-        t = torch.randint(0, T, (batch,), generator=gen)
+        t = torch.randint(0, T, (tc.batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
-        loss = diffusion_loss(unet, z0, t, contexts[idx], noise, abar)
-        opt.zero_grad(set_to_none=True)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step_no, tc)
+        loss = diffusion_loss(self.unet, z0, t, self.contexts[idx], noise, self.abar, tc.min_snr_gamma, tc.bf16)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update(unet)
-        run = loss.item() if run is None else 0.95 * run + 0.05 * loss.item()
-        if step % 10 == 0 or step == steps - 1:
-            hist.append((step, run))
-            bar.set_postfix(loss=f"{run:.4f}")
-        if step % 50 == 0 or step == steps - 1:
-            log(f"unet step {step} loss {loss.item():.4f} avg {run:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"t {time.time() - t0:.0f}s")
-        if checkpoint is not None and checkpoint_every and step and step % checkpoint_every == 0:
-            checkpoint(ema.model, step)
-        if deadline is not None and time.time() > deadline:
-            log(f"unet: time budget reached at step {step}")
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.opt.step()
+        self.ema.update(self.unet)
+        v = loss.item()
+        self.avg = v if self.avg is None else 0.98 * self.avg + 0.02 * v
+        if self.step_no % 10 == 0:
+            self.history.append((self.step_no, self.avg))
+        self.step_no += 1
+        return v
+
+    @property
+    def done(self) -> bool:
+        return self.step_no >= self.tc.steps
+
+    def save(self, path: str) -> None:
+        """Training state (our own file, read back with weights_only=True: no arbitrary unpickling)."""
+        tmp = path + ".tmp"
+        torch.save({"unet": self.unet.state_dict(), "ema": self.ema.model.state_dict(), "ema_n": self.ema.n,
+                    "opt": self.opt.state_dict(), "gen": self.gen.get_state(), "step": self.step_no,
+                    "avg": self.avg if self.avg is not None else float("nan"),
+                    "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 2),
+                    "sps": torch.tensor(self.samples_per_s, dtype=torch.float64).reshape(-1, 2)}, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str) -> None:
+        s = torch.load(path, weights_only=True)
+        self.unet.load_state_dict(s["unet"])
+        self.ema.model.load_state_dict(s["ema"])
+        self.ema.n = int(s["ema_n"])
+        self.opt.load_state_dict(s["opt"])
+        self.gen.set_state(s["gen"])
+        self.step_no = int(s["step"])
+        self.avg = None if math.isnan(float(s["avg"])) else float(s["avg"])
+        self.history = [(int(a), float(b)) for a, b in s["history"].tolist()]
+        self.samples_per_s = [(int(a), float(b)) for a, b in s["sps"].tolist()]
+
+
+def run(trainer: Trainer, state_path: str, log=print, deadline: float | None = None, checkpoint=None,
+        checkpoint_every: int = 200, evaluate=None, eval_every: int = 0) -> None:
+    """Train until trainer.done or the deadline, saving the resumable state (and calling
+    checkpoint(ema_unet, step)) every checkpoint_every steps and at the end; evaluate(ema_unet, step)
+    every eval_every steps. Logs loss, lr and samples/s (so contention shows in the log)."""
+    if os.path.exists(state_path):
+        trainer.load(state_path)
+        log(f"unet: resumed at step {trainer.step_no} from {state_path}")
+    tc = trainer.tc
+    t_mark, s_mark = time.time(), trainer.step_no
+    while not trainer.done:
+        loss = trainer.step()
+        s = trainer.step_no
+        if s % 50 == 0 or trainer.done:
+            sps = (s - s_mark) * tc.batch / max(1e-9, time.time() - t_mark)
+            trainer.samples_per_s.append((s, sps))
+            log(f"unet step {s}/{tc.steps} loss {loss:.4f} avg {trainer.avg:.4f} lr {lr_at(s, tc):.2e} "
+                f"{sps:.0f} samples/s seen {s * tc.batch} load {os.getloadavg()[0]:.2f}")
+            t_mark, s_mark = time.time(), s
+        last = trainer.done or (deadline is not None and time.time() > deadline)
+        if (checkpoint_every and s % checkpoint_every == 0) or last:
+            trainer.save(state_path)
+            if checkpoint is not None:
+                checkpoint(trainer.ema.model, s)
+        if evaluate is not None and ((eval_every and s % eval_every == 0) or trainer.done):
+            evaluate(trainer.ema.model, s)
+            t_mark, s_mark = time.time(), s
+        if last and not trainer.done:
+            log(f"unet: time budget reached at step {s}; `--resume` continues from here")
             break
-    return unet.eval(), ema.model, hist
