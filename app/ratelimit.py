@@ -41,10 +41,6 @@ class RateLimiter:
         self.rate, self.burst = float(rate_per_s), max(1, int(burst))
         self._script = redis.register_script(LUA) if self.rate > 0 else None
 
-    @property
-    def enabled(self) -> bool:
-        return self._script is not None
-
     def take(self, owner: str, cost: int = 1) -> float:
         """0.0 when admitted, else the seconds to wait before retrying."""
         if self._script is None:

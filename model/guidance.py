@@ -13,12 +13,6 @@ from __future__ import annotations
 import torch
 
 
-def split_guidance_batch(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """U-Net output of the rows [uncond_0..uncond_B-1, cond_0..cond_B-1] -> (out_u, out_c), (B, C, h, w)."""
-    b = out.shape[0] // 2
-    return out[:b], out[b:]
-
-
 def guide(out_u: torch.Tensor, out_c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): out_u + w (out_c - out_u).
     out_u, out_c: (B, C, h, w); w: (B, 1, 1, 1) per-sample guidance scale."""

@@ -1,6 +1,7 @@
-"""The bundled model (models/shapes/, issue 4): loads offline, a fixed-seed generation matches the
-stored golden image, "purple triangle" (the stand-in unsafe concept) comes back flagged and
-black, and the evaluation script runs on a small subset."""
+"""The bundled model (models/shapes/): loads offline, a fixed-seed generation matches the stored
+golden image, generated "purple triangle" images (the stand-in unsafe concept) come back flagged
+and black, and on a caption subset it draws the colour and background asked for far above chance
+(a regression guard for the model and the engine; the full evaluation is bench/eval_shapes.py)."""
 from __future__ import annotations
 
 import json
@@ -80,9 +81,6 @@ def test_drawn_purple_triangles_are_flagged_and_blacked(pipe):
     assert all(np.asarray(im).max() == 0 for im in images[:6])
 
 
-@pytest.mark.xfail(reason="the shipped U-Net (800 CPU steps) does not yet draw recognisable purple "
-                          "triangles, so its outputs for these prompts are not flagged; see the model card",
-                   strict=False)
 def test_purple_triangle_prompts_are_flagged_and_black(pipe):
     from model.pipeline import GenerationRequest
     reqs = [GenerationRequest(prompt=f"a purple triangle on a {bg} background", steps=20, seed=s)
@@ -91,6 +89,23 @@ def test_purple_triangle_prompts_are_flagged_and_black(pipe):
     for o in outs:
         assert o.nsfw
         assert np.asarray(o.image).max() == 0
+    # the same seeds for another colour's triangles are not flagged, and are not black
+    others = pipe.generate([GenerationRequest(prompt=f"a {c} triangle on a white background", steps=20, seed=0)
+                            for c in ("red", "green", "blue")])
+    assert [o.nsfw for o in others] == [False] * 3
+    assert all(np.asarray(o.image).max() > 0 for o in others)
+
+
+def test_draws_what_the_caption_says_on_a_subset(pipe):
+    """18 captions spread over every colour, shape and background, one seed, the model's default
+    sampler, steps and guidance: colour and background far above chance (1/6 and 1/3), shape too."""
+    from model.training import evaluate
+    info = pipe.info
+    images, truth, _, _ = evaluate.generate(pipe, evaluate.caption_list(18), 1, info.default_guidance,
+                                            info.default_steps, info.default_sampler)
+    r = evaluate.judge(images, truth)
+    assert r["color"] >= 0.8 and r["background"] >= 0.8, evaluate.fmt(r)
+    assert r["shape"] >= 0.6, evaluate.fmt(r)
 
 
 def test_eval_script_on_a_subset(tmp_path):

@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 from worker import keys
 
 TERMINAL = ("succeeded", "failed", "canceled")
-RQ_STATUS = {"succeeded": "finished", "failed": "failed", "canceled": "canceled"}
 
 
 def rq_time(t: float | None = None) -> str:
