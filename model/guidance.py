@@ -28,3 +28,14 @@ def to_x0_eps(out: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: to
     if prediction_type == "v_prediction":
         return alpha * z - sigma * out, alpha * out + sigma * z
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def from_eps(eps: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+             prediction_type: str) -> torch.Tensor:
+    """The inverse of to_x0_eps for a (possibly shifted) eps: the model output that gives it.
+    epsilon: eps itself; v_prediction: v = alpha eps - sigma x0 with x0 = (z - sigma eps) / alpha."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * (z - sigma * eps) / alpha
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")

@@ -44,6 +44,10 @@ class GenerationRequest:
     karras: bool = False
     eta: float = 0.0                # ddim only
     seed: int = 0                   # 0 <= seed < 2**63
+    # classifier guidance (model/classifier.py): ((head, label), ...) sorted, and its scale;
+    # () = none. Build with model.classifier_spec.resolve from the API's {"color": ..., "scale": ...}.
+    classifier_targets: tuple[tuple[str, str], ...] = ()
+    classifier_scale: float = 0.0
 
 
 @dataclass
@@ -112,13 +116,14 @@ class Pipeline:
     decode_batch = 8        # VAE decode chunk (memory); chunks of 1 are padded to 2, see _decode
 
     def __init__(self, *, unet, vae, text: TextEncoder, schedule: NoiseSchedule, info: ModelInfo,
-                 safety=None, device="cpu", dtype=torch.float32):
+                 safety=None, device="cpu", dtype=torch.float32, classifier=None):
         if torch.device(device).type == "cpu":      # the promise is bit-identity on the CPU
             make_batch_invariant(unet)
             if safety is not None:
                 make_batch_invariant(safety)
         self.unet, self.vae, self.text = unet, vae, text
         self.schedule, self.info, self.safety = schedule, info, safety
+        self.classifier = classifier              # LatentClassifier for classifier guidance, or None
         self.device, self.dtype = torch.device(device), dtype
         self.vae_dtype = next(vae.parameters()).dtype
         self.latent_scale = float(vae.config.scaling_factor)
@@ -129,6 +134,14 @@ class Pipeline:
     def validate(self, req: GenerationRequest) -> None:
         """Raise InvalidRequest(field, message naming the allowed range) for a bad request."""
         check_request(self.info, req)
+        if req.classifier_targets:
+            from model.classifier_spec import resolve
+            resolve(self.classifier_heads, {**dict(req.classifier_targets), "scale": req.classifier_scale})
+
+    @property
+    def classifier_heads(self) -> dict[str, tuple[str, ...]] | None:
+        """Head -> labels of the model's classifier (None: none), for validation and /v1/models."""
+        return dict(self.classifier.cfg.heads) if self.classifier is not None else None
 
     def _size(self, req: GenerationRequest) -> tuple[int, int]:
         return (req.width or self.info.native_width, req.height or self.info.native_height)
@@ -213,6 +226,7 @@ class Pipeline:
         w = torch.tensor([float(s.req.guidance_scale) for s in states], dtype=torch.float32,
                          device=self.device).view(b, 1, 1, 1)
         guided = guide(out[:b], out[b:], w)                                 # (B, C, h, w)
+        guided = self._classifier_guidance(states, z, t, k, guided)
         noise = None
         if any(bool(s.plan.draws[s.step]) for s in states):
             noise = torch.cat([torch.randn(s.latent.shape, generator=s.generator, dtype=torch.float32)
@@ -223,6 +237,34 @@ class Pipeline:
             x0_prev = torch.cat([s.x0_prev if s.x0_prev is not None else torch.zeros_like(s.latent)
                                  for s in states])
         return denoise_step(x, guided, k, self.schedule.prediction_type, x0_prev, noise)
+
+    def _classifier_guidance(self, states, z, t, k, guided: torch.Tensor) -> torch.Tensor:
+        """Shift the guided noise estimate of the rows that ask for classifier guidance:
+        eps_hat = eps - s sqrt(1 - abar_t) grad log p(y | z_t, t)  (model/classifier.py). Only
+        those rows pay for the gradient, one row at a time (batch invariance); the others are
+        returned untouched. z: (B, C, h, w) VP latent the U-Net saw; guided: (B, C, h, w)."""
+        rows = [i for i, s in enumerate(states) if s.req.classifier_targets and s.req.classifier_scale > 0]
+        if not rows:
+            return guided
+        from model.classifier import guided_eps, log_prob_grad
+        from model.guidance import from_eps, to_x0_eps
+        ptype = self.schedule.prediction_type
+        shifted = {}
+        with torch.inference_mode(False):     # autograd needs normal tensors: row copies
+            for i in rows:
+                req = states[i].req
+                heads = self.classifier.cfg.heads
+                targets = {h: heads[h].index(lbl) for h, lbl in req.classifier_targets}
+                zi = z[i:i + 1].float().clone()
+                grad = log_prob_grad(self.classifier, zi, t[i:i + 1].clone(), targets)   # (1, C, h, w)
+                alpha, sigma = k["alpha"][i:i + 1].clone(), k["sigma"][i:i + 1].clone()
+                _, eps = to_x0_eps(guided[i:i + 1].clone(), zi, alpha, sigma, ptype)
+                eps_hat = guided_eps(eps, sigma, req.classifier_scale, grad)
+                shifted[i] = from_eps(eps_hat, zi, alpha, sigma, ptype).detach()
+        guided = guided.clone()
+        for i, row in shifted.items():
+            guided[i:i + 1] = row
+        return guided
 
     def finish(self, states: list[RequestState]) -> list[GeneratedImage]:
         """Batched VAE decode (per latent size) + safety check + PIL, in the order of `states`."""
@@ -339,7 +381,9 @@ def load_pipeline(source: str | os.PathLike | None = None, device: str = "cpu",
     if safety and c.safety_state is not None:
         checker = build_safety_checker(c.safety_config, c.safety_state, c.feature_extractor_config,
                                        source=c.name, device=device, dtype=dtype)
+    from model.classifier import load_classifier
+    classifier = load_classifier(os.path.join(folder, "classifier"), device) if os.path.isdir(source) else None
     return Pipeline(unet=c.unet.eval().requires_grad_(False), vae=vae.eval().requires_grad_(False),
                     text=TextEncoder(c.tokenizer, c.text_encoder.eval().requires_grad_(False)),
                     schedule=schedule_from_config(c.scheduler_config), info=info,
-                    safety=checker, device=device, dtype=dtype)
+                    safety=checker, device=device, dtype=dtype, classifier=classifier)

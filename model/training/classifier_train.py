@@ -32,7 +32,10 @@ def _targets(b: data.Batch) -> dict[str, torch.Tensor]:
 
 
 def train_classifier(vae, scale: float, steps: int, batch: int, seed: int, log=print, lr: float = 2e-3,
-                     bf16: bool = True) -> LatentClassifier:
+                     bf16: bool = True, reuse: int = 4) -> LatentClassifier:
+    """batch latents per step, from batch // reuse fresh images each noised to `reuse` timesteps
+    (the VAE encoder costs more than the classifier; one image at several noise levels is still
+    a fair sample of (z_t, t))."""
     torch.manual_seed(seed)
     clf = LatentClassifier(make_config()).train()
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.01)
@@ -43,14 +46,14 @@ def train_classifier(vae, scale: float, steps: int, batch: int, seed: int, log=p
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        b = data.sample(batch, gen)
-        z0 = encode_latents(vae, b.images, scale, gen, bf16=bf16)                   # (B, 4, 16, 16)
-        t = torch.randint(0, T, (batch,), generator=gen)
+        b = data.sample(max(1, batch // reuse), gen)
+        z0 = encode_latents(vae, b.images, scale, gen, bf16=bf16).repeat(reuse, 1, 1, 1)   # (B, 4, 16, 16)
+        t = torch.randint(0, T, (z0.shape[0],), generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = clf(zt, t)
-        ys = _targets(b)
+        ys = {h: y.repeat(reuse) for h, y in _targets(b).items()}
         loss = sum(F.cross_entropy(logits[h].float(), ys[h]) for h in HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()

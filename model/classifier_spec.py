@@ -1,0 +1,44 @@
+"""Classifier-guidance request fields, torch-free (the API validates with it as the engine does).
+
+A request asks for  {"color": "red", "shape": "triangle", "background": null, "scale": 2.0}:
+any subset of the model's classifier heads (null or absent = not steered) and a scale s >= 0
+(Dhariwal & Nichol 2021's gradient scale). Resolved to (targets, scale) with targets a sorted
+tuple of (head, label) pairs, hashable and stable.
+"""
+from __future__ import annotations
+
+import math
+
+from model.errors import InvalidRequest
+
+FIELD = "classifier_guidance"
+MAX_SCALE = 100.0
+DEFAULT_SCALE = 1.0
+
+
+def resolve(heads: dict[str, tuple[str, ...]] | None, value) -> tuple[tuple[tuple[str, str], ...], float]:
+    """heads: the model's classifier heads -> labels (None: the model has no classifier).
+    value: the request's field (a dict, or None). Returns ((head, label), ...), scale."""
+    if value is None:
+        return (), 0.0
+    if not isinstance(value, dict):
+        raise InvalidRequest(FIELD, "must be an object like {\"color\": \"red\", \"scale\": 2.0}")
+    if not heads:
+        raise InvalidRequest(FIELD, "this model has no classifier; classifier guidance is not available")
+    scale = value.get("scale", DEFAULT_SCALE)
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+            or not 0.0 <= scale <= MAX_SCALE):
+        raise InvalidRequest(f"{FIELD}.scale", f"must be a number between 0 and {MAX_SCALE:g}, got {scale!r}")
+    targets = []
+    for head, label in value.items():
+        if head == "scale" or label is None:
+            continue
+        if head not in heads:
+            raise InvalidRequest(FIELD, f"unknown attribute {head!r}; this model's classifier has: "
+                                        + ", ".join(heads) + " (and scale)")
+        if label not in heads[head]:
+            raise InvalidRequest(f"{FIELD}.{head}", f"unknown {head} {label!r}; one of: " + ", ".join(heads[head]))
+        targets.append((head, label))
+    if not targets:
+        raise InvalidRequest(FIELD, "names no attribute to steer; give at least one of: " + ", ".join(heads))
+    return tuple(sorted(targets)), float(scale)
