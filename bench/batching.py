@@ -1,4 +1,4 @@
-"""Continuous-batching benchmark (issue 5, performance section). Prints numbers; asserts nothing.
+"""Continuous-batching benchmark. Prints numbers; asserts nothing.
 
   1. Throughput (images/s) with 1, 4 and 16 concurrent closed-loop clients, batched worker
      (max batch 16) vs the same worker taking one request at a time (max batch 1).

@@ -1,4 +1,4 @@
-"""Soak test (issue 6): N minutes of mixed load against a running stack while workers are killed
+"""Soak test: N minutes of mixed load against a running stack while workers are killed
 with SIGKILL at random moments and restarted. Prints numbers; asserts nothing (exit status 1 if
 anything was lost or duplicated, so a script can notice).
 

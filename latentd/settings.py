@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     queue_name: str = "latentd"
     log_level: str = "info"
 
-    # --- API (app/) -- section owned by the API work ----------------------------------------
+    # --- API (app/) ----------------------------------------
     host: str = "127.0.0.1"                # `latentd serve` / `latentd dev` bind address
     port: int = 8000
     api_workers: int = 1                   # uvicorn worker processes for `latentd serve`
@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     metrics_port: int | None = None        # if set, /metrics is served on this port only
     cors_origins: str = ""                 # comma-separated origins allowed by CORS; "" = none
 
-    # --- worker (worker/) -- section owned by the worker work --------------------------------
+    # --- worker (worker/) --------------------------------
     queue_cap: int = 1000                  # max queued jobs; submit raises QueueFull beyond (API: 503)
     worker_name: str | None = None         # default: <host>-<pid>
     worker_max_batch: int = 16             # max requests sharing one U-Net call

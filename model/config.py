@@ -78,7 +78,7 @@ class UNetConfig:
         _require(cfg, "only_cross_attention", (False,), False)
         _require(cfg, "conv_in_kernel", (3,), 3)
         _require(cfg, "conv_out_kernel", (3,), 3)
-        # diffusers' naming quirk (issue #2011): for SD configs `attention_head_dim` is the number
+        # diffusers' naming quirk (huggingface/diffusers#2011): for SD configs `attention_head_dim` is the number
         # of heads per block; `num_attention_heads`, when present, takes precedence.
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         layers = _tuple(cfg.get("layers_per_block", 2), n)

@@ -1,4 +1,4 @@
-"""The full-size SD 1.5 architecture (issue 2, test 5): random weights written by diffusers, so
+"""The full-size SD 1.5 architecture: random weights written by diffusers, so
 every key name and shape is the real one; loaded by us; one U-Net call at 512x512 equals diffusers'.
 
 Memory: one copy of the 860M-parameter U-Net (3.4 GB float32) is alive at a time — diffusers'

@@ -1,4 +1,4 @@
-"""Issue 6, hostile input: a table of bad requests against a real uvicorn + real redis-server.
+"""Hostile input: a table of bad requests against a real uvicorn + real redis-server.
 
 Every case must get a 4xx whose JSON error body names the field (never a 500, never a traceback),
 and the whole table must leave the queue exactly as it was (nothing enqueued, no job record).

@@ -1,5 +1,4 @@
-"""Loading: diffusers folders, single-file checkpoints with original key names, and bad input
-(issue 2, tests 4 and 7)."""
+"""Loading: diffusers folders, single-file checkpoints with original key names, and bad input."""
 import json
 import shutil
 

@@ -1,4 +1,4 @@
-"""Issue 6, overload: a burst of 10x the queue cap from many concurrent clients (httpx async)
+"""Overload: a burst of 10x the queue cap from many concurrent clients (httpx async)
 against a real uvicorn + redis-server (no worker, so nothing drains the queue).
 
 Only 202, 429 and 503 come back, each 429/503 with a Retry-After; the queue never exceeds its

@@ -1,4 +1,4 @@
-"""Issue 6, crashes and restarts: SIGKILLed workers and a SIGKILLed Redis lose no admitted job,
+"""Crashes and restarts: SIGKILLed workers and a SIGKILLed Redis lose no admitted job,
 and no image is stored twice. Small leases (3 s) keep it fast; the bound is lease + reap interval.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_max_attempts_fails_with_reason(stack):
 
 
 def test_three_rounds_of_sigkill_lose_and_duplicate_nothing(stack):
-    """Issue 6: two workers, 30 jobs, three rounds of SIGKILL at random moments."""
+    """Two workers, 30 jobs, three rounds of SIGKILL at random moments."""
     rng = random.Random(6)
     settings = dict(worker_max_batch=4, max_attempts=10)
     workers = [stack.start(**settings), stack.start(**settings)]

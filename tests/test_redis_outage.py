@@ -1,4 +1,4 @@
-"""Issue 6, Redis outage as the API sees it: a real uvicorn on a real redis-server (deploy/redis.conf,
+"""Redis outage as the API sees it: a real uvicorn on a real redis-server (deploy/redis.conf,
 AOF), Redis SIGKILLed (and, separately, frozen with SIGSTOP) while the API runs.
 
 While Redis is gone every route that needs it answers 503 with Retry-After, never a 500 and never

@@ -1,4 +1,4 @@
-"""Issue 6, hostile input: schemathesis against the app's own OpenAPI schema, over real HTTP to a
+"""Hostile input: schemathesis against the app's own OpenAPI schema, over real HTTP to a
 real uvicorn + redis-server, authenticated, with a bounded number of examples per operation.
 
 Zero server errors (5xx other than the documented 503/504 of admission and the sync wait), every

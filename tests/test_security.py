@@ -1,4 +1,4 @@
-"""Issue 6, security, against a real stack (redis-server, uvicorn, `latentd worker` on the tiny
+"""Security, against a real stack (redis-server, uvicorn, `latentd worker` on the tiny
 model). What tests/test_api_auth.py, test_api_admission.py and test_api_e2e.py already show (401
 table, 404 on a queued job, signed-URL tampering/expiry/moving, metrics token, basic CORS
 preflight) is not repeated; this adds:

@@ -1,4 +1,4 @@
-"""Our U-Net and VAE against diffusers' on the same random weights (issue 2, test 1)."""
+"""Our U-Net and VAE against diffusers' on the same random weights."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
 """BatchExecutor: runs what worker/scheduler.py decides, one continuous-batching iteration at a time.
 
-Each `iterate()` (DESIGN.md convention 12: the scheduler decides, this runs; vLLM's
+Each `iterate()` (the scheduler decides, this runs; vLLM's
 update_from_output):
   1. applies cancels (queued or running requests simply leave: their state is dropped),
   2. asks the pure scheduler which waiting requests to admit and which latent size steps,

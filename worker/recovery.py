@@ -1,6 +1,6 @@
 """Leases, heartbeats and the reaper: how a job held by a SIGKILLed worker comes back.
 
-RQ alone would not do it (issue 6): it moves abandoned jobs to its failed registry, finds them
+RQ alone would not do it: it moves abandoned jobs to its failed registry, finds them
 only in a 600 s maintenance pass, and SimpleWorker sets the started-registry expiry once with no
 heartbeat. So:
 

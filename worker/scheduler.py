@@ -1,4 +1,4 @@
-"""Continuous-batching scheduler: decides, never runs (DESIGN.md convention 12; vLLM's schedule()).
+"""Continuous-batching scheduler: decides, never runs (vLLM's schedule()).
 
 Pure: no torch, no clocks, no I/O. The executor (worker/executor.py) describes the running set
 and the waiting list as plain `Item`s and gets back a `Decision`; everything here is a function
@@ -31,7 +31,7 @@ Policy (one call to `schedule` per worker iteration):
    and a closed loop of clients) always step together; but a 10-step request that arrives while
    50-step requests run steps ALONE until it is done (or until the long ones have waited
    `max_skip` iterations), so on hardware where a bigger batch costs more per call (a CPU) its
-   latency stays close to its latency alone (head-of-line blocking, issue 5). This is shortest-
+   latency stays close to its latency alone (head-of-line blocking). This is shortest-
    remaining-first by bands (SRPT minimises mean latency); the aging bound keeps it starvation-
    free: under any load a running request steps at least once every `max_skip + groups`
    iterations. With `band=inf` every request of the group steps every time it runs.

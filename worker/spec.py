@@ -4,7 +4,7 @@ Torch-free: the API builds and validates it; the worker parses it back with `Job
 The field ranges here are model-independent sanity bounds (so a spec read off the queue can be
 trusted to be well-typed); the model-dependent rules (allowed sizes, max steps, samplers) are
 `model.info.check_request`, run by the API against the model's info before submitting and by the
-engine again before running. Image k of a job uses seed `seed + k` (issue 3).
+engine again before running. Image k of a job uses seed `seed + k`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Procedural shapes data set (issue 4): 64x64 RGB, one flat-coloured shape on a plain background,
+"""Procedural shapes data set: 64x64 RGB, one flat-coloured shape on a plain background,
 captioned "a {color} {shape} on a {background} background". Rendered on the fly, batched and
 vectorised in torch with anti-aliased edges (signed distance), deterministic from a Generator.
 """
