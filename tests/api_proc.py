@@ -77,9 +77,7 @@ class ApiProc:
             pass
 
 
-# --- fixtures shared by tests/test_api_*.py (import them into the test module) ----------------
-import pytest  # noqa: E402
-
+# --- keys and helpers shared by the API tests (their fixtures live in tests/conftest.py) ---------
 from app.auth import hash_key  # noqa: E402
 
 ALICE, BOB = "ltd_test_alice_0123456789abcdef", "ltd_test_bob_0123456789abcdef"
@@ -100,46 +98,6 @@ def configs_only_model(folder: str | None = None) -> str:
         with open(os.path.join(folder, sub, "config.json"), "w") as f:
             json.dump(cfg, f)
     return folder
-
-
-# One redis-server and one API for all the API test modules (process starts are the slow part of
-# these tests): session fixtures backed by a cache, so every module that imports them shares one.
-_SHARED: dict = {}
-
-
-def _shared(request, name, make):
-    if name not in _SHARED:
-        obj = make()
-        _SHARED[name] = obj
-
-        def stop():
-            _SHARED.pop(name, None)
-            obj.stop()
-
-        request.addfinalizer(stop)
-    return _SHARED[name]
-
-
-@pytest.fixture(scope="session")
-def module_redis(request):
-    """A real redis-server shared by the API tests (tests that count queue entries read
-    before/after; tests that need an empty database flush it first)."""
-    from tests.services import RedisServer
-
-    return _shared(request, "redis", lambda: RedisServer().start())
-
-
-@pytest.fixture(scope="session")
-def cfg_model():
-    return configs_only_model()
-
-
-@pytest.fixture(scope="session")
-def api(request, module_redis, cfg_model):
-    """A real uvicorn API with two keys (alice, bob), validating against a configs-only model
-    folder; no worker."""
-    return _shared(request, "api", lambda: ApiProc(module_redis.url, api_keys=KEYS, model=cfg_model,
-                                                   rate_limit_per_s=0).start())
 
 
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:

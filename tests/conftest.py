@@ -1,4 +1,4 @@
-"""Shared pytest fixtures (see docs/CONTRACTS.md §4)."""
+"""Shared pytest fixtures (see docs/CONTRACTS.md §4): models, redis-server, the API, workers."""
 import os
 
 import pytest
@@ -34,3 +34,71 @@ def redis_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def stack(redis_server, tiny_model):
+    """Workers on a fresh redis-server and the tiny model: start(**settings) -> WorkerProc (ready),
+    client(**settings) -> JobClient, record(job_id) -> the job hash. Kills all at the end."""
+    from latentd.settings import Settings
+    from tests.services import FAST, WorkerProc
+    from worker import keys
+    from worker.client import JobClient
+
+    procs: list = []
+
+    class Stack:
+        redis = redis_server
+
+        def start(self, wait=True, **settings):
+            w = WorkerProc(redis_server.url, str(tiny_model), **{**FAST, **settings}).start()
+            procs.append(w)
+            return w.wait_ready() if wait else w
+
+        def client(self, **over):
+            return JobClient(redis_server.client(), Settings(redis_url=redis_server.url, **over))
+
+        def record(self, job_id):
+            return {k.decode(): v.decode() for k, v in
+                    redis_server.client().hgetall(keys.job(job_id)).items()}
+
+    try:
+        yield Stack()
+    finally:
+        for w in procs:
+            w.stop()
+
+
+# One redis-server and one API (no worker) for the API test modules: process starts are the slow
+# part of those tests. Tests that count queue entries read before/after; tests that need an empty
+# database flush it first.
+@pytest.fixture(scope="session")
+def module_redis():
+    from tests.services import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cfg_model():
+    """A folder with only the JSON configs the API validates against (tests/api_proc.py)."""
+    from tests.api_proc import configs_only_model
+
+    return configs_only_model()
+
+
+@pytest.fixture(scope="session")
+def api(module_redis, cfg_model):
+    """A real uvicorn API with two keys (alice, bob), validating against a configs-only model
+    folder; no worker."""
+    from tests.api_proc import KEYS, ApiProc
+
+    proc = ApiProc(module_redis.url, api_keys=KEYS, model=cfg_model, rate_limit_per_s=0).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -167,3 +167,17 @@ class WorkerProc:
             os.unlink(self.logfile.name)
         except OSError:
             pass
+
+
+# Worker settings that make leases, reaping and heartbeats fast enough for tests.
+FAST = dict(lease_s=3, reap_interval_s=1, worker_heartbeat_s=0.5, progress_interval_s=0.05)
+
+
+def wait_status(c, jid, owner, statuses, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = c.get(jid, owner)
+        if d and d["status"] in statuses:
+            return d
+        time.sleep(0.02)
+    raise AssertionError(f"job {jid} not in {statuses} after {timeout}s: {c.get(jid, owner)}")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from app import signing
-from tests.api_proc import ALICE, BOB, SECRET, ApiProc, api, cfg_model, module_redis  # noqa: F401
+from tests.api_proc import ALICE, BOB, SECRET, ApiProc
 from tests.services import ROOT, free_port
 
 OK = {"prompt": "a blue square", "size": "64x64"}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.api_proc import ALICE, api, cfg_model, module_redis  # noqa: F401
+from tests.api_proc import ALICE
 from worker import keys
 
 OK = {"prompt": "a red circle"}

@@ -200,19 +200,15 @@ def test_sizes_are_grouped_and_alternate(pipe, solo):
 
 
 def test_compute_seconds_are_shares_of_the_batched_calls(pipe):
-    import time
     ex = BatchExecutor(pipe, max_batch=16)
     for i in range(3):
         ex.add(f"r{i}", "k", R(seed=50 + i, steps=3))
     ex.add("long", "k", R(seed=60, steps=6))
-    t0 = time.perf_counter()
     done = finished(drain(ex))
-    wall = time.perf_counter() - t0
     c = {k: v.compute_s for k, v in done.items()}
     # r0..r2 shared every call (encode, 3 steps, one finish) in the same order: equal shares.
     assert c["r0"] == c["r1"] == c["r2"] > 0
     assert c["long"] > c["r0"]                          # 3 more steps, alone
-    assert sum(c.values()) <= wall
 
 
 def test_report_max_difference():

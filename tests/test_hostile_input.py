@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from tests.api_proc import ALICE, KEYS, ApiProc, module_redis  # noqa: F401
+from tests.api_proc import ALICE, KEYS, ApiProc
 from worker import keys
 
 BODY_CAP = 262144                  # raised so a 100 KB prompt reaches the prompt-length rule

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, module_redis  # noqa: F401
+from tests.api_proc import ALICE, BOB, KEYS, ApiProc
 from worker import keys
 
 CAP = 25

@@ -6,9 +6,8 @@ from __future__ import annotations
 import random
 import time
 
-import pytest
 
-from tests.test_worker_loop import FAST, stack, wait_status  # noqa: F401 (fixture)
+from tests.services import FAST, wait_status
 from worker import keys
 from worker.spec import JobSpec
 from worker.state import TERMINAL
@@ -60,9 +59,11 @@ def test_sigkill_mid_run_requeued_within_lease_bound(stack):
 
 
 def test_reaper_bound_with_a_live_worker(stack):
-    """With a second worker already up, the requeue happens within lease_s + reap_interval_s."""
+    """With a second worker already up, the requeue happens within lease_s + reap_interval_s.
+    The one timed assertion kept in the suite, on purpose: the bound is a promise of the service
+    (docs/CONTRACTS.md §2, how leases and the reaper bound a lost job's requeue), not a speed."""
     a = stack.start(worker_max_batch=1)
-    b = stack.start(worker_max_batch=1)
+    stack.start(worker_max_batch=1)                   # the survivor that reclaims the job
     c = stack.client()
     j1 = c.submit(JobSpec(prompt="one", owner="o", steps=150))
     j2 = c.submit(JobSpec(prompt="two", owner="o", steps=150))

@@ -1,7 +1,6 @@
 """Text conditioning (model/text.py): tokenizer formats, truncation, unconditional input."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch

@@ -15,40 +15,10 @@ import pytest
 from PIL import Image
 
 from latentd.settings import Settings
-from tests.services import WorkerProc, free_port
+from tests.services import FAST, WorkerProc, free_port, wait_status
 from worker import keys
 from worker.client import JobClient
 from worker.spec import JobSpec
-
-FAST = dict(lease_s=3, reap_interval_s=1, worker_heartbeat_s=0.5, progress_interval_s=0.05)
-
-
-@pytest.fixture
-def stack(redis_server, tiny_model):
-    """start(**settings) -> WorkerProc (ready); client(**settings) -> JobClient. Kills all."""
-    procs: list[WorkerProc] = []
-
-    class Stack:
-        redis = redis_server
-
-        def start(self, wait=True, **settings):
-            w = WorkerProc(redis_server.url, str(tiny_model), **{**FAST, **settings}).start()
-            procs.append(w)
-            return w.wait_ready() if wait else w
-
-        def client(self, **over):
-            return JobClient(redis_server.client(), Settings(redis_url=redis_server.url, **over))
-
-        def record(self, job_id):
-            return {k.decode(): v.decode() for k, v in
-                    redis_server.client().hgetall(keys.job(job_id)).items()}
-
-    try:
-        yield Stack()
-    finally:
-        for w in procs:
-            w.stop()
-
 
 @pytest.fixture(scope="module")
 def shared(tiny_model):
@@ -68,16 +38,6 @@ def shared(tiny_model):
     finally:
         w.stop()
         server.stop()
-
-
-def wait_status(c, jid, owner, statuses, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        d = c.get(jid, owner)
-        if d and d["status"] in statuses:
-            return d
-        time.sleep(0.02)
-    raise AssertionError(f"job {jid} not in {statuses} after {timeout}s: {c.get(jid, owner)}")
 
 
 def test_submit_to_png_with_metadata(shared):
