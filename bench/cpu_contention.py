@@ -5,7 +5,8 @@ OpenMP settings. Each setting runs in a fresh subprocess, since OpenMP reads its
 
     python bench/cpu_contention.py [--images 6] [--settings latentd passive default]
 
-Settings: "latentd" = latentd/cpu.py's choice (threads = usable cores, short GOMP spin),
+Settings: "latentd" = latentd/cpu.py's choice (threads = usable cores, short GOMP spin, and the
+ThreadGovernor giving torch only the cores other processes leave free, as the worker does),
 "default" = OpenMP's defaults (what the worker did before), "passive" = OMP_WAIT_POLICY=PASSIVE,
 "spin:N" = GOMP_SPINCOUNT=N, "threads:N" = N threads with the latentd spin.
 """
@@ -27,10 +28,15 @@ import torch
 from model.pipeline import GenerationRequest, load_pipeline
 pipe = load_pipeline(None)
 req = lambda s: GenerationRequest(prompt="a red circle on a white background", steps=20, seed=s)
-pipe.generate([req(0)])                                   # warm-up
+cb = None
+if {governor}:                                            # what the worker and `generate` do
+    from latentd.cpu import ThreadGovernor
+    gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
+    cb = lambda *a: gov.tick()
+pipe.generate([req(0)], callback=cb)                      # warm-up
 ts = []
 for i in range({n}):
-    t0 = time.perf_counter(); pipe.generate([req(i + 1)]); ts.append(time.perf_counter() - t0)
+    t0 = time.perf_counter(); pipe.generate([req(i + 1)], callback=cb); ts.append(time.perf_counter() - t0)
 print(json.dumps({{"median": statistics.median(ts), "threads": torch.get_num_threads()}}))
 """
 
@@ -65,7 +71,8 @@ def run(setting: str, neighbours: int, n: int) -> dict:
         p.start()
     try:
         t0 = time.time()
-        out = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT, n=n)], env=child_env(setting),
+        code = CHILD.format(root=ROOT, n=n, governor=setting in ("latentd", "governor"))
+        out = subprocess.run([sys.executable, "-c", code], env=child_env(setting),
                              capture_output=True, text=True, timeout=1800)
         if out.returncode:
             raise RuntimeError(out.stderr[-2000:])

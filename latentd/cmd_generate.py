@@ -71,8 +71,16 @@ def run(args: argparse.Namespace) -> int:
     except InvalidRequest as e:
         print(f"latentd generate: invalid {e.field}: {e.message}", file=sys.stderr)
         return 2
+    from latentd.cpu import ThreadGovernor
+    gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if args.device == "cpu" else None
+
+    def step(i, s, total):
+        bar.update(1)
+        if gov is not None:
+            gov.tick()
+
     with tqdm(total=req.steps, desc="denoising", unit="step") as bar:
-        result = pipe.generate([req], callback=lambda i, step, total: bar.update(1))[0]
+        result = pipe.generate([req], callback=step)[0]
     result.image.save(args.out, format="PNG")
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)

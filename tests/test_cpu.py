@@ -48,3 +48,41 @@ def test_torch_in_a_configured_process_uses_that_many_threads():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == ["1", str(cpu.SPINCOUNT)]
+
+
+def test_governor_gives_the_cores_others_leave_free():
+    calls = []
+    g = cpu.ThreadGovernor(2, calls.append, interval=0.0)
+    assert g.decide(0.0) == 2 and g.decide(0.3) == 2        # an idle machine (or a little noise)
+    assert g.decide(1.0) == 1 and g.decide(2.0) == 1        # one or two busy neighbours: never 0
+    assert cpu.ThreadGovernor(8, calls.append).decide(3.2) == 5
+
+
+def test_governor_sees_a_busy_neighbour_and_its_departure():
+    """A real busy process next to us: the governor drops to fewer threads; when it stops, back."""
+    import multiprocessing as mp
+    calls = []
+    g = cpu.ThreadGovernor(max(2, cpu.usable_cpus()), calls.append, interval=0.3)
+    if cpu.usable_cpus() < 2 or cpu._cpu_jiffies() is None:
+        return
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_spin, args=(3.0,))
+    p.start()
+    import time
+    t = time.monotonic()
+    while time.monotonic() - t < 2.5:
+        g.tick()
+        time.sleep(0.05)
+    p.join()
+    assert g.threads < g.max and calls and calls[-1] == g.threads
+    time.sleep(0.4)
+    g.tick()
+    time.sleep(0.4)
+    assert g.tick() == g.max
+
+
+def _spin(seconds):
+    import time
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass

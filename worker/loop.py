@@ -120,6 +120,12 @@ class Worker:
         self.new_executor = lambda: BatchExecutor(self.pipe, max_batch=s.worker_max_batch,
                                                   memory_budget_mb=s.worker_memory_budget_mb or None)
         self.ex = self.new_executor()
+        self.governor = None
+        if self.device == "cpu":                 # share the cores with whatever else runs here
+            import torch
+
+            from latentd.cpu import ThreadGovernor
+            self.governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
         metrics.serve(s.worker_metrics_port)
         metrics.update_device_memory(self.device)
         self.hb.set_info(state="ready", model=json.dumps(self.pipe.info.to_dict()),
@@ -172,6 +178,8 @@ class Worker:
         self.check_timeouts()
         if self.ex.idle:
             return
+        if self.governor is not None:
+            self.governor.tick()
         t = time.perf_counter()
         try:
             events = self.ex.iterate()
