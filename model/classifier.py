@@ -1,7 +1,7 @@
 """Noise-aware latent classifier p_phi(y | z_t, t) for classifier guidance (Dhariwal & Nichol 2021,
 "Diffusion Models Beat GANs", §4 and App. D: the U-Net's encoder half with the timestep embedding,
 then a pooled head). Here: ResNet blocks with the sinusoidal time embedding at each level of the
-latent, global average pooling, and one linear head per attribute (e.g. color / shape /
+latent, the last feature map average-pooled to a small grid, and one linear head per attribute (e.g. color / shape /
 background of the bundled shapes model), so a request may steer any subset of them.
 
 Input is the variance-preserving latent z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps — what the
@@ -33,6 +33,8 @@ class ClassifierConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     norm_num_groups: int = 8
     sample_size: int = 16
+    pool: int = 4           # the last feature map is pooled to pool x pool and flattened: shape
+                            # needs where things are, which a global average would throw away
 
     @property
     def time_embed_dim(self) -> int:
@@ -48,7 +50,7 @@ class ClassifierConfig:
     def from_json(cls, d: dict) -> "ClassifierConfig":
         return cls(heads={k: tuple(v) for k, v in d["heads"].items()}, in_channels=int(d["in_channels"]),
                    block_out_channels=tuple(d["block_out_channels"]), norm_num_groups=int(d["norm_num_groups"]),
-                   sample_size=int(d["sample_size"]))
+                   sample_size=int(d["sample_size"]), pool=int(d.get("pool", 1)))
 
 
 class LatentClassifier(nn.Module):
@@ -69,14 +71,14 @@ class LatentClassifier(nn.Module):
             self.downs.append(Downsample(c) if i < len(ch) - 1 else nn.Identity())
             prev = c
         self.norm_out = nn.GroupNorm(g, prev)
-        self.heads = nn.ModuleDict({k: nn.Linear(prev, len(v)) for k, v in cfg.heads.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(prev * cfg.pool ** 2, len(v)) for k, v in cfg.heads.items()})
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         emb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]))   # (B, temb)
         h = self.conv_in(z)                                                                 # (B, C0, h, w)
         for block, down in zip(self.blocks, self.downs):
             h = down(block(h, emb))                                 # (B, Ci, h/2^i, w/2^i)
-        h = F.silu(self.norm_out(h)).mean(dim=(2, 3))               # (B, C_last) global average pool
+        h = F.adaptive_avg_pool2d(F.silu(self.norm_out(h)), self.cfg.pool).flatten(1)   # (B, C_last * pool^2)
         return {k: head(h) for k, head in self.heads.items()}
 
 

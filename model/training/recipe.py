@@ -66,7 +66,7 @@ class Plan:
     safety_steps: int = 150
     safety_batch: int = 96
     safety_generated_seeds: int = 8  # generated images per caption for the safety concept fit
-    classifier_steps: int = 1000
+    classifier_steps: int = 2000
     classifier_batch: int = 256
 
 
