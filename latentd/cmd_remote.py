@@ -101,7 +101,8 @@ def run_remote(args) -> int:
         job = remote.json("POST", "/v1/jobs", request_body(args))
     except RemoteError as e:
         field = e.error.get("field") or e.error.get("param")
-        what = f"invalid {field}: " if field and e.status in (400, 422) else f"HTTP {e.status}: "
+        what = (f"invalid {field}: " if field and e.status in (400, 422)
+                else f"HTTP {e.status}{f' ({field})' if field else ''}: ")
         print(f"latentd generate: {what}{e}", file=sys.stderr)
         return 2
     except (urllib.error.URLError, OSError) as e:

@@ -302,8 +302,8 @@ class Worker:
 
     # --- Redis --------------------------------------------------------------------------------
     def redis_phase(self) -> None:
+        self.flush_live()          # first: a job's progress and previews come before its end
         self.flush()
-        self.flush_live()
         now = time.monotonic()
         if now - self.last_touch >= self.s.progress_interval_s:
             self.touch()

@@ -46,6 +46,7 @@ MIN_SECRET_LEN = 16
 TOLERANCE_S = 300                                      # verify(): older timestamps are replays
 MAX_URL_CHARS = 2048
 THREADS = 2                                            # delivery threads per worker
+CLAIM_MARGIN_S = 5     # a claimed delivery is due again this long after its POST's timeout
 
 
 # --- allow-list ---------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class Deliverer:
         s = self.s
         now = time.time() if now is None else now
         got = self.claim(keys=[keys.WEBHOOKS_DUE],
-                         args=[repr(now), repr(now + s.webhook_timeout_s + 30)])
+                         args=[repr(now), repr(now + s.webhook_timeout_s + CLAIM_MARGIN_S)])
         if not got:
             metrics.WEBHOOK_PENDING.set(self.redis.zcard(keys.WEBHOOKS_DUE))
             return False
