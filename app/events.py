@@ -42,10 +42,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}   # no pr
 
 
 async def follow(st, job_id: str, owner: str, after: str | None, every: int,
-                 listener: str | None = None) -> AsyncIterator[tuple[str | None, str, dict]]:
+                 listener: str | None = None, deadline: float | None = None,
+                 ) -> AsyncIterator[tuple[str | None, str, dict]]:
     """(id, type, data) of job_id's events after stream id `after` (None: from the start), until
     its final event. The caller has checked that the job is owner's. Yields (None, "ping", {})
-    when nothing happened for PING_S."""
+    when nothing happened for PING_S, and (None, "timeout", {}) then stops once past `deadline`
+    (time.monotonic())."""
     listener = listener or events.new_listener()
     key = keys.events(job_id)
     cursor = after or "0-0"
@@ -80,6 +82,9 @@ async def follow(st, job_id: str, owner: str, after: str | None, every: int,
                     yield cursor, type_, data
                     if type_ in events.TERMINAL_TYPES:
                         return
+            if deadline is not None and time.monotonic() > deadline:
+                yield None, "timeout", {}
+                return
             if time.monotonic() - last_sent > PING_S:
                 last_sent = time.monotonic()
                 yield None, "ping", {}

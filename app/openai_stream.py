@@ -6,7 +6,8 @@ Events (text/event-stream, each `event:` named as its `type`), as the official c
   image_generation.completed      {b64_json, created_at, size, quality, background, output_format,
                                    usage}                        one per image, as it is stored
 plus latentd's fields (index, seed, nsfw, job_id), and on failure an `error` event whose data
-{"error": {...}} the clients raise as an API error. A partial image is the coarse preview of
+{"error": {...}} the clients raise as an API error; past LATENTD_SYNC_WAIT_S, as the
+non-streaming answer's 504, an `error` event with code `timeout` and the job id to poll. A partial image is the coarse preview of
 model/preview.py (a colour mosaic of the x0 estimate, at most PREVIEW_CELLS cells a side),
 scaled to the image size: never a decoded image, since the safety check only runs at the end.
 """
@@ -51,12 +52,21 @@ async def respond(request: Request, body, owner: str) -> StreamingResponse:
 
     job_id, spec = admit(st, body, owner, "images", watch=watch)
     size = f"{spec.width}x{spec.height}"
+    wait_s = st.settings.sync_wait_s
+    deadline = time.monotonic() + wait_s
 
     async def stream():
         partials: dict[int, int] = {}
-        async for _, type_, data in follow(st, job_id, owner, None, every["k"], listener):
+        async for _, type_, data in follow(st, job_id, owner, None, every["k"], listener, deadline):
             if type_ == "ping":
                 yield PING
+            elif type_ == "timeout":                 # as the non-streaming answer's 504
+                d = st.jobs.get(job_id, owner) or {}
+                yield sse("error", {"type": "error", "error": {
+                    "code": "timeout", "message": f"the job is still {d.get('status', 'running')} "
+                    f"after {wait_s:g} s; poll GET /v1/jobs/{job_id}", "type": "timeout_error",
+                    "param": None, "job_id": job_id}})
+                return
             elif type_ == "preview":
                 k = data["index"]
                 i = partials.get(k, 0)

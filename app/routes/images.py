@@ -32,7 +32,10 @@ def _wait_limiter(st) -> anyio.CapacityLimiter:
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True,
              openapi_extra=GENERATION_BODY,
-             responses={**ERRORS, 400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+             responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
+                                        "description": "JSON, or with `stream: true` OpenAI's "
+                                                       "image_generation.* events"},
+                        400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                         429: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
                         504: {"model": ErrorResponse}})
 async def generate(request: Request):
