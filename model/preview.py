@@ -37,7 +37,7 @@ class LatentRGB:
         h, w = int(x0.shape[-2]), int(x0.shape[-1])
         scale = min(1.0, PREVIEW_CELLS / max(h, w))
         cells = (max(1, round(h * scale)), max(1, round(w * scale)))
-        z = torch.nn.functional.adaptive_avg_pool2d(x0.float().cpu(), cells)[0]     # (C, h', w')
+        z = torch.nn.functional.adaptive_avg_pool2d(x0.float(), cells)[0].cpu()     # (C, h', w')
         rgb = torch.einsum("rc,chw->hwr", self.weight, z) + self.bias              # (h', w', 3)
         return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 

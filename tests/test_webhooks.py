@@ -142,7 +142,7 @@ def test_a_worker_killed_before_delivery_does_not_lose_it(stack):
     while attempts(stack["redis"], jid) < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    stack["worker"].kill()                                    # the only worker: SIGKILL
+    stack["worker"].stop()                                    # the only worker: SIGKILL
     r = stack["redis"].client()
     assert r.zscore(keys.WEBHOOKS_DUE, jid) is not None       # the delivery is state in Redis
     rx = Receiver(port=port)

@@ -34,6 +34,7 @@ from worker.state import Scripts, rq_time
 from worker.store import make_store
 
 log = logging.getLogger("latentd.worker")
+MAX_LIVE = 1000            # unsent progress/preview events kept while Redis is unreachable
 
 
 def rq_entry(*_args, **_kwargs):
@@ -228,6 +229,8 @@ class Worker:
                 self.finished(h, k, ev)
             elif isinstance(ev, Failed):
                 self.fail(h, ev.code, ev.message)
+        if len(self.live) > MAX_LIVE:        # Redis has been away: keep only the newest
+            del self.live[:-MAX_LIVE]
         if stepped:
             self.unet_calls += 1
             metrics.UNET_CALLS.inc()
