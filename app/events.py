@@ -73,7 +73,10 @@ async def follow(st, job_id: str, owner: str, after: str | None, every: int,
             if now - refreshed > events.WATCH_TTL_S / 3:
                 events.watch(st.redis, job_id, listener, every)
                 refreshed = now
-            resp = await st.aredis.xread({key: cursor}, count=100, block=BLOCK_MS)
+            block = BLOCK_MS
+            if deadline is not None:
+                block = max(1, min(block, int((deadline - time.monotonic()) * 1000)))
+            resp = await st.aredis.xread({key: cursor}, count=100, block=block)
             for _, entries in resp or ():
                 for eid, fields in entries:
                     cursor = eid.decode() if isinstance(eid, bytes) else eid

@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-from worker import keys, metrics
+from worker import keys
 from worker.state import record_to_dict
 
 log = logging.getLogger("latentd.webhooks")
@@ -183,8 +183,10 @@ class Deliverer:
     """Delivery threads for one worker process (they share the work of every worker via Redis)."""
 
     def __init__(self, settings, name: str):
+        from worker import metrics             # here: the API imports this module, not its metrics
         from worker.recovery import connect
 
+        self.metrics = metrics
         self.s = settings
         self.name = name
         self.redis = connect(settings.redis_url)
@@ -221,7 +223,7 @@ class Deliverer:
         got = self.claim(keys=[keys.WEBHOOKS_DUE],
                          args=[repr(now), repr(now + s.webhook_timeout_s + CLAIM_MARGIN_S)])
         if not got:
-            metrics.WEBHOOK_PENDING.set(self.redis.zcard(keys.WEBHOOKS_DUE))
+            self.metrics.WEBHOOK_PENDING.set(self.redis.zcard(keys.WEBHOOKS_DUE))
             return False
         job_id, url, attempts, first_at, body = (v.decode() if isinstance(v, bytes) else v for v in got)
         if not url:
@@ -232,7 +234,7 @@ class Deliverer:
         self.redis.hsetnx(keys.webhook(job_id), "body", body)
         problem = url_problem(url, s.webhook_allow)
         if problem:
-            metrics.WEBHOOKS.labels(outcome="refused").inc()
+            self.metrics.WEBHOOKS.labels(outcome="refused").inc()
             return self._give_up(job_id, problem)
         error = self._post(url, job_id, body)
         if error is None:
@@ -241,7 +243,7 @@ class Deliverer:
             pipe.delete(keys.webhook(job_id))
             pipe.hset(keys.job(job_id), "webhook", "delivered")
             pipe.execute()
-            metrics.WEBHOOKS.labels(outcome="delivered").inc()
+            self.metrics.WEBHOOKS.labels(outcome="delivered").inc()
             log.info("webhook for job %s delivered to %s (attempt %s)", job_id, url, attempts)
             return True
         if time.time() - float(first_at or now) > s.webhook_max_age_s:
@@ -251,7 +253,7 @@ class Deliverer:
         pipe.zadd(keys.WEBHOOKS_DUE, {job_id: time.time() + delay})
         pipe.hset(keys.webhook(job_id), "last_error", error[:300])
         pipe.execute()
-        metrics.WEBHOOKS.labels(outcome="retry").inc()
+        self.metrics.WEBHOOKS.labels(outcome="retry").inc()
         log.info("webhook for job %s: %s; retry %s in %.1fs", job_id, error, attempts, delay)
         return True
 
@@ -261,7 +263,7 @@ class Deliverer:
         pipe.delete(keys.webhook(job_id))
         pipe.hset(keys.job(job_id), "webhook", f"failed: {why}"[:300])
         pipe.execute()
-        metrics.WEBHOOKS.labels(outcome="gave_up").inc()
+        self.metrics.WEBHOOKS.labels(outcome="gave_up").inc()
         log.warning("webhook for job %s dropped: %s", job_id, why)
         return True
 
