@@ -216,6 +216,11 @@ class JobStatus(BaseModel):
     links: JobLinks
 
 
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobStatus]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -193,6 +193,24 @@ def test_another_key_gets_404(stack):
         wait_job(alice, jid)
 
 
+def test_recent_jobs_are_the_keys_own(stack):
+    api = stack["api"]
+    with api.client(ALICE) as alice, api.client(BOB) as bob:
+        mine = [alice.post("/v1/jobs", json={"prompt": f"recent {i}", "size": "64x64", **FAST}).json()["id"]
+                for i in range(3)]
+        theirs = bob.post("/v1/jobs", json={"prompt": "bob's", "size": "64x64", **FAST}).json()["id"]
+        listed = alice.get("/v1/jobs?limit=3").json()
+        assert listed["object"] == "list" and [j["id"] for j in listed["data"]] == mine[::-1]
+        assert listed["data"][0]["params"]["prompt"] == "recent 2" and "links" in listed["data"][0]
+        assert theirs not in [j["id"] for j in alice.get("/v1/jobs?limit=50").json()["data"]]
+        assert [j["id"] for j in bob.get("/v1/jobs").json()["data"]][0] == theirs
+        bad = alice.get("/v1/jobs?limit=0")
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "limit"
+        for jid in mine:
+            wait_job(alice, jid)
+        wait_job(bob, theirs)
+
+
 # --- latentd generate --server ----------------------------------------------------------------
 def test_cli_generate_against_the_server(stack, tmp_path):
     api = stack["api"]

@@ -79,6 +79,10 @@ class JobClient:
             if watch is not None:
                 pipe.zadd(keys.watch(job_id), {watch[0]: int(watch[1])})
                 pipe.expire(keys.watch(job_id), WATCH_TTL_S)
+            if tries == 1:                       # (an id refused by the cap is skipped on read)
+                pipe.lpush(keys.recent(spec.owner), job_id)
+                pipe.ltrim(keys.recent(spec.owner), 0, keys.RECENT_MAX - 1)
+                pipe.expire(keys.recent(spec.owner), int(self.settings.result_ttl_s))
             job.save(pipeline=pipe)
             pipe.evalsha(self.scripts.admit.sha, len(admit_keys), *admit_keys, *argv)
             try:
@@ -146,6 +150,20 @@ class JobClient:
         if own is None or own.decode() != owner or img is None:
             return None
         return self.store.get(job_id, k)
+
+    def recent(self, owner: str, limit: int) -> list[dict]:
+        """The owner's most recent jobs that still exist, newest first (at most `limit`)."""
+        ids = [i.decode() for i in self.redis.lrange(keys.recent(owner), 0, max(0, limit - 1))]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        out = []
+        for rec in pipe.execute():
+            if rec and rec.get(b"owner", b"").decode() == owner:
+                out.append(record_to_dict(rec))
+        return out
 
     def webhooks_pending(self) -> int:
         return int(self.redis.zcard(keys.WEBHOOKS_DUE))

@@ -88,6 +88,15 @@ def watch(job_id: str) -> str:
     return f"{P}:watch:{job_id}"
 
 
+RECENT_MAX = 50                                # ids kept per owner in recent(owner)
+
+
+def recent(owner: str) -> str:
+    """An owner's most recent job ids, newest first (GET /v1/jobs); ids of expired jobs are
+    skipped when read."""
+    return f"{P}:recent:{owner}"
+
+
 WEBHOOKS_DUE = f"{P}:webhooks:due"            # zset job id -> unix time its delivery is due
 
 

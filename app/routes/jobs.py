@@ -16,9 +16,10 @@ from app.admission import admit
 from app.deps import CredsDep, JobsDep, OwnerDep, owner_of, owner_of_request
 from app.errors import ApiError
 from app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
-from app.schemas import (GENERATION_BODY, ErrorResponse, JobCreated, JobStatus,
+from app.schemas import (GENERATION_BODY, ErrorResponse, JobCreated, JobList, JobStatus,
                          parse_generation_request)
 from worker.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY, TERMINAL_TYPES
+from worker.keys import RECENT_MAX
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "no such job"
@@ -67,6 +68,13 @@ async def submit_job(request: Request):
     lk = links(request, job_id)
     return JSONResponse({"id": job_id, "status": "queued", "links": lk}, status_code=202,
                         headers={"Location": lk["self"]})
+
+
+@router.get("", response_model=JobList, responses=ERRORS)
+async def list_jobs(request: Request, owner: OwnerDep, jobs: JobsDep,
+                    limit: Annotated[int, Query(ge=1, le=RECENT_MAX, description="at most this many")] = 20):
+    """This key's most recent jobs, newest first (those not yet expired)."""
+    return {"object": "list", "data": [job_view(request, owner, d) for d in jobs.recent(owner, limit)]}
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=ERRORS)

@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const FIELDS = ["prompt", "negative_prompt", "size", "n", "steps", "guidance_scale", "sampler", "seed"];
 const INTS = new Set(["n", "steps", "seed"]);
 const KEY_STORE = "latentd.key";
-const RECENT_MAX = 12;
+const RECENT_MAX = 12;     // recent jobs shown (GET /v1/jobs: this key's, newest first)
 let model = null;          // ModelInfo of the served model (GET /v1/models)
 let current = null;        // {id, abort: AbortController}
 
@@ -218,7 +218,7 @@ async function generate(ev) {
     const r = await api("POST", "/v1/jobs", b);
     if (!r.ok) { showError(r.data && r.data.error, r.status); $("status").textContent = "Ready."; return; }
     const id = r.data.id;
-    remember(id);
+    renderRecent();
     const steps = typeof b.steps === "number" ? b.steps : (model ? model.default_steps : 20);
     const every = Math.max(1, Math.round(steps / 8));
     current = {id, abort: new AbortController()};
@@ -237,35 +237,18 @@ async function cancel() {
 }
 
 // --- key and recent jobs -----------------------------------------------------------------------
-function keyTag() {   // namespaces the recent list per key without storing the key twice
-  let h = 2166136261;
-  for (const c of $("key").value.trim()) { h ^= c.charCodeAt(0); h = Math.imul(h, 16777619) >>> 0; }
-  return "latentd.recent." + h.toString(16);
-}
-
 function saveKey() {
   const k = $("key").value.trim();
   if (k) localStorage.setItem(KEY_STORE, k); else localStorage.removeItem(KEY_STORE);
   $("key-state").textContent = k ? "set" : "not set";
 }
 
-function remember(id) {
-  const ids = JSON.parse(localStorage.getItem(keyTag()) || "[]").filter((x) => x !== id);
-  ids.unshift(id);
-  localStorage.setItem(keyTag(), JSON.stringify(ids.slice(0, RECENT_MAX)));
-}
-
 async function renderRecent() {
-  const ids = JSON.parse(localStorage.getItem(keyTag()) || "[]");
+  const r = await api("GET", `/v1/jobs?limit=${RECENT_MAX}`);
   const list = $("recent");
-  const keep = [];
-  const rows = await Promise.all(ids.map((id) => api("GET", `/v1/jobs/${id}`)));
   list.textContent = "";
-  rows.forEach((r, i) => {
-    if (r.status === 404) return;            // expired, or another key's
-    keep.push(ids[i]);
-    if (!r.ok) return;
-    const j = r.data;
+  if (!r.ok) return;
+  for (const j of r.data.data) {
     const li = document.createElement("li");
     const thumb = document.createElement("img");
     thumb.className = "thumb"; thumb.alt = "";
@@ -286,8 +269,7 @@ async function renderRecent() {
       if (j.params.width) $("size").value = `${j.params.width}x${j.params.height}`;
     });
     list.append(li);
-  });
-  localStorage.setItem(keyTag(), JSON.stringify(keep));
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
