@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 from app.errors import ApiError
 from worker import events, keys
+from worker.state import TERMINAL
 
 BLOCK_MS = 1000            # one XREAD waits this long; then the record is checked (queued, gone)
 PING_S = 15.0              # an SSE comment this often keeps proxies from closing an idle stream
@@ -67,7 +68,7 @@ async def follow(st, job_id: str, owner: str, after: str | None, every: int,
                     last_queued = d.get("queue_position")
                     last_sent = now
                     yield None, "queued", {"position": last_queued}
-                elif d["status"] in events.TERMINAL_TYPES and not await st.aredis.exists(key):
+                elif d["status"] in TERMINAL and not await st.aredis.exists(key):
                     yield None, d["status"], {}     # ended before its stream existed (or expired)
                     return
             if now - refreshed > events.WATCH_TTL_S / 3:
@@ -83,7 +84,7 @@ async def follow(st, job_id: str, owner: str, after: str | None, every: int,
                     last_sent = time.monotonic()
                     type_, data = events.parse(fields)
                     yield cursor, type_, data
-                    if type_ in events.TERMINAL_TYPES:
+                    if type_ in TERMINAL:
                         return
             if deadline is not None and time.monotonic() > deadline:
                 yield None, "timeout", {}

@@ -15,7 +15,9 @@ Lifecycle entries (the claim, images, the end) are always written: they are few.
 previews are written only while someone listens: a listener registers in keys.watch(id) with the
 preview interval it wants (every k steps), and the worker reads that set when it claims a job and
 at each progress write. The stream's entry ids are the SSE event ids, so `Last-Event-ID` resumes
-with XREAD after it; the stream is capped at about MAXLEN entries and expires with the record.
+with XREAD after it; the stream is capped at about MAXLEN entries (a watched job of 16 images x
+150 steps with a preview every step stays under it; beyond, the oldest previews go first, and the
+images and the end, written last, stay) and expires with the record.
 """
 from __future__ import annotations
 
@@ -24,11 +26,10 @@ import uuid
 
 from worker import keys
 
-MAXLEN = 1000              # entries kept per job (approximate trimming)
+MAXLEN = 4000              # entries kept per job (approximate trimming; see below)
 WATCH_TTL_S = 30           # a listener refreshes its registration at least this often
 MAX_PREVIEW_EVERY = 100    # bounds of a listener's preview interval (steps); 0 = no previews
 DEFAULT_PREVIEW_EVERY = 5
-TERMINAL_TYPES = ("succeeded", "failed", "canceled")
 
 
 def add(pipe, job_id: str, type_: str, data: dict, ttl_s: int) -> None:

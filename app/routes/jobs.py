@@ -18,8 +18,9 @@ from app.errors import ApiError
 from app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
 from app.schemas import (GENERATION_BODY, ErrorResponse, JobCreated, JobList, JobStatus,
                          parse_generation_request)
-from worker.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY, TERMINAL_TYPES
+from worker.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY
 from worker.keys import RECENT_MAX
+from worker.state import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "no such job"
@@ -121,7 +122,7 @@ async def job_events(request: Request, job_id: str, owner: OwnerDep, jobs: JobsD
             if type_ == "image":
                 data = {"index": data["index"], "seed": data["seed"], "nsfw": bool(data.get("nsfw")),
                         "url": image_url(request, owner, job_id, data["index"])}
-            elif type_ in TERMINAL_TYPES:
+            elif type_ in TERMINAL:
                 d = jobs.get(job_id, owner)
                 data = job_view(request, owner, d) if d else {"id": job_id, "status": type_}
             yield sse(type_, data, id_)
