@@ -51,7 +51,8 @@ def read_all(client: httpx.Client, path: str, headers: dict | None = None, limit
 
 
 class Reader(threading.Thread):
-    """Reads a stream in the background; `events` grows as they arrive."""
+    """Reads a stream in the background on its own client (closed at the end); `events` grows
+    as they arrive."""
 
     def __init__(self, client: httpx.Client, path: str, headers: dict | None = None):
         super().__init__(daemon=True)
@@ -68,6 +69,8 @@ class Reader(threading.Thread):
                     self.events.append(ev)
         except BaseException as e:  # noqa: BLE001 - reported to the test
             self.error = e
+        finally:
+            self.client.close()
 
     def wait_for(self, pred, timeout: float = 60) -> Event:
         deadline = time.monotonic() + timeout

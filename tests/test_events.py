@@ -112,7 +112,7 @@ def test_event_stream_order_and_content(stack):
         with paused(worker):
             jid = alice.post("/v1/jobs", json={"prompt": "a green circle", "size": "64x64", "n": 2,
                                                "seed": 21, "steps": 24, "sampler": "euler"}).json()["id"]
-            reader = Reader(alice, f"/v1/jobs/{jid}/events?preview_every=10")
+            reader = Reader(api.client(ALICE), f"/v1/jobs/{jid}/events?preview_every=10")
             reader.start()
             queued = reader.wait_for(lambda e: e.type == "queued", 30)
             assert queued.id is None and queued.data["position"] == 0
@@ -170,7 +170,7 @@ def test_cancel_mid_stream(stack):
     with api.client(ALICE) as alice:
         jid = alice.post("/v1/jobs", json={"prompt": "slow", "size": "64x64", "n": 4,
                                            "steps": 150, "sampler": "euler"}).json()["id"]
-        reader = Reader(alice, f"/v1/jobs/{jid}/events?preview_every=10")
+        reader = Reader(api.client(ALICE), f"/v1/jobs/{jid}/events?preview_every=10")
         reader.start()
         reader.wait_for(lambda e: e.type == "running" and e.data["step"] > 0, 60)
         assert alice.delete(f"/v1/jobs/{jid}").status_code == 200
