@@ -195,3 +195,33 @@ def test_api_refuses_to_start_outside_dev_without_a_webhook_secret():
     s = Settings(env="prod", signing_secret="x" * 32, auth="off", webhook_allow="127.0.0.1",
                  webhook_secret=SECRET)
     assert config_problems(s) == []
+
+
+def test_a_delivery_is_given_up_after_max_age(redis_server):
+    """In process against a real redis-server: ending a job that carries a callback queues its
+    delivery in the same Lua transition; a receiver that never answers is retried until
+    webhook_max_age_s, then the delivery is dropped and the record says why."""
+    from latentd.settings import Settings
+    from worker.state import Scripts, rq_time
+
+    s = Settings(env="dev", redis_url=redis_server.url, webhook_allow="127.0.0.1",
+                 webhook_secret=SECRET, webhook_backoff_s=0.05, webhook_backoff_max_s=0.1,
+                 webhook_max_age_s=0.5, webhook_timeout_s=1)
+    r = redis_server.client()
+    jid = "ab" * 16
+    r.hset(keys.job(jid), mapping={"id": jid, "owner": "o", "queue": "latentd", "status": "running",
+                                   "attempt": 1, "n": 1, "steps": 1, "spec": "{}",
+                                   "callback": f"http://127.0.0.1:{free_port()}/never"})
+    Scripts(r).finish(keys=[keys.job(jid)], args=[
+        jid, "", "", "failed", json.dumps({"code": "engine_error", "message": "x"}),
+        repr(time.time()), 3600, rq_time()])
+    assert r.zscore(keys.WEBHOOKS_DUE, jid) is not None
+    assert r.hget(keys.webhook(jid), "url").decode().endswith("/never")
+    deliverer = webhooks.Deliverer(s, "test")
+    deadline = time.monotonic() + 30
+    while r.zscore(keys.WEBHOOKS_DUE, jid) is not None:
+        assert time.monotonic() < deadline
+        if not deliverer.deliver_one():
+            time.sleep(0.02)
+    assert attempts(redis_server, jid) == 0 and not r.exists(keys.webhook(jid))
+    assert r.hget(keys.job(jid), "webhook").decode().startswith("failed: ")
