@@ -42,6 +42,20 @@ PING = b": ping\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}   # no proxy buffering
 
 
+def stream_entries(resp) -> list[tuple]:
+    """(id, fields) entries of an XREAD answer of one stream, whatever shape redis-py gives it:
+    RESP2 [[stream, entries]], RESP3 {stream: entries} or (legacy) {stream: [entries]}."""
+    if not resp:
+        return []
+    groups = resp.values() if isinstance(resp, dict) else [r[1] for r in resp]
+    out = []
+    for g in groups:
+        if len(g) == 1 and isinstance(g[0], list) and (not g[0] or isinstance(g[0][0], (list, tuple))):
+            g = g[0]
+        out.extend(g)
+    return out
+
+
 async def follow(st, job_id: str, owner: str, after: str | None, every: int,
                  listener: str | None = None, deadline: float | None = None,
                  ) -> AsyncIterator[tuple[str | None, str, dict]]:
@@ -78,14 +92,13 @@ async def follow(st, job_id: str, owner: str, after: str | None, every: int,
             if deadline is not None:
                 block = max(1, min(block, int((deadline - time.monotonic()) * 1000)))
             resp = await st.aredis.xread({key: cursor}, count=100, block=block)
-            for _, entries in resp or ():
-                for eid, fields in entries:
-                    cursor = eid.decode() if isinstance(eid, bytes) else eid
-                    last_sent = time.monotonic()
-                    type_, data = events.parse(fields)
-                    yield cursor, type_, data
-                    if type_ in TERMINAL:
-                        return
+            for eid, fields in stream_entries(resp):
+                cursor = eid.decode() if isinstance(eid, bytes) else eid
+                last_sent = time.monotonic()
+                type_, data = events.parse(fields)
+                yield cursor, type_, data
+                if type_ in TERMINAL:
+                    return
             if deadline is not None and time.monotonic() > deadline:
                 yield None, "timeout", {}
                 return

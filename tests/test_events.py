@@ -238,3 +238,20 @@ def test_cli_generate_against_the_server(stack, tmp_path):
                                        str(tmp_path / "no.png")], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=60)
     assert wrong_key.returncode == 2 and "Authorization" in wrong_key.stderr
+
+
+def test_stream_answers_of_every_shape_and_sse_frames():
+    from app.errors import ApiError
+    from app.events import parse_last_event_id, sse, stream_entries
+
+    e1, e2 = (b"1-0", {b"type": b"running"}), (b"2-0", {b"type": b"image"})
+    for shape in ([[b"k", [e1, e2]]], {b"k": [e1, e2]}, {b"k": [[e1, e2]]}):
+        assert stream_entries(shape) == [e1, e2]
+    assert stream_entries(None) == [] and stream_entries({}) == [] and stream_entries({b"k": [[]]}) == []
+    assert sse("image", {"a": 1}, "5-0") == b'id: 5-0\nevent: image\ndata: {"a":1}\n\n'
+    assert sse("queued", {"position": 0}) == b'event: queued\ndata: {"position":0}\n\n'
+    assert parse_last_event_id("1712345678901-3") == "1712345678901-3"
+    assert parse_last_event_id(None) is None and parse_last_event_id("") is None
+    for bad in ("x", "1-", "-1", "1-2-3", "1 -2", "9" * 21 + "-0"):
+        with pytest.raises(ApiError):
+            parse_last_event_id(bad)
