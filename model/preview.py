@@ -4,8 +4,10 @@ A full VAE decode per preview would cost about as much as a U-Net step; a 1x1 li
 latent channels to RGB costs nothing, and a latent cell's colour is close to a linear function of
 its channels (the observation behind the fixed "latent RGB factors" of A1111/ComfyUI previews).
 Instead of a hand-tuned table per model family, the map is fitted when the model loads: a few
-synthetic colour images (random colour blocks, solid colours) are VAE-encoded, and least squares
-maps each latent cell [z, 1] (C+1,) to the mean colour of the f x f pixels it covers (3,).
+synthetic colour images (random colour blocks, solid colours) are VAE-encoded, decoded again, and
+least squares maps each latent cell [z, 1] (C+1,) to the mean colour of the f x f decoded pixels
+it covers (3,): the preview approximates what the decoder would draw from x0 (the target is the
+decode, not the input, so the VAE's own reconstruction error is not fitted into the map).
 
 Safety: a preview is at most PREVIEW_CELLS cells on its long side (the x0 estimate is averaged
 down before the map), a coarse colour mosaic and never a decoded image, because the safety check
@@ -62,16 +64,17 @@ def _synthetic_images(n: int, side: int, factor: int, seed: int = 0) -> torch.Te
 @torch.inference_mode()
 def fit_latent_rgb(vae, scaling_factor: float, shift_factor: float | None, factor: int,
                    device="cpu") -> LatentRGB:
-    """Least squares from VAE latents of synthetic colour images to their per-cell mean colours.
-    vae: model.vae.AutoencoderKL; factor: pixels per latent cell (8 for SD)."""
+    """Least squares from VAE latents of synthetic colour images to the per-cell mean colours of
+    their decodes. vae: model.vae.AutoencoderKL; factor: pixels per latent cell (8 for SD)."""
     dtype = next(vae.parameters()).dtype
     x = _synthetic_images(_FIT_IMAGES, _FIT_CELLS, factor)                   # (N, 3, 8f, 8f)
     mean, _ = vae.encode(x.to(device, dtype))                                 # (N, C, 8, 8)
+    decoded = vae.decode(mean).float().clamp(-1, 1).cpu()                     # (N, 3, 8f, 8f)
     z = mean.float().cpu()
     if shift_factor is not None:
         z = z - shift_factor
     z = z * scaling_factor                                                    # the sampler's space
-    target = torch.nn.functional.avg_pool2d(x, factor)                        # (N, 3, 8, 8)
+    target = torch.nn.functional.avg_pool2d(decoded, factor)                  # (N, 3, 8, 8)
     c = z.shape[1]
     a = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, c), torch.ones(z[:, :1].numel(), 1)], 1)
     b = target.permute(0, 2, 3, 1).reshape(-1, 3)                             # (N*64, 3)
