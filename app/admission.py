@@ -16,6 +16,7 @@ from app.ratelimit import RateLimiter
 from app.schemas import ImagesGenerationRequest, to_job_params
 from model.errors import ModelLoadError
 from model.info import ModelInfo, read_model_info
+from worker import webhooks
 from worker.client import QueueFull
 from worker.spec import JobSpec
 
@@ -67,8 +68,23 @@ class ModelSource:
                        [m.name for m in models])
 
 
-def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str) -> tuple[str, JobSpec]:
-    """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError."""
+def check_delivery(req: ImagesGenerationRequest, settings) -> None:
+    """How the result is delivered: a callback_url on the webhook allow-list, partial_images only
+    with stream. Raises ApiError(422) naming the field."""
+    if req.partial_images is not None and not req.stream:
+        raise ApiError(422, "invalid_value", "partial_images: applies only with stream: true",
+                       "partial_images", {"min": 0, "max": 3, "requires": "stream: true"})
+    if req.callback_url is not None:
+        problem = webhooks.url_problem(req.callback_url, settings.webhook_allow)
+        if problem:
+            raise ApiError(422, "invalid_value", f"callback_url: {problem}", "callback_url",
+                           "an http(s) URL whose host is on the server's webhook allow-list")
+
+
+def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
+          watch=None) -> tuple[str, JobSpec]:
+    """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError.
+    watch: spec -> (listener id, preview interval) to register with the job (worker/events.py)."""
     settings = state.settings
     retry = {"Retry-After": str(settings.retry_after_s)}
     info = state.models.pick(req.model)
@@ -76,6 +92,7 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str) -> tup
         raise ApiError(503, "not_ready", "no worker has a model loaded yet; retry later",
                        headers=retry, allowed=None)
     params = to_job_params(req, info, settings)
+    check_delivery(req, settings)
     limiter: RateLimiter = state.limiter
     wait = limiter.take(owner, params.n)
     if wait:
@@ -89,7 +106,8 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str) -> tup
         field = ".".join(str(p) for p in err.get("loc", ())) or "body"
         raise ApiError(422, "invalid_value", f"{field}: {err.get('msg')}", field) from None
     try:
-        job_id = state.jobs.submit(spec)
+        job_id = state.jobs.submit(spec, callback_url=req.callback_url,
+                                   watch=watch(spec) if watch else None)
     except QueueFull as e:
         raise ApiError(503, "queue_full", f"the queue is full ({e.cap} jobs waiting); retry later",
                        headers=retry) from None

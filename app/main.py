@@ -17,8 +17,9 @@ from app import auth, errors, signing
 from app.admission import ModelSource
 from app.metrics import MetricsMiddleware
 from app.ratelimit import RateLimiter
-from app.routes import images, jobs, system
+from app.routes import images, jobs, playground, system
 from latentd.settings import Settings, get_settings
+from worker import webhooks
 from worker.client import JobClient
 
 log = logging.getLogger("latentd.api")
@@ -40,6 +41,9 @@ def config_problems(settings: Settings) -> list[str]:
     problem = signing.secret_problem(settings)
     if problem:
         out.append(problem + "; e.g. LATENTD_SIGNING_SECRET=$(openssl rand -hex 32)")
+    problem = webhooks.secret_problem(settings)
+    if problem:
+        out.append(problem + "; e.g. LATENTD_WEBHOOK_SECRET=$(openssl rand -hex 32)")
     return out
 
 
@@ -101,6 +105,15 @@ def make_redis(settings: Settings) -> redis_lib.Redis:
     return redis_lib.Redis(connection_pool=pool)
 
 
+def make_async_redis(settings: Settings):
+    """For the event streams (app/events.py): a blocking XREAD waits here without holding the
+    event loop or a thread; its socket timeout outlasts one XREAD block."""
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=1,
+                                        socket_timeout=10, health_check_interval=30)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     import anyio.to_thread
@@ -109,6 +122,7 @@ async def lifespan(app: FastAPI):
     anyio.to_thread.current_default_thread_limiter().total_tokens = 256
     yield
     app.state.redis.close()
+    await app.state.aredis.aclose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -121,13 +135,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     st = app.state
     st.settings = settings
     st.redis = make_redis(settings)
+    st.aredis = make_async_redis(settings)
     st.jobs = JobClient(st.redis, settings)
     st.keys = key_store(settings)
     st.secret = signing.secret_bytes(settings)
     st.limiter = RateLimiter(st.redis, settings.rate_limit_per_s, settings.rate_limit_burst)
     st.models = ModelSource(settings, st.jobs)
     errors.install(app)
-    for r in (images.router, jobs.router, system.router):
+    for r in (images.router, jobs.router, system.router, playground.router):
         app.include_router(r)
     if not settings.metrics_port:
         system.add_metrics_route(app)

@@ -56,12 +56,15 @@ class QueueCollector:
         depth = GaugeMetricFamily("latentd_queue_depth", "Jobs waiting in the queue")
         ready = GaugeMetricFamily("latentd_ready_workers", "Workers with a loaded model and a fresh heartbeat")
         up = GaugeMetricFamily("latentd_redis_up", "1 if Redis answered this scrape")
+        hooks = GaugeMetricFamily("latentd_webhooks_pending", "Webhook deliveries not yet delivered")
         try:
             depth.add_metric([], float(self.client.queue_depth()))
             ready.add_metric([], float(len(self.client.ready_workers())))
+            hooks.add_metric([], float(self.client.webhooks_pending()))
             up.add_metric([], 1.0)
             yield depth
             yield ready
+            yield hooks
         except Exception:
             up.add_metric([], 0.0)
         yield up

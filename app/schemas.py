@@ -38,6 +38,11 @@ class ImagesGenerationRequest(BaseModel):
     sampler: str | None = Field(None, max_length=32)
     karras: bool | None = None
     seed: int | None = Field(None, ge=0, lt=MAX_SEED, description="Image k uses seed+k; absent: random")
+    stream: bool = Field(False, description="Answer text/event-stream with OpenAI's image_generation.* events")
+    partial_images: int | None = Field(None, ge=0, le=3, description="Previews to stream per image (with stream)")
+    callback_url: str | None = Field(None, min_length=1, max_length=2048,
+                                     description="POST the job's record here when it ends (a host on "
+                                                 "the server's LATENTD_WEBHOOK_ALLOW)")
 
 
 def parse_generation_request(body: bytes) -> ImagesGenerationRequest:
@@ -209,6 +214,11 @@ class JobStatus(BaseModel):
     usage: dict = {}
     params: dict = {}
     links: JobLinks
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobStatus]
 
 
 class ModelCard(BaseModel):

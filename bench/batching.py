@@ -5,6 +5,10 @@
   2. Head-of-line blocking: latency of a 10-step request submitted while eight 50-step requests
      run, vs its latency alone.
   3. U-Net calls per image at 16 clients.
+  4. With --previews on|both: the same throughput runs with live previews (model/preview.py):
+     stack clients stream (`stream: true, partial_images: 3`, reading every event); in process,
+     every request is watched with a preview every --preview-every steps (PNG-encoded as the
+     worker does). `both` prints the throughput cost of previews per client count.
 
 Two setups (the output says which ran):
   --setup stack      (default) the full service: redis-server + `latentd worker` + the API under
@@ -15,6 +19,7 @@ Model: the bundled models/shapes if present, else the tiny random SD1 model of t
 (--model PATH to choose). The machine is shared: keep the sizes modest.
 
     .venv/bin/python bench/batching.py [--setup stack|inprocess] [--steps 20] [--per-client 2]
+                                       [--previews off|on|both] [--preview-every 5]
 """
 from __future__ import annotations
 
@@ -54,6 +59,8 @@ def pick_model(path: str | None) -> tuple[str, str]:
 # --- in process --------------------------------------------------------------------------------
 class InProcess:
     name = "in-process BatchExecutor (no Redis/HTTP; PNG encoding included)"
+    previews = False
+    preview_every = 5
 
     def __init__(self, model: str):
         import torch
@@ -62,6 +69,8 @@ class InProcess:
         # Threads: on this shared, loaded 2-core machine 2 OpenMP threads are far slower than 1.
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
         self.pipe = load_pipeline(model, safety=True)
+        from model.preview import fit_for
+        self.preview_map = fit_for(self.pipe)
 
     def req(self, i: int, steps: int):
         from model.pipeline import GenerationRequest
@@ -73,15 +82,21 @@ class InProcess:
 
     def throughput(self, max_batch: int, clients: int, per_client: int, steps: int):
         """Closed loop: each client submits its next request when its previous one is done."""
-        from worker.executor import BatchExecutor, Finished
-        ex = BatchExecutor(self.pipe, max_batch=max_batch)
+        from PIL import Image
+
+        from worker.executor import BatchExecutor, Finished, Preview
+        ex = BatchExecutor(self.pipe, max_batch=max_batch,
+                           preview=self.preview_map if self.previews else None)
         png_s = 0.0
         sent = {c: 0 for c in range(clients)}
         n = 0
 
         def submit(c):
             nonlocal n
-            ex.add(f"{c}:{sent[c]}", f"client{c}", self.req(n, steps))
+            rid = f"{c}:{sent[c]}"
+            ex.add(rid, f"client{c}", self.req(n, steps))
+            if self.previews:
+                ex.watch(rid, self.preview_every)
             sent[c] += 1
             n += 1
         t0 = time.perf_counter()
@@ -90,6 +105,8 @@ class InProcess:
         done = 0
         while not ex.idle:
             for ev in ex.iterate():
+                if isinstance(ev, Preview):          # what the worker does with one
+                    Image.fromarray(ev.rgb).save(io.BytesIO(), format="PNG")
                 if isinstance(ev, Finished):
                     t = time.perf_counter()
                     ev.image.image.save(io.BytesIO(), format="PNG")
@@ -137,6 +154,7 @@ KEY = "ltd_bench_0123456789abcdef0123456789"
 
 class Stack:
     name = "full stack: redis-server + `latentd worker` + API (uvicorn) over HTTP"
+    previews = False
 
     def __init__(self, model: str):
         from app.auth import hash_key
@@ -171,8 +189,17 @@ class Stack:
             self._post(http, 0, 2)                                 # warm up the fresh worker
 
     def _post(self, client, i: int, steps: int):
-        r = client.post("/v1/images/generations", json={
-            "prompt": prompt(i), "steps": steps, "seed": 1000 + i, "response_format": "b64_json"})
+        body = {"prompt": prompt(i), "steps": steps, "seed": 1000 + i, "response_format": "b64_json"}
+        if self.previews:                    # OpenAI-style streaming with 3 partial images
+            with client.stream("POST", "/v1/images/generations",
+                               json={**body, "stream": True, "partial_images": 3}) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
+                text = "".join(r.iter_text())
+            if "image_generation.completed" not in text:
+                raise RuntimeError(f"stream ended without an image: {text[-300:]}")
+            return r
+        r = client.post("/v1/images/generations", json=body)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         return r
@@ -249,10 +276,17 @@ def main(argv=None) -> int:
     ap.add_argument("--per-client", type=int, default=2, help="requests per client (closed loop)")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the best is kept")
+    ap.add_argument("--previews", choices=("off", "on", "both"), default="off",
+                    help="live previews in the throughput runs (both: compare, max batch 16)")
+    ap.add_argument("--preview-every", type=int, default=5,
+                    help="in process: a preview every k steps of every request")
     args = ap.parse_args(argv)
 
     model, model_label = pick_model(args.model)
     bench = (Stack if args.setup == "stack" else InProcess)(model)
+    bench.preview_every = args.preview_every
+    if args.previews != "off":
+        return previews_main(bench, args, model_label)
     import torch
     print(f"setup : {bench.name}")
     print(f"model : {model_label}")
@@ -288,6 +322,34 @@ def main(argv=None) -> int:
             (base, _), (fast, calls) = res[1, 16], res[16, 16]
             print(f"16 clients: x{fast / base:.2f} images/s vs one at a time (target >= 2.5); "
                   f"U-Net calls per image {calls:.2f}")
+    finally:
+        bench.close()
+    return 0
+
+
+def previews_main(bench, args, model_label) -> int:
+    """Throughput at max batch 16 with previews on (and off, for `both`)."""
+    print(f"setup : {bench.name}")
+    print(f"model : {model_label}")
+    what = ("stream: true, partial_images: 3" if isinstance(bench, Stack)
+            else f"a preview every {args.preview_every} steps per request")
+    print(f"requests: {args.steps} steps, {args.per_client} per client, closed loop; previews: {what}")
+    modes = {"on": [True], "both": [False, True]}[args.previews]
+    clients = [int(x) for x in args.clients.split(",")]
+    res = {}
+    try:
+        for on in modes:
+            bench.previews = on
+            bench.prepare(16)
+            for c in clients:
+                runs = [bench.throughput(16, c, args.per_client, args.steps) for _ in range(args.repeat)]
+                res[on, c] = max(runs)[0]
+                print(f"  previews {'on ' if on else 'off'}, clients {c:>2}: {res[on, c]:7.2f} img/s",
+                      flush=True)
+        if len(modes) == 2:
+            for c in clients:
+                cost = 1 - res[True, c] / res[False, c]
+                print(f"clients {c:>2}: previews cost {cost * 100:5.1f} % of throughput (target <= 3 % at 16)")
     finally:
         bench.close()
     return 0

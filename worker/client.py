@@ -16,6 +16,7 @@ import uuid
 from redis.exceptions import NoScriptError
 
 from worker import keys
+from worker.events import WATCH_TTL_S
 from worker.spec import JobSpec
 from worker.state import TERMINAL, Scripts, record_to_dict, rq_time
 from worker.store import make_store
@@ -41,8 +42,13 @@ class JobClient:
         self.store = make_store(redis, settings)
 
     # --- writes -------------------------------------------------------------------------------
-    def submit(self, spec: JobSpec) -> str:
-        """Enqueue a validated spec; returns the job id. Raises QueueFull (nothing enqueued)."""
+    def submit(self, spec: JobSpec, callback_url: str | None = None,
+               watch: tuple[str, int] | None = None) -> str:
+        """Enqueue a validated spec; returns the job id. Raises QueueFull (nothing enqueued).
+        callback_url: POST the record there when the job ends (worker/webhooks.py; checked by the
+        caller). watch: (listener id, preview every k steps) registered before the job can be
+        claimed, so its worker publishes progress and previews from the first step
+        (worker/events.py)."""
         from rq.job import Job
         from rq.serializers import JSONSerializer
 
@@ -59,6 +65,8 @@ class JobClient:
         fields = {"id": job_id, "owner": spec.owner, "queue": self.queue, "spec": spec.to_json(),
                   "n": spec.n, "steps": spec.steps, "status": "queued", "created_at": repr(now),
                   "attempt": 0, "compute_s": 0, "done": 0}
+        if callback_url:
+            fields["callback"] = callback_url
         argv = [int(self.settings.queue_cap), job_id, spec.owner]
         for k, v in fields.items():
             argv += [k, v]
@@ -68,6 +76,13 @@ class JobClient:
             # One round trip: EVALSHA straight in the pipeline (redis-py's Script in a pipeline
             # would first ask SCRIPT EXISTS); after a Redis restart, load it and go again.
             pipe = self.redis.pipeline(transaction=False)
+            if watch is not None:
+                pipe.zadd(keys.watch(job_id), {watch[0]: int(watch[1])})
+                pipe.expire(keys.watch(job_id), WATCH_TTL_S)
+            if tries == 1:                       # (an id refused by the cap is skipped on read)
+                pipe.lpush(keys.recent(spec.owner), job_id)
+                pipe.ltrim(keys.recent(spec.owner), 0, keys.RECENT_MAX - 1)
+                pipe.expire(keys.recent(spec.owner), int(self.settings.result_ttl_s))
             job.save(pipeline=pipe)
             pipe.evalsha(self.scripts.admit.sha, len(admit_keys), *admit_keys, *argv)
             try:
@@ -135,6 +150,23 @@ class JobClient:
         if own is None or own.decode() != owner or img is None:
             return None
         return self.store.get(job_id, k)
+
+    def recent(self, owner: str, limit: int) -> list[dict]:
+        """The owner's most recent jobs that still exist, newest first (at most `limit`)."""
+        ids = [i.decode() for i in self.redis.lrange(keys.recent(owner), 0, max(0, limit - 1))]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        out = []
+        for rec in pipe.execute():
+            if rec and rec.get(b"owner", b"").decode() == owner:
+                out.append(record_to_dict(rec))
+        return out
+
+    def webhooks_pending(self) -> int:
+        return int(self.redis.zcard(keys.WEBHOOKS_DUE))
 
     def queue_depth(self) -> int:
         return int(self.redis.llen(keys.rq_queue(self.queue)))

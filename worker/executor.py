@@ -50,6 +50,14 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Preview:
+    request_id: str
+    step: int
+    total: int
+    rgb: object                 # uint8 (h', w', 3): model.preview.LatentRGB.render of the x0 estimate
+
+
+@dataclass(frozen=True)
 class Failed:
     request_id: str
     code: str                   # docs/CONTRACTS.md §2 error codes
@@ -101,9 +109,13 @@ def estimate_mb(size: tuple[int, int], dtype_bytes: int = 4) -> float:
 class BatchExecutor:
     def __init__(self, pipe, max_batch: int = 16, memory_budget_mb: float | None = None, *,
                  memory_estimate: Callable[[tuple[int, int]], float] | None = None,
-                 band: float = Limits.band, max_skip: int = Limits.max_skip):
+                 band: float = Limits.band, max_skip: int = Limits.max_skip, preview=None):
         """band / max_skip: shortest-remaining-first within a size group (worker/scheduler.py);
-        band=float("inf") steps every running request of the group in every call."""
+        band=float("inf") steps every running request of the group in every call.
+        preview: a model.preview.LatentRGB; watched requests (see watch()) then get Preview
+        events from their x0 estimate."""
+        self.preview = preview
+        self._watch: dict[str, int] = {}        # request id -> preview every k steps (under _lock)
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.pipe = pipe
@@ -143,6 +155,14 @@ class BatchExecutor:
         with self._lock:
             self._cancels.add(request_id)
 
+    def watch(self, request_id: str, every: int) -> None:
+        """Emit a Preview of this request every `every` steps (0: stop), except at its last."""
+        with self._lock:
+            if every > 0 and self.preview is not None:
+                self._watch[request_id] = int(every)
+            else:
+                self._watch.pop(request_id, None)
+
     @property
     def waiting_count(self) -> int:
         with self._lock:
@@ -166,6 +186,9 @@ class BatchExecutor:
                 self._waiting[e.request_id] = e
             self._incoming = []
             cancels, self._cancels = self._cancels, set()
+            for rid in cancels:
+                self._watch.pop(rid, None)
+            watch = dict(self._watch)
         for rid in cancels:
             self._waiting.pop(rid, None)
             self._running.pop(rid, None)
@@ -185,6 +208,9 @@ class BatchExecutor:
             for e in stepped:
                 e.last_tick = self._tick
                 events.append(Progress(e.request_id, e.state.step, e.state.total))
+                every = watch.get(e.request_id)
+                if every and not e.state.done and e.state.step % every == 0:
+                    events.append(self._preview(e))
             self.stats["request_steps"] += len(stepped)
             events += self._finish([e for e in stepped if e.state.done])
         self.stats["failed"] += sum(isinstance(ev, Failed) for ev in events)
@@ -245,10 +271,22 @@ class BatchExecutor:
             e.compute_s += dt / len(entries)
         return entries, []
 
+    def _preview(self, e: _Entry) -> Preview:
+        """The coarse preview of the x0 estimate of e's last step (a linear map of at most
+        PREVIEW_CELLS^2 cells: no decode); its time is charged to e."""
+        t0 = time.perf_counter()
+        x0 = e.state.x0_prev if e.state.x0_prev is not None else e.state.latent   # (1, C, h, w)
+        rgb = self.preview.render(x0)
+        e.compute_s += time.perf_counter() - t0
+        return Preview(e.request_id, e.state.step, e.state.total, rgb)
+
     def _finish(self, entries: list[_Entry]) -> list:
         """One batched VAE decode + safety check for the requests that took their last step."""
         if not entries:
             return []
+        with self._lock:
+            for e in entries:
+                self._watch.pop(e.request_id, None)
         for e in entries:
             self._running.pop(e.request_id, None)
         events = []

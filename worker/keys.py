@@ -74,3 +74,32 @@ def inbox(name: str) -> str:
 def done_channel(job_id: str) -> str:
     """Pub/sub channel published once when the job reaches a terminal status (wait())."""
     return f"{P}:done:{job_id}"
+
+
+def events(job_id: str) -> str:
+    """Redis stream of a job's events (running, progress, preview, image, final status); its
+    entry ids are the SSE event ids that Last-Event-ID resumes from (worker/events.py)."""
+    return f"{P}:events:{job_id}"
+
+
+def watch(job_id: str) -> str:
+    """zset listener id -> preview interval in steps: someone follows this job's events, so its
+    worker publishes progress and previews (nobody listening: nothing is published)."""
+    return f"{P}:watch:{job_id}"
+
+
+RECENT_MAX = 50                                # ids kept per owner in recent(owner)
+
+
+def recent(owner: str) -> str:
+    """An owner's most recent job ids, newest first (GET /v1/jobs); ids of expired jobs are
+    skipped when read."""
+    return f"{P}:recent:{owner}"
+
+
+WEBHOOKS_DUE = f"{P}:webhooks:due"            # zset job id -> unix time its delivery is due
+
+
+def webhook(job_id: str) -> str:
+    """Hash of one pending webhook delivery: url, attempts, first_at, body, last_error."""
+    return f"{P}:webhook:{job_id}"

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from worker import keys, metrics
+from worker import events, keys, metrics
 from worker.png import encode_png
 from worker.recovery import REDIS_ERRORS, Heartbeat, connect
 from worker.spec import JobSpec
@@ -34,6 +34,7 @@ from worker.state import Scripts, rq_time
 from worker.store import make_store
 
 log = logging.getLogger("latentd.worker")
+MAX_LIVE = 1000            # unsent progress/preview events kept while Redis is unreachable
 
 
 def rq_entry(*_args, **_kwargs):
@@ -54,6 +55,12 @@ class Held:
     progress: dict[int, int] = field(default_factory=dict)
     dirty: bool = False
     ending: bool = False                   # a terminal write is queued; ignore further events
+    watch: int | None = None               # someone listens: preview every k steps (0: none)
+    base_steps: int = 0                    # steps of images done by an earlier attempt
+    sent_step: int = -1                    # progress last published to the event stream
+
+    def steps_done(self) -> int:
+        return self.base_steps + sum(min(p, self.spec.steps) for p in self.progress.values())
 
     def rid(self, k: int) -> str:
         return f"{self.job_id}.{k}.{self.attempt}"
@@ -85,6 +92,8 @@ class Worker:
         self.held: dict[str, Held] = {}
         self._held_lock = threading.Lock()
         self.outbox: list[tuple] = []
+        self.live: list[tuple] = []            # (job id, type, data) for the event streams; lossy
+        self.preview = None                    # model.preview.LatentRGB once the model is loaded
         self.stopping = False
         self.last_touch = 0.0
         self.last_sweep = time.monotonic()
@@ -117,8 +126,10 @@ class Worker:
         self.pipe = load_pipeline(s.model, device=self.device, dtype=dtype, safety=s.safety)
         metrics.MODEL_LOAD.set(time.perf_counter() - t)
         self.model_name = self.pipe.info.name
+        self.preview = self.fit_preview()
         self.new_executor = lambda: BatchExecutor(self.pipe, max_batch=s.worker_max_batch,
-                                                  memory_budget_mb=s.worker_memory_budget_mb or None)
+                                                  memory_budget_mb=s.worker_memory_budget_mb or None,
+                                                  preview=self.preview)
         self.ex = self.new_executor()
         self.governor = None
         if self.device == "cpu":                 # share the cores with whatever else runs here
@@ -127,11 +138,29 @@ class Worker:
             from latentd.cpu import ThreadGovernor
             self.governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
         metrics.serve(s.worker_metrics_port)
+        from worker.webhooks import Deliverer
+
+        self.webhooks = Deliverer(s, self.name)
+        self.webhooks.start()
         metrics.update_device_memory(self.device)
         self.hb.set_info(state="ready", model=json.dumps(self.pipe.info.to_dict()),
                          device=self.device, max_batch=s.worker_max_batch)
         log.info("worker %s ready: model %s on %s in %.1fs", self.name, self.model_name,
                  self.device, time.perf_counter() - t)
+
+    def fit_preview(self):
+        """The latent -> RGB map of model/preview.py, fitted once per load; previews are off (and
+        the worker still serves) if the VAE cannot be used for the fit."""
+        from model.preview import fit_for
+
+        t = time.perf_counter()
+        try:
+            m = fit_for(self.pipe)
+        except Exception as e:  # noqa: BLE001 - previews are optional, images are not
+            log.warning("previews off: fitting the latent->RGB map failed: %s: %s", type(e).__name__, e)
+            return None
+        log.info("preview map fitted in %.2fs", time.perf_counter() - t)
+        return m
 
     # --- main loop ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -190,7 +219,7 @@ class Worker:
             self.ex = self.new_executor()
             return
         dt = time.perf_counter() - t
-        from worker.executor import Failed, Finished, Progress
+        from worker.executor import Failed, Finished, Preview, Progress
 
         stepped = 0
         for ev in events:
@@ -202,10 +231,14 @@ class Worker:
                 stepped += 1
                 h.progress[k] = ev.step
                 h.dirty = True
+            elif isinstance(ev, Preview):
+                self.previewed(h, k, ev)
             elif isinstance(ev, Finished):
                 self.finished(h, k, ev)
             elif isinstance(ev, Failed):
                 self.fail(h, ev.code, ev.message)
+        if len(self.live) > MAX_LIVE:        # Redis has been away: keep only the newest
+            del self.live[:-MAX_LIVE]
         if stepped:
             self.unet_calls += 1
             metrics.UNET_CALLS.inc()
@@ -230,6 +263,24 @@ class Worker:
         metrics.COMPUTE.labels(key=h.spec.owner).inc(ev.compute_s)
         if self.images:
             metrics.UNET_PER_IMAGE.set(self.unet_calls / self.images)
+
+    def previewed(self, h: Held, k: int, ev) -> None:
+        """A coarse preview (a PNG of a few cells, model/preview.py) for the job's listeners."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        if h.watch is None:
+            return
+        buf = io.BytesIO()
+        Image.fromarray(ev.rgb).save(buf, format="PNG")
+        info = self.pipe.info
+        self.live.append((h.job_id, "preview", {
+            "index": k, "step": ev.step, "total": ev.total,
+            "width": h.spec.width or info.native_width, "height": h.spec.height or info.native_height,
+            "png": base64.b64encode(buf.getvalue()).decode()}))
+        metrics.PREVIEWS.inc()
 
     def fail(self, h: Held, code: str, message: str) -> None:
         """End the job as failed (once): its other requests leave the batch at once."""
@@ -262,6 +313,7 @@ class Worker:
 
     # --- Redis --------------------------------------------------------------------------------
     def redis_phase(self) -> None:
+        self.flush_live()          # first: a job's progress and previews come before its end
         self.flush()
         now = time.monotonic()
         if now - self.last_touch >= self.s.progress_interval_s:
@@ -303,6 +355,45 @@ class Worker:
                 self.ended(job_id, "failed")
             self.outbox.pop(0)
 
+    def flush_live(self) -> None:
+        """Write progress and previews to the event streams of watched jobs (one round trip).
+        Lossy by design: on a Redis error they are dropped, the next ones follow."""
+        if not self.live:
+            return
+        items, self.live = self.live, []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, type_, data in items:
+            events.add(pipe, job_id, type_, data, int(self.s.result_ttl_s))
+        pipe.execute()
+
+    def apply_watch(self, watched: dict[str, int], job_ids) -> None:
+        """Tell the executor which requests to preview, from the listeners registered in Redis."""
+        for job_id in job_ids:
+            h = self.held.get(job_id)
+            if h is None:
+                continue
+            every = watched.get(job_id)
+            if every == h.watch:
+                continue
+            h.watch = every
+            for k in h.todo:
+                self.ex.watch(h.rid(k), every or 0)
+
+    def publish_progress(self, now: float) -> None:
+        """A progress event, with an estimate of the seconds left, for each watched job that
+        advanced since its last one."""
+        for h in self.held.values():
+            if h.watch is None or h.ending:
+                continue
+            done = h.steps_done()
+            if done == h.sent_step:
+                continue
+            h.sent_step = done
+            total = h.spec.steps * h.spec.n
+            rate = (done - h.base_steps) / max(now - h.claimed_at, 1e-6)
+            eta = round((total - done) / rate, 2) if rate > 0 else None
+            self.live.append((h.job_id, "running", {"step": done, "total": total, "eta_s": eta}))
+
     def held_steps(self, job_id: str) -> int:
         h = self.held.get(job_id)
         return h.spec.steps if h else 0
@@ -331,6 +422,9 @@ class Worker:
                   json.dumps(entries)])
         for j in lost:
             self.drop(j.decode(), "canceled or requeued")
+        ids = list(self.held)
+        self.apply_watch(events.watched(self.redis, ids), ids)
+        self.publish_progress(now)
         self.hb.set_info(state="busy", running=self.ex.running_count)
 
     def room(self) -> int:
@@ -384,8 +478,15 @@ class Worker:
             return
         h.todo = set(reqs)
         h.progress = {k: 0 for k in reqs}
+        h.base_steps = spec.steps * (spec.n - len(reqs))
         for k, req in reqs.items():
             self.ex.add(h.rid(k), spec.owner, req)
+        pipe = self.redis.pipeline(transaction=False)
+        events.add(pipe, job_id, "running", {"attempt": attempt, "step": h.base_steps,
+                                             "total": spec.steps * spec.n, "eta_s": None},
+                   int(self.s.result_ttl_s))
+        pipe.execute()
+        self.apply_watch(events.watched(self.redis, [job_id]), [job_id])
         log.info("job %s attempt %d: %d image(s), %d step(s)", job_id, attempt, len(reqs), spec.steps)
 
     # --- stop ---------------------------------------------------------------------------------
@@ -402,4 +503,6 @@ class Worker:
             except REDIS_ERRORS:
                 log.warning("could not requeue %s; its lease will expire and the reaper will", h.job_id)
         self.hb.stop()
+        if getattr(self, "webhooks", None) is not None:
+            self.webhooks.stop()
         log.info("worker %s stopped", self.name)

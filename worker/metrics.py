@@ -52,3 +52,8 @@ def update_device_memory(device: str) -> None:
         pass
     # ru_maxrss is KiB on Linux
     DEVICE_MEMORY.labels(device=device).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+PREVIEWS = Counter("latentd_worker_previews_total", "Previews published to listening clients")
+WEBHOOKS = Counter("latentd_worker_webhook_deliveries_total",
+                   "Webhook delivery attempts by outcome (delivered, retry, gave_up, refused)",
+                   ["outcome"])
+WEBHOOK_PENDING = Gauge("latentd_worker_webhooks_pending", "Webhook deliveries waiting (all workers)")

@@ -12,6 +12,7 @@ Record (hash keys.job(id)); times are unix seconds as strings:
   execution(the rq:wip member) error(JSON {code,message}) compute_s done(images recorded)
   graceful(requeues on graceful stop, not counted against max_attempts) lost_worker
   p:<k>(steps done of image k)  img:<k>(JSON {index, seed, nsfw, warnings, timings})
+  callback(webhook URL, set at submit; end_job queues its delivery)
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import time
 from datetime import datetime, timezone
 
 from worker import keys
+from worker.events import MAXLEN as EVENTS_MAXLEN
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -62,8 +64,19 @@ local function end_job(id, queue, status, err, now, ttl, iso)
   redis.call('EXPIRE', rec, ttl)
   redis.call('EXPIRE', 'rq:job:' .. id, ttl)
   redis.call('PUBLISH', 'latentd:done:' .. id, status)
+  -- the final event of the job's event stream (worker/events.py), in the same transition
+  local ev = 'latentd:events:' .. id
+  redis.call('XADD', ev, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', status)
+  redis.call('EXPIRE', ev, ttl)
+  -- a webhook delivery is state in Redis from the moment the job ends (worker/webhooks.py)
+  local cb = redis.call('HGET', rec, 'callback')
+  if cb and cb ~= '' and redis.call('EXISTS', 'latentd:webhook:' .. id) == 0 then
+    redis.call('HSET', 'latentd:webhook:' .. id, 'url', cb, 'attempts', 0, 'first_at', now)
+    redis.call('EXPIRE', 'latentd:webhook:' .. id, ttl)
+    redis.call('ZADD', 'latentd:webhooks:due', now, id)
+  end
 end
-"""
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
 # KEYS: rq queue, rq job, record, rq:queues, owner's wait list, owners
 # ARGV: cap, id, owner, field, value, ...
@@ -160,6 +173,8 @@ IMAGE = _END + r"""
 local r = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'n', 'queue')
 if r[1] ~= 'running' or r[2] ~= ARGV[2] then return -1 end
 if redis.call('HSETNX', KEYS[1], 'img:' .. ARGV[3], ARGV[4]) == 0 then return 0 end
+redis.call('XADD', 'latentd:events:' .. ARGV[1], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'image', 'data', ARGV[4])
+redis.call('EXPIRE', 'latentd:events:' .. ARGV[1], ARGV[8])
 redis.call('HSET', KEYS[1], 'p:' .. ARGV[3], ARGV[6])
 redis.call('HINCRBYFLOAT', KEYS[1], 'compute_s', ARGV[5])
 if redis.call('HINCRBY', KEYS[1], 'done', 1) >= tonumber(r[3]) then
@@ -167,7 +182,7 @@ if redis.call('HINCRBY', KEYS[1], 'done', 1) >= tonumber(r[3]) then
   return 2
 end
 return 1
-"""
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
 # KEYS: leases, queue, workers   ARGV: now, max attempts, ttl, iso, limit, queue name
 # -> {requeued, failed, dead workers}

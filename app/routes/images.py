@@ -1,6 +1,6 @@
 """POST /v1/images/generations: OpenAI-compatible, synchronous (submit, then wait). Past
 LATENTD_SYNC_WAIT_S it answers 504 with the job id to poll (and `x-should-retry: false`, so the
-openai client does not resubmit)."""
+openai client does not resubmit). With `stream: true`: OpenAI's event stream (app/openai_stream.py)."""
 from __future__ import annotations
 
 import base64
@@ -10,6 +10,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from app import openai_stream
 from app.admission import admit
 from app.deps import owner_of_request
 from app.errors import ApiError, error_body
@@ -31,13 +32,18 @@ def _wait_limiter(st) -> anyio.CapacityLimiter:
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True,
              openapi_extra=GENERATION_BODY,
-             responses={**ERRORS, 400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+             responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
+                                        "description": "JSON, or with `stream: true` OpenAI's "
+                                                       "image_generation.* events"},
+                        400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                         429: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
                         504: {"model": ErrorResponse}})
 async def generate(request: Request):
     st = request.app.state
     owner = owner_of_request(request)
     body = parse_generation_request(await request.body())
+    if body.stream:
+        return await openai_stream.respond(request, body, owner)
     jobs = st.jobs
     job_id, spec = admit(st, body, owner, "images")
     d = await anyio.to_thread.run_sync(jobs.wait, job_id, owner, st.settings.sync_wait_s,

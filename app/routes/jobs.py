@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import signing
 from app.admission import admit
 from app.deps import CredsDep, JobsDep, OwnerDep, owner_of, owner_of_request
 from app.errors import ApiError
-from app.schemas import (GENERATION_BODY, ErrorResponse, JobCreated, JobStatus,
+from app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
+from app.schemas import (GENERATION_BODY, ErrorResponse, JobCreated, JobList, JobStatus,
                          parse_generation_request)
+from worker.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY
+from worker.keys import RECENT_MAX
+from worker.state import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "no such job"
@@ -67,6 +71,13 @@ async def submit_job(request: Request):
                         headers={"Location": lk["self"]})
 
 
+@router.get("", response_model=JobList, responses=ERRORS)
+async def list_jobs(request: Request, owner: OwnerDep, jobs: JobsDep,
+                    limit: Annotated[int, Query(ge=1, le=RECENT_MAX, description="at most this many")] = 20):
+    """This key's most recent jobs, newest first (those not yet expired)."""
+    return {"object": "list", "data": [job_view(request, owner, d) for d in jobs.recent(owner, limit)]}
+
+
 @router.get("/{job_id}", response_model=JobStatus, responses=ERRORS)
 async def get_job(request: Request, job_id: str, owner: OwnerDep, jobs: JobsDep):
     d = jobs.get(job_id, owner)
@@ -81,6 +92,42 @@ async def cancel_job(request: Request, job_id: str, owner: OwnerDep, jobs: JobsD
     if d is None:
         raise ApiError(404, "not_found", NOT_FOUND, "job_id")
     return job_view(request, owner, d)
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
+async def job_events(request: Request, job_id: str, owner: OwnerDep, jobs: JobsDep,
+                     preview_every: Annotated[int, Query(
+                         ge=0, le=MAX_PREVIEW_EVERY,
+                         description="a preview every k steps (0: none)")] = DEFAULT_PREVIEW_EVERY,
+                     last_event_id: Annotated[str | None, Header(
+                         alias="Last-Event-ID", max_length=64,
+                         description="resume after this event id")] = None):
+    """Server-Sent Events until the job ends: `queued` {position}, `running` {step, total,
+    eta_s}, `preview` {index, step, total, width, height, png: a coarse base64 PNG}, `image`
+    {index, seed, nsfw, url} as each image is stored, then `succeeded`, `failed` or `canceled`
+    with the job (as GET /v1/jobs/{id}). Every event but `queued` has an id; send the last one
+    as Last-Event-ID to resume without loss."""
+    if jobs.get(job_id, owner) is None:
+        raise ApiError(404, "not_found", NOT_FOUND, "job_id")
+    after = parse_last_event_id(last_event_id)
+    st = request.app.state
+
+    async def stream():
+        yield b"retry: 2000\n\n"
+        async for id_, type_, data in follow(st, job_id, owner, after, preview_every):
+            if type_ == "ping":
+                yield PING
+                continue
+            if type_ == "image":
+                data = {"index": data["index"], "seed": data["seed"], "nsfw": bool(data.get("nsfw")),
+                        "url": image_url(request, owner, job_id, data["index"])}
+            elif type_ in TERMINAL:
+                d = jobs.get(job_id, owner)
+                data = job_view(request, owner, d) if d else {"id": job_id, "status": type_}
+            yield sse(type_, data, id_)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @router.get("/{job_id}/images/{k}", response_class=Response,

@@ -1,0 +1,171 @@
+"""`latentd generate --server URL [--key K]`: the same command against a running latentd service.
+
+Submits POST /v1/jobs, follows GET /v1/jobs/{id}/events for the progress bar (resuming with
+Last-Event-ID if the connection drops), and writes the stored PNG. Standard library HTTP only:
+the CLI needs nothing the service does not. Ctrl-C cancels the job on the server.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urljoin
+
+ENGINE_ONLY = (("no_safety", "--no-safety"), ("dtype", "--dtype"))
+
+
+class RemoteError(Exception):
+    def __init__(self, status: int, error: dict):
+        super().__init__(error.get("message", f"HTTP {status}"))
+        self.status, self.error = status, error
+
+
+class Remote:
+    def __init__(self, server: str, key: str | None, timeout: float = 30.0):
+        self.base = server.rstrip("/") + "/"
+        self.key, self.timeout = key, timeout
+
+    def request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None,
+                timeout: float | None = None):
+        h = {"Accept": "application/json", **(headers or {})}
+        if self.key:
+            h["Authorization"] = f"Bearer {self.key}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            h["Content-Type"] = "application/json"
+        req = urllib.request.Request(urljoin(self.base, path.lstrip("/")), data=data, method=method, headers=h)
+        try:
+            return urllib.request.urlopen(req, timeout=timeout or self.timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                err = json.loads(e.read() or b"{}").get("error") or {}
+            except ValueError:
+                err = {}
+            raise RemoteError(e.code, err or {"message": f"HTTP {e.code} {e.reason}"}) from None
+
+    def json(self, method: str, path: str, body: dict | None = None) -> dict:
+        with self.request(method, path, body) as r:
+            return json.loads(r.read())
+
+    def events(self, job_id: str, after: str | None):
+        """(id, type, data) of the job's event stream; returns when the server closes it."""
+        headers = {"Accept": "text/event-stream"}
+        if after:
+            headers["Last-Event-ID"] = after
+        with self.request("GET", f"/v1/jobs/{job_id}/events?preview_every=0", headers=headers,
+                          timeout=60) as r:
+            ev = {"id": None, "event": "message", "data": ""}
+            for raw in r:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line:
+                    if ev["data"]:
+                        yield ev["id"], ev["event"], json.loads(ev["data"])
+                    ev = {"id": None, "event": "message", "data": ""}
+                elif not line.startswith(":"):
+                    k, _, v = line.partition(":")
+                    v = v[1:] if v.startswith(" ") else v
+                    if k == "data":
+                        ev["data"] += v
+                    elif k in ("id", "event"):
+                        ev[k] = v
+
+
+def request_body(args) -> dict:
+    body = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
+            "response_format": "url"}
+    if args.size:
+        body["size"] = f"{args.size[0]}x{args.size[1]}"
+    for name, value in (("steps", args.steps), ("guidance_scale", args.guidance),
+                        ("sampler", args.sampler), ("karras", args.karras), ("model", args.model)):
+        if value is not None:
+            body[name] = value
+    return body
+
+
+def run_remote(args) -> int:
+    from tqdm import tqdm
+
+    for attr, flag in ENGINE_ONLY:
+        if getattr(args, attr, None):
+            print(f"latentd generate: {flag} applies to the local engine, not to --server",
+                  file=sys.stderr)
+            return 2
+    if args.eta:
+        print("latentd generate: --eta is not offered by the service API", file=sys.stderr)
+        return 2
+    remote = Remote(args.server, args.key)
+    try:
+        job = remote.json("POST", "/v1/jobs", request_body(args))
+    except RemoteError as e:
+        field = e.error.get("field") or e.error.get("param")
+        what = (f"invalid {field}: " if field and e.status in (400, 422)
+                else f"HTTP {e.status}{f' ({field})' if field else ''}: ")
+        print(f"latentd generate: {what}{e}", file=sys.stderr)
+        return 2
+    except (urllib.error.URLError, OSError) as e:
+        print(f"latentd generate: cannot reach {args.server}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 2
+    job_id = job["id"]
+    t0 = time.monotonic()
+    last, final, image, tries = None, None, None, 0
+    bar = tqdm(total=args.steps or 1, desc="queued", unit="step")
+    try:
+        while final is None:
+            try:
+                for id_, type_, data in remote.events(job_id, last):
+                    last = id_ or last
+                    if type_ == "queued":
+                        bar.set_description(f"queued (position {data.get('position')})")
+                    elif type_ == "running":
+                        bar.set_description("denoising")
+                        bar.total = data["total"]
+                        bar.n = data["step"]
+                        bar.refresh()
+                    elif type_ == "image":
+                        image = data
+                    elif type_ in ("succeeded", "failed", "canceled", "error"):
+                        final = (type_, data)
+                        break
+            except (urllib.error.URLError, OSError, RemoteError) as e:
+                tries += 1
+                if tries > 10 or (isinstance(e, RemoteError) and e.status < 500):
+                    print(f"latentd generate: lost the event stream: {e}", file=sys.stderr)
+                    return 1
+                time.sleep(min(2 ** tries * 0.1, 3))
+            if final is None and last is None:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        bar.close()
+        try:
+            remote.json("DELETE", f"/v1/jobs/{job_id}")
+            print(f"latentd generate: canceled job {job_id}", file=sys.stderr)
+        except (RemoteError, OSError):
+            pass
+        return 130
+    bar.n = bar.total
+    bar.close()
+    status, data = final
+    if status != "succeeded":
+        err = data.get("error") or data
+        print(f"latentd generate: job {job_id} {status}: {err.get('code', '')} {err.get('message', '')}".rstrip(),
+              file=sys.stderr)
+        return 1
+    images = data.get("images") or ([image] if image else [])
+    if not images:
+        print(f"latentd generate: job {job_id} succeeded without an image", file=sys.stderr)
+        return 1
+    first = images[0]
+    with remote.request("GET", first["url"], timeout=60) as r:
+        png = r.read()
+    with open(args.out, "wb") as f:
+        f.write(png)
+    if first.get("nsfw"):
+        print("warning: the safety checker flagged the image; a black image was written", file=sys.stderr)
+    p = data.get("params") or {}
+    print(f"{args.out}: {p.get('width')}x{p.get('height')} seed={first['seed']} "
+          f"sampler={p.get('sampler')}{'+karras' if p.get('karras') else ''} steps={p.get('steps')} "
+          f"guidance={p.get('guidance_scale', 0):g} in {time.monotonic() - t0:.2f}s (job {job_id} on {args.server})")
+    return 0
