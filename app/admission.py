@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from app import metrics
 from app.errors import ApiError
 from app.ratelimit import RateLimiter
-from app.schemas import ImagesGenerationRequest, to_job_params
-from model.errors import ModelLoadError
+from app.schemas import ImagesGenerationRequest, invalid, to_job_params
+from model.errors import InvalidRequest, ModelLoadError
 from model.info import ModelInfo, read_model_info
 from worker.client import QueueFull
 from worker.spec import JobSpec
@@ -67,15 +67,44 @@ class ModelSource:
                        [m.name for m in models])
 
 
-def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str) -> tuple[str, JobSpec]:
-    """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError."""
+def edit_inputs(image: bytes | None, mask: bytes | None, settings):
+    """Decode and check an edit's uploads (model/edit_inputs.py): (PIL image, L mask or None),
+    or (None, None) for a generation. Raises ApiError 422 naming `image` or `mask`."""
+    from model.edit_inputs import mask_to_l, open_image
+
+    if image is None:
+        if mask is not None:
+            raise ApiError(422, "missing_field", "image: an image is required with a mask", "image",
+                           "a PNG, JPEG or WebP file")
+        return None, None
+    try:
+        img = open_image(image, "image", settings.max_image_pixels)
+        m = None if mask is None else mask_to_l(open_image(mask, "mask", settings.max_image_pixels))
+    except InvalidRequest as e:
+        raise invalid(e) from None
+    return img, m
+
+
+def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
+          image: bytes | None = None, mask: bytes | None = None) -> tuple[str, JobSpec]:
+    """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError. `image` /
+    `mask`: an edit's uploads (decoding them is CPU work: call this in a worker thread)."""
     settings = state.settings
     retry = {"Retry-After": str(settings.retry_after_s)}
     info = state.models.pick(req.model)
     if info is None:
         raise ApiError(503, "not_ready", "no worker has a model loaded yet; retry later",
                        headers=retry, allowed=None)
-    params = to_job_params(req, info, settings)
+    img, m = edit_inputs(image, mask, settings)
+    params = to_job_params(req, info, settings, image_size=None if img is None else img.size,
+                           mask_size=None if m is None else m.size)
+    init = None
+    if img is not None:
+        from model.edit_inputs import normalised_png
+
+        init = {"image": normalised_png(img, params.width, params.height, "RGB")}
+        if m is not None:
+            init["mask"] = normalised_png(m, params.width, params.height, "L")
     limiter: RateLimiter = state.limiter
     wait = limiter.take(owner, params.n)
     if wait:
@@ -89,7 +118,7 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str) -> tup
         field = ".".join(str(p) for p in err.get("loc", ())) or "body"
         raise ApiError(422, "invalid_value", f"{field}: {err.get('msg')}", field) from None
     try:
-        job_id = state.jobs.submit(spec)
+        job_id = state.jobs.submit(spec, init=init)
     except QueueFull as e:
         raise ApiError(503, "queue_full", f"the queue is full ({e.cap} jobs waiting); retry later",
                        headers=retry) from None

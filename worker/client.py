@@ -41,8 +41,10 @@ class JobClient:
         self.store = make_store(redis, settings)
 
     # --- writes -------------------------------------------------------------------------------
-    def submit(self, spec: JobSpec) -> str:
-        """Enqueue a validated spec; returns the job id. Raises QueueFull (nothing enqueued)."""
+    def submit(self, spec: JobSpec, init: dict[str, bytes] | None = None) -> str:
+        """Enqueue a validated spec; returns the job id. Raises QueueFull (nothing enqueued).
+        init: an edit's {"image": PNG, "mask": PNG}, stored under keys.init_image until the job
+        ends (never in the spec, the RQ job or the record the owner reads)."""
         from rq.job import Job
         from rq.serializers import JSONSerializer
 
@@ -57,7 +59,7 @@ class JobClient:
         job.enqueued_at = job.created_at
         job._status = "queued"
         fields = {"id": job_id, "owner": spec.owner, "queue": self.queue, "spec": spec.to_json(),
-                  "n": spec.n, "steps": spec.steps, "status": "queued", "created_at": repr(now),
+                  "n": spec.n, "steps": spec.run_steps, "status": "queued", "created_at": repr(now),
                   "attempt": 0, "compute_s": 0, "done": 0}
         argv = [int(self.settings.queue_cap), job_id, spec.owner]
         for k, v in fields.items():
@@ -68,6 +70,9 @@ class JobClient:
             # One round trip: EVALSHA straight in the pipeline (redis-py's Script in a pipeline
             # would first ask SCRIPT EXISTS); after a Redis restart, load it and go again.
             pipe = self.redis.pipeline(transaction=False)
+            if init:
+                pipe.hset(keys.init_image(job_id), mapping=init)
+                pipe.expire(keys.init_image(job_id), int(self.settings.result_ttl_s))
             job.save(pipeline=pipe)
             pipe.evalsha(self.scripts.admit.sha, len(admit_keys), *admit_keys, *argv)
             try:
@@ -78,6 +83,8 @@ class JobClient:
                     raise
                 self.redis.script_load(self.scripts.admit.script)
         if depth == -1:
+            if init:
+                self.redis.delete(keys.init_image(job_id))
             raise QueueFull(self.settings.queue_cap, self.settings.queue_cap)
         return job_id
 
@@ -128,7 +135,8 @@ class JobClient:
             pubsub.close()
 
     def image_png(self, job_id: str, k: int, owner: str) -> bytes | None:
-        """PNG of image k of the caller's own job (flagged images are stored black)."""
+        """Stored bytes of image k of the caller's own job, in the job's output_format (PNG by
+        default; worker.png.media_type tells which); flagged images are stored black."""
         if not _ID.match(job_id or "") or not isinstance(k, int) or k < 0:
             return None
         own, img = self.redis.hmget(keys.job(job_id), "owner", f"img:{k}")

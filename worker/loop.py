@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from worker import keys, metrics
-from worker.png import encode_png
+from worker.png import encode_image
 from worker.recovery import REDIS_ERRORS, Heartbeat, connect
 from worker.spec import JobSpec
 from worker.state import Scripts, rq_time
@@ -216,12 +216,13 @@ class Worker:
 
     def finished(self, h: Held, k: int, ev) -> None:
         img = ev.image
-        png = encode_png(img.image, h.spec.params(), img.seed, self.model_name)
+        png = encode_image(img.image, h.spec.params(), img.seed, self.model_name,
+                           h.spec.output_format, h.spec.output_compression)
         meta = {"index": k, "seed": img.seed, "nsfw": bool(img.nsfw), "width": img.image.width,
                 "height": img.image.height, "warnings": list(img.warnings or []),
                 "timings": {a: round(float(b), 4) for a, b in (img.timings or {}).items()}}
         h.todo.discard(k)
-        h.progress[k] = h.spec.steps
+        h.progress[k] = h.spec.run_steps
         self.outbox.append(("image", h.job_id, h.attempt, k, png, json.dumps(meta), ev.compute_s))
         self.images += 1
         metrics.IMAGES.inc()
@@ -305,7 +306,7 @@ class Worker:
 
     def held_steps(self, job_id: str) -> int:
         h = self.held.get(job_id)
-        return h.spec.steps if h else 0
+        return h.spec.run_steps if h else 0
 
     def ended(self, job_id: str, status: str) -> None:
         h = self.held.get(job_id)
@@ -371,14 +372,19 @@ class Worker:
             self.fail(h, "invalid_request", f"model: {spec.model!r} is not served by this "
                                             f"worker (it serves {self.model_name!r})")
             return
+        edit = {}
+        if spec.kind != "text":
+            edit = self.init_images(job_id, spec)
+            if edit is None:
+                self.fail(h, "invalid_request", "image: the job's init image is no longer stored or "
+                                                "unreadable (it expired before a worker took the job?)")
+                return
         reqs = {}
         try:
+            spec.check(self.pipe.info)      # model.request.resolve, as the API ran it
             for k in range(spec.n):
-                if k in done:
-                    continue
-                req = GenerationRequest(**spec.image_request_kwargs(k))
-                self.pipe.validate(req)
-                reqs[k] = req
+                if k not in done:
+                    reqs[k] = GenerationRequest(**spec.image_request_kwargs(k), **edit)
         except InvalidRequest as e:
             self.fail(h, "invalid_request", str(e))
             return
@@ -387,6 +393,24 @@ class Worker:
         for k, req in reqs.items():
             self.ex.add(h.rid(k), spec.owner, req)
         log.info("job %s attempt %d: %d image(s), %d step(s)", job_id, attempt, len(reqs), spec.steps)
+
+    def init_images(self, job_id: str, spec: JobSpec) -> dict | None:
+        """{"init_image": PIL, "mask": PIL | None} of an edit, from its stored PNGs (decoded
+        once for all n images); None when they are gone."""
+        import io
+
+        from PIL import Image
+
+        image, mask = self.redis.hmget(keys.init_image(job_id), "image", "mask")
+        if image is None or (spec.kind == "inpaint" and mask is None):
+            return None
+        try:
+            out = {"init_image": Image.open(io.BytesIO(image)).convert("RGB"), "mask": None}
+            if spec.kind == "inpaint":
+                out["mask"] = Image.open(io.BytesIO(mask)).convert("L")
+        except (OSError, ValueError):
+            return None
+        return out
 
     # --- stop ---------------------------------------------------------------------------------
     def shutdown(self) -> None:
