@@ -98,11 +98,6 @@ def parse_generation_request(body: bytes, cls: type[BaseModel] = ImagesGeneratio
 GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": ImagesGenerationRequest.model_json_schema()}}},
     "security": [{"HTTPBearer": []}]}
-JOB_BODY = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": JobRequest.model_json_schema()}}},
-    "security": [{"HTTPBearer": []}]}
-
-
 def _edit_form_schema() -> dict:
     schema = ImagesEditForm.model_json_schema()
     schema["properties"] = {"image": {"type": "string", "format": "binary", "description":
@@ -116,6 +111,10 @@ def _edit_form_schema() -> dict:
 
 EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {
     "schema": _edit_form_schema()}}},
+    "security": [{"HTTPBearer": []}]}
+JOB_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": JobRequest.model_json_schema()},
+    "multipart/form-data": {"schema": _edit_form_schema()}}},
     "security": [{"HTTPBearer": []}]}
 
 

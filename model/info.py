@@ -7,7 +7,8 @@ which keeps every skip connection the same size. Within that: min side = size_mu
 max side = 4 x native side, width*height <= max_pixels (default: 4 x native area, i.e. 2x each
 side). An optional `latentd.json` in the model folder overrides any of:
     {"name", "sizes": [[w, h], ...] (then ONLY these), "max_pixels", "max_side", "max_steps",
-     "default_steps", "default_sampler", "default_guidance", "default_karras"}
+     "default_steps", "default_sampler", "default_guidance", "default_karras",
+     "unet_in_channels" (single-file checkpoints only: 9 for an inpainting U-Net)}
 """
 from __future__ import annotations
 
