@@ -6,11 +6,12 @@
                                           state advances by its own sampler plan
     images = pipe.finish(states)          batched VAE decode + safety check + PIL
 
-generate() is exactly these calls. Edits (img2img, inpainting; model/edit.py) are the same calls:
-start() encodes the init image and noises it, step() adds an inpainting U-Net's extra channels
-and blends the unmasked region, all per row, so edits and text-to-image share one U-Net call. Every per-request quantity (timestep, guidance scale, sampler
+generate() is exactly these calls. Every per-request quantity (timestep, guidance scale, sampler
 coefficients, noise generator) is per row, and all math after the U-Net is elementwise, so a
 request gives the same image alone or in a batch as long as the networks are batch-invariant.
+Edits (img2img, inpainting; model/edit.py) are the same calls: start() encodes the init image
+(one image per call) and noises it, step() gives an inpainting U-Net its extra channels and
+blends the unmasked region, all per row, so edits and text-to-image share one U-Net call.
 Latent diffusion (Rombach et al. 2022): the chain runs on z; x = D(z / scaling_factor).
 """
 from __future__ import annotations
