@@ -35,6 +35,8 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
                                             f"{max_pixels} pixels", {"max_pixels": max_pixels})
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):    # CMYK, 16-bit, ...
+                img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
     except InvalidRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -44,7 +46,8 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         raise InvalidRequest(field, "is not an image Pillow can read as PNG, JPEG or WebP",
                              list(f.lower() for f in FORMATS)) from None
     except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: a bad file
-        raise InvalidRequest(field, f"is truncated or corrupt ({type(e).__name__})",
+        raise InvalidRequest(field, f"cannot be decoded: truncated, corrupt or an unsupported "
+                                    f"pixel format ({type(e).__name__})",
                              "a complete PNG, JPEG or WebP file") from None
     return img
 
