@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import ApiError, error_from
 from model.errors import InvalidRequest
-from model.request import MAX_SEED, Limits, resolve
+from model.request import MAX_N, MAX_SEED, Limits, resolve
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -26,7 +26,7 @@ class ImagesGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, description="What to draw")
-    n: int = Field(1, ge=1, le=16, description="Images to generate (deployment cap: LATENTD_MAX_N)")
+    n: int = Field(1, ge=1, le=MAX_N, description="Images to generate (deployment cap: LATENTD_MAX_N)")
     size: str | None = Field(None, max_length=16, description='"WxH", e.g. "512x512"; default: the model\'s native size')
     response_format: Literal["url", "b64_json"] = "url"
     model: str | None = Field(None, max_length=200)
@@ -59,7 +59,7 @@ class ImagesEditForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="What the edited image should show")
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = Field(None, max_length=16, description='"WxH"; default: the image\'s size')
     response_format: Literal["url", "b64_json"] = "url"
     model: str | None = Field(None, max_length=200)
