@@ -84,10 +84,15 @@ async def submit_job(request: Request):
         body, image, mask = await read_edit_form(request)
     else:
         raw = await request.body()
+        # only bodies that carry images get the edit bound (LATENTD_MAX_EDIT_BODY_BYTES): a larger
+        # one without the "image" key is refused unparsed, and again if it parses to no image
+        small = len(raw) <= st.settings.max_body_bytes
+        if not small and b'"image"' not in raw:
+            raise too_large(st.settings.max_body_bytes)
         body = parse_generation_request(raw, JobRequest)
         image, mask = _b64(body.image, "image"), _b64(body.mask, "mask")
-        if image is None and mask is None and len(raw) > st.settings.max_body_bytes:
-            raise too_large(st.settings.max_body_bytes)   # only bodies with images get the edit bound
+        if image is None and mask is None and not small:
+            raise too_large(st.settings.max_body_bytes)
     if image is None and mask is None:
         job_id, _ = admit(st, body, owner, "jobs")
     else:
