@@ -117,7 +117,7 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, width=None
             limits: Limits = Limits()) -> Resolved:
     """The Resolved request, or InvalidRequest naming the first bad field and its allowed range.
 
-    size: "WxH" (API) or width/height (engine, CLI); neither: the init image's size for edits,
+    size: "WxH" or "auto" (API) or width/height (engine, CLI); neither: the init image's size for edits,
     else the model's native size. image_size / mask_size: (w, h) of the init image and mask as
     uploaded (an init image of another size than the output is resized to it). seed None: drawn
     at random so that seed + n - 1 < 2**63."""
@@ -218,8 +218,9 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, width=None
 
 
 def _size(info, size, width, height, image_size) -> tuple[int, int, str | None]:
-    """(w, h, the field a size error names: "size", "image", or None for width/height)."""
-    if size is not None:
+    """(w, h, the field a size error names: "size", "image", or None for width/height).
+    size "auto" (OpenAI's default for its newer models) is the same as no size."""
+    if size is not None and size != "auto":
         m = SIZE_RE.match(size) if isinstance(size, str) else None
         if not m:
             raise InvalidRequest("size", f'must be "WIDTHxHEIGHT" such as "{info.native_width}x'
