@@ -30,7 +30,8 @@ from model.edit import EditState, Encoder, blend, start_edit
 from model.errors import InvalidRequest, ModelLoadError
 from model.guidance import guide
 from model.info import ModelInfo, check_request, info_from_configs
-from model.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Resolved, start_step
+from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Resolved,
+                           start_step)
 from model.samplers import Plan, denoise_step, make_plan, step_coeffs
 from model.schedule import NoiseSchedule, schedule_from_config
 from model.text import Conditioning, TextEncoder
@@ -61,7 +62,10 @@ class GenerationRequest:
     @property
     def run_steps(self) -> int:
         """Steps that actually run: all for text-to-image, int(steps * strength) for an edit."""
-        return self.steps - start_step(self.steps, self.strength if self.init_image is not None else None)
+        if self.init_image is None:
+            return self.steps
+        kind = "img2img" if self.mask is None else "inpaint"
+        return self.steps - start_step(self.steps, self.strength or DEFAULT_STRENGTH[kind])
 
 
 @dataclass
