@@ -98,6 +98,8 @@ def parse_generation_request(body: bytes, cls: type[BaseModel] = ImagesGeneratio
 GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": ImagesGenerationRequest.model_json_schema()}}},
     "security": [{"HTTPBearer": []}]}
+
+
 def _edit_form_schema() -> dict:
     schema = ImagesEditForm.model_json_schema()
     schema["properties"] = {"image": {"type": "string", "format": "binary", "description":
