@@ -213,3 +213,28 @@ def test_cli_generate_edits(tiny_model, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert main([*base, "--out", str(tmp_path / "x.png"), "--mask", str(tmp_path / "bad.png")]) == 2
     assert "invalid mask" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_worker_executor_batches_edits_with_generations(pipe):
+    """The worker's BatchExecutor: edits join the same U-Net calls as text-to-image requests
+    (fewer calls than steps) and every image equals its solo run."""
+    from worker.executor import BatchExecutor, Finished
+
+    reqs = {"text": GenerationRequest("a red cat", steps=5, sampler="euler_a", seed=21),
+            "img2img": GenerationRequest("the dog", steps=6, sampler="dpmpp_2m", seed=22,
+                                         init_image=init_image(), strength=0.5),
+            "inpaint": GenerationRequest("cat", steps=4, sampler="ddim", seed=23, init_image=init_image(),
+                                         mask=mask_image(), strength=1.0)}
+    ex = BatchExecutor(pipe, max_batch=8, band=float("inf"))
+    for rid, r in reqs.items():
+        ex.add(rid, "k", r)
+    got = {}
+    while not ex.idle:
+        for ev in ex.iterate():
+            assert not hasattr(ev, "code"), ev
+            if isinstance(ev, Finished):
+                got[ev.request_id] = np.asarray(ev.image.image)
+    assert set(got) == set(reqs)
+    assert ex.stats["unet_calls"] == max(r.run_steps for r in reqs.values()) == 4
+    for rid, r in reqs.items():
+        assert np.array_equal(got[rid], np.asarray(pipe.generate([r])[0].image)), rid
