@@ -243,11 +243,12 @@ class Pipeline:
         x = torch.cat([s.latent for s in states])                           # (B, C, h, w) float32
         k = step_coeffs([s.plan for s in states], [s.step for s in states], self.device)
         z = (k["c_in"] * x).to(self.dtype)                                  # (B, C, h, w) U-Net input
+        z_in = z
         if self.info.inpaint_unet:      # + [mask, masked-image latent]: (B, 2C + 1, h, w)
-            z = torch.cat([z, torch.cat([s.edit.extra for s in states]).to(self.dtype)], dim=1)
+            z_in = torch.cat([z, torch.cat([s.edit.extra for s in states]).to(self.dtype)], dim=1)
         t = k["t"].view(-1)                                                 # (B,)
         context = torch.cat([s.cond.uncond for s in states] + [s.cond.cond for s in states])  # (2B, L, D)
-        out = self.unet(torch.cat([z, z]), torch.cat([t, t]), context).float()  # (2B, C, h, w)
+        out = self.unet(torch.cat([z_in, z_in]), torch.cat([t, t]), context).float()  # (2B, C, h, w)
         b = len(states)
         w = torch.tensor([float(s.req.guidance_scale) for s in states], dtype=torch.float32,
                          device=self.device).view(b, 1, 1, 1)

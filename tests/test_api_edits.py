@@ -12,7 +12,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from tests.api_proc import ALICE, BOB, api, cfg_model, module_redis  # noqa: F401
+from tests.api_proc import ALICE, BOB
 from worker import keys
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(),
 
 
 @pytest.fixture(scope="module")
-def stack():
+def edit_stack():
     redis_srv = RedisServer().start()
     api = worker = None
     try:
@@ -43,10 +43,10 @@ def stack():
 
 
 @pytest.fixture(scope="module")
-def client(stack):
+def client(edit_stack):
     from openai import OpenAI
 
-    return OpenAI(base_url=stack["api"].url + "/v1", api_key=ALICE, max_retries=0, timeout=120)
+    return OpenAI(base_url=edit_stack["api"].url + "/v1", api_key=ALICE, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_openai_client_inpaints_only_the_masked_region(client, init_png):
     assert changed.mean() > 4 * max(kept.mean(), 1.0), "the masked region did not change"
 
 
-def test_url_response_grayscale_mask_and_jpeg(stack, client, init_png):
+def test_url_response_grayscale_mask_and_jpeg(edit_stack, client, init_png):
     gray = Image.new("L", (64, 64), 0)
     gray.paste(255, BOX)                              # white = repaint
     buf = io.BytesIO()
@@ -116,26 +116,26 @@ def test_url_response_grayscale_mask_and_jpeg(stack, client, init_png):
     assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg"
     im = Image.open(io.BytesIO(got.content))
     assert im.format == "JPEG" and im.size == (64, 64) and b'"strength": 1.0' in got.content
-    with httpx.Client(base_url=stack["api"].url, headers={"Authorization": f"Bearer {BOB}"}) as bob:
+    with httpx.Client(base_url=edit_stack["api"].url, headers={"Authorization": f"Bearer {BOB}"}) as bob:
         job_id = url.split("/v1/jobs/")[1].split("/")[0]
         assert bob.get(f"/v1/jobs/{job_id}").status_code == 404
         assert bob.get(f"/v1/jobs/{job_id}/images/0").status_code == 404
 
 
-def test_img2img_job_and_webp_generation(stack, init_png):
+def test_img2img_job_and_webp_generation(edit_stack, init_png):
     from tests.api_proc import wait_job
 
-    with stack["api"].client(ALICE) as c:
+    with edit_stack["api"].client(ALICE) as c:
         job = c.post("/v1/jobs", json={"prompt": "a red circle on a black background", "strength": 0.6,
                                        "image": base64.b64encode(init_png).decode(), "seed": 4, **FAST})
         assert job.status_code == 202, job.text
         done = wait_job(c, job.json()["id"], timeout=120)
         assert done["status"] == "succeeded" and done["kind"] == "img2img", done
         assert done["progress"] == {"step": 7, "total": 7}              # int(12 x 0.6)
-        assert not stack["redis"].client().exists(f"latentd:init:{done['id']}")
+        assert not edit_stack["redis"].client().exists(f"latentd:init:{done['id']}")
         gen = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "64x64",
                                                      "output_format": "webp", "seed": 5, **FAST})
         assert gen.status_code == 200, gen.text
-        img = c.get(gen.json()["data"][0]["url"].split(stack["api"].url)[1])
+        img = c.get(gen.json()["data"][0]["url"].split(edit_stack["api"].url)[1])
         assert img.headers["content-type"] == "image/webp"
         assert Image.open(io.BytesIO(img.content)).format == "WEBP"
