@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 @dataclass(eq=False)
@@ -133,3 +133,20 @@ def blend(x: torch.Tensor, edit: EditState, ka: torch.Tensor, kb: torch.Tensor) 
     noised to the next step's level. x: (1, C, h, w); ka, kb: (1, 1, 1, 1) float32."""
     proper = ka * edit.image_latent + kb * edit.noise
     return (1 - edit.mask) * proper + edit.mask * x
+
+
+def overlay(image: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:
+    """Inpainting's output with the init image's own pixels outside the mask (A1111's overlay,
+    diffusers' VaeImageProcessor.apply_overlay): the VAE decoder mixes the whole latent (its
+    mid-block attention is global), so keeping the unmasked latents alone does not keep those
+    pixels. `mask` (L, white = repaint) is used as uploaded, so a soft edge blends."""
+    size = image.size
+    init = init.convert("RGB")
+    mask = mask.convert("L")
+    if init.size != size:
+        init = init.resize(size, resample=Image.Resampling.LANCZOS)
+    if mask.size != size:
+        mask = mask.resize(size, resample=Image.Resampling.LANCZOS)
+    out = image.copy()
+    out.paste(init, mask=ImageOps.invert(mask))
+    return out

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.edit import EditState, Encoder, blend, start_edit
+from model.edit import EditState, Encoder, blend, overlay, start_edit
 from model.errors import InvalidRequest, ModelLoadError
 from model.guidance import guide
 from model.info import ModelInfo, check_request, info_from_configs
@@ -311,6 +311,9 @@ class Pipeline:
         for idx in groups.values():
             for i, im in zip(idx, self._decode(torch.cat([states[i].latent for i in idx]))):
                 images[i] = im
+        for i, s in enumerate(states):      # before the safety check: it judges the final image
+            if s.req.mask is not None:
+                images[i] = overlay(images[i], s.req.init_image, s.req.mask)
         t1 = time.perf_counter()
         flags = [False] * len(states)
         if self.safety is not None:

@@ -95,12 +95,13 @@ def test_openai_client_inpaints_only_the_masked_region(client, init_png):
     ref = _round_trip(init_png)
     orig = np.asarray(Image.open(io.BytesIO(init_png)).convert("RGB")).astype(np.int16)
     inside, far = _regions()
-    kept = np.abs(out - ref)[far]
+    kept = np.abs(out - orig)[~inside]
     changed = np.abs(out - orig)[inside]
-    print(f"outside the mask: mean {kept.mean():.2f}, p99 {np.percentile(kept, 99):.1f}, max {kept.max()}; "
-          f"inside: mean change {changed.mean():.2f}")
-    assert kept.mean() <= 3.0 and np.percentile(kept, 99) <= 16
-    assert changed.mean() > 4 * max(kept.mean(), 1.0), "the masked region did not change"
+    near = np.abs(ref - orig)[far].mean()
+    print(f"outside the mask: max diff {kept.max()}; inside: mean change {changed.mean():.2f}; "
+          f"the VAE round trip alone is {near:.2f} off outside")
+    assert kept.max() <= 2, "pixels outside the mask changed"
+    assert changed.mean() > 10, "the masked region did not change"
 
 
 def test_url_response_grayscale_mask_and_jpeg(edit_stack, client, init_png):
