@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from app import metrics
 from app.errors import ApiError
 from app.ratelimit import RateLimiter
-from app.schemas import ImagesGenerationRequest, to_job_params
-from model.errors import ModelLoadError
+from app.schemas import ImagesGenerationRequest, invalid, to_job_params
+from model.errors import InvalidRequest, ModelLoadError
 from model.info import ModelInfo, read_model_info
 from worker import webhooks
 from worker.client import QueueFull
@@ -71,28 +71,57 @@ class ModelSource:
 def check_delivery(req: ImagesGenerationRequest, settings) -> None:
     """How the result is delivered: a callback_url on the webhook allow-list, partial_images only
     with stream. Raises ApiError(422) naming the field."""
-    if req.partial_images is not None and not req.stream:
+    if getattr(req, "partial_images", None) is not None and not getattr(req, "stream", False):
         raise ApiError(422, "invalid_value", "partial_images: applies only with stream: true",
                        "partial_images", {"min": 0, "max": 3, "requires": "stream: true"})
-    if req.callback_url is not None:
-        problem = webhooks.url_problem(req.callback_url, settings.webhook_allow)
+    callback_url = getattr(req, "callback_url", None)
+    if callback_url is not None:
+        problem = webhooks.url_problem(callback_url, settings.webhook_allow)
         if problem:
             raise ApiError(422, "invalid_value", f"callback_url: {problem}", "callback_url",
                            "an http(s) URL whose host is on the server's webhook allow-list")
 
 
-def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
-          watch=None) -> tuple[str, JobSpec]:
+def edit_inputs(image: bytes | None, mask: bytes | None, settings):
+    """Decode and check an edit's uploads (model/edit_inputs.py): (PIL image, L mask or None),
+    or (None, None) for a generation. Raises ApiError 422 naming `image` or `mask`."""
+    from model.edit_inputs import mask_to_l, open_image
+
+    if image is None:
+        if mask is not None:
+            raise ApiError(422, "missing_field", "image: an image is required with a mask", "image",
+                           "a PNG, JPEG or WebP file")
+        return None, None
+    try:
+        img = open_image(image, "image", settings.max_image_pixels)
+        m = None if mask is None else mask_to_l(open_image(mask, "mask", settings.max_image_pixels))
+    except InvalidRequest as e:
+        raise invalid(e) from None
+    return img, m
+
+
+def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str, watch=None,
+          image: bytes | None = None, mask: bytes | None = None) -> tuple[str, JobSpec]:
     """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError.
-    watch: spec -> (listener id, preview interval) to register with the job (worker/events.py)."""
+    watch: spec -> (listener id, preview interval) to register with the job (worker/events.py).
+    `image` / `mask`: an edit's uploads (decoding them is CPU work: call this in a worker thread)."""
     settings = state.settings
     retry = {"Retry-After": str(settings.retry_after_s)}
     info = state.models.pick(req.model)
     if info is None:
         raise ApiError(503, "not_ready", "no worker has a model loaded yet; retry later",
                        headers=retry, allowed=None)
-    params = to_job_params(req, info, settings)
+    img, m = edit_inputs(image, mask, settings)
+    params = to_job_params(req, info, settings, image_size=None if img is None else img.size,
+                           mask_size=None if m is None else m.size)
     check_delivery(req, settings)
+    init = None
+    if img is not None:
+        from model.edit_inputs import normalised_png
+
+        init = {"image": normalised_png(img, params.width, params.height, "RGB")}
+        if m is not None:
+            init["mask"] = normalised_png(m, params.width, params.height, "L")
     limiter: RateLimiter = state.limiter
     wait = limiter.take(owner, params.n)
     if wait:
@@ -106,8 +135,8 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
         field = ".".join(str(p) for p in err.get("loc", ())) or "body"
         raise ApiError(422, "invalid_value", f"{field}: {err.get('msg')}", field) from None
     try:
-        job_id = state.jobs.submit(spec, callback_url=req.callback_url,
-                                   watch=watch(spec) if watch else None)
+        job_id = state.jobs.submit(spec, callback_url=getattr(req, "callback_url", None),
+                                   watch=watch(spec) if watch else None, init=init)
     except QueueFull as e:
         raise ApiError(503, "queue_full", f"the queue is full ({e.cap} jobs waiting); retry later",
                        headers=retry) from None

@@ -176,20 +176,27 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unhandled_handler)
 
 
-class BodyLimitMiddleware:
-    """413 (JSON, naming `body`) for request bodies over `limit` bytes: by Content-Length before
-    reading, or while reading a chunked body. Bodies are small (JSON), so the accepted body is
-    buffered and replayed to the app."""
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"request body too large (max {limit} bytes)", "body",
+                    {"max_bytes": limit}, headers={"Connection": "close"})
 
-    def __init__(self, app, limit: int):
+
+class BodyLimitMiddleware:
+    """413 (JSON, naming `body`) for request bodies over `limit` bytes (`large_limit` on the
+    routes in `large_paths`, whose bodies may carry images): by Content-Length before reading,
+    or while reading a chunked body. The accepted body is buffered and replayed to the app."""
+
+    def __init__(self, app, limit: int, large_limit: int | None = None, large_paths: tuple = ()):
         self.app, self.limit = app, limit
+        self.large_limit, self.large_paths = large_limit or limit, frozenset(large_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
+        limit = self.large_limit if scope["path"].rstrip("/") in self.large_paths else self.limit
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._too_large(scope, send)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self._too_large(scope, send, limit)
         chunks, size, more = [], 0, True
         while more:
             msg = await receive()
@@ -198,8 +205,8 @@ class BodyLimitMiddleware:
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             more = msg.get("more_body", False)
-            if size > self.limit:
-                return await self._too_large(scope, send)
+            if size > limit:
+                return await self._too_large(scope, send, limit)
         sent = False
 
         async def replay():
@@ -211,11 +218,11 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope, send):
+    async def _too_large(self, scope, send, limit: int):
         from app import metrics
 
         metrics.rejected(413, "body_too_large")
-        resp = JSONResponse(error_body("body_too_large", f"request body too large (max {self.limit} bytes)",
-                                       "body", {"max_bytes": self.limit}), status_code=413,
-                            headers={"Connection": "close"})
+        e = too_large(limit)
+        resp = JSONResponse(error_body(e.code, e.message, e.field, e.allowed), status_code=413,
+                            headers=e.headers)
         await resp(scope, None, send)

@@ -17,7 +17,7 @@ from app import auth, errors, signing
 from app.admission import ModelSource
 from app.metrics import MetricsMiddleware
 from app.ratelimit import RateLimiter
-from app.routes import images, jobs, playground, system
+from app.routes import edits, images, jobs, playground, system
 from latentd.settings import Settings, get_settings
 from worker import webhooks
 from worker.client import JobClient
@@ -142,7 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     st.limiter = RateLimiter(st.redis, settings.rate_limit_per_s, settings.rate_limit_burst)
     st.models = ModelSource(settings, st.jobs)
     errors.install(app)
-    for r in (images.router, jobs.router, system.router, playground.router):
+    for r in (images.router, edits.router, jobs.router, system.router, playground.router):
         app.include_router(r)
     if not settings.metrics_port:
         system.add_metrics_route(app)
@@ -153,7 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(errors.BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(errors.BodyLimitMiddleware, limit=settings.max_body_bytes,
+                       large_limit=settings.max_edit_body_bytes, large_paths=edits.UPLOAD_PATHS)
     app.add_middleware(MetricsMiddleware)
     log.info("latentd API: auth %s, %d key(s), model %s", "on" if st.keys is not None else "OFF",
              len(st.keys or ()), st.models.local.name if st.models.local else "(from workers)")

@@ -47,7 +47,7 @@ async def respond(request: Request, body, owner: str) -> StreamingResponse:
     every = {}
 
     def watch(spec):
-        every["k"] = events.preview_every(spec.steps, n_partial)
+        every["k"] = events.preview_every(spec.run_steps, n_partial)
         return listener, every["k"]
 
     job_id, spec = admit(st, body, owner, "images", watch=watch)

@@ -1,22 +1,23 @@
 """Every request and response body of the API, in one module.
 
-Requests are strict (no "2" for 2, no 1 for true) and closed (unknown fields are named in a 422).
-Static bounds live on the fields; bounds that depend on the deployment (LATENTD_MAX_N, prompt
-length) or on the model (sizes, pixel cap, steps, samplers) are checked by `to_job_params`, which
-raises ApiError(422) naming the field and its allowed range.
+JSON requests are strict (no "2" for 2, no 1 for true) and closed (unknown fields are named in a
+422); multipart edits are read in pydantic's lax mode, since every form value is a string. Static
+bounds live on the fields; defaults and the bounds that depend on the deployment (LATENTD_MAX_N,
+prompt length, image pixels) or on the model (sizes, pixel cap, steps, samplers, strength) are
+model.request.resolve's, which `to_job_params` calls and turns into ApiError(422) naming the field
+and its allowed range.
 """
 from __future__ import annotations
 
-import re
-import secrets
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import ApiError, error_from
+from model.errors import InvalidRequest
+from model.request import MAX_N, MAX_SEED, Limits, resolve
 
-MAX_SEED = 2**63                 # 0 <= seed < 2**63 (matches model.info.MAX_SEED)
-SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class ImagesGenerationRequest(BaseModel):
@@ -25,7 +26,7 @@ class ImagesGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, description="What to draw")
-    n: int = Field(1, ge=1, le=16, description="Images to generate (deployment cap: LATENTD_MAX_N)")
+    n: int = Field(1, ge=1, le=MAX_N, description="Images to generate (deployment cap: LATENTD_MAX_N)")
     size: str | None = Field(None, max_length=16, description='"WxH", e.g. "512x512"; default: the model\'s native size')
     response_format: Literal["url", "b64_json"] = "url"
     model: str | None = Field(None, max_length=200)
@@ -43,15 +44,57 @@ class ImagesGenerationRequest(BaseModel):
     callback_url: str | None = Field(None, min_length=1, max_length=2048,
                                      description="POST the job's record here when it ends (a host on "
                                                  "the server's LATENTD_WEBHOOK_ALLOW)")
+    output_format: OutputFormat | None = Field(None, description="png (default) | jpeg | webp")
+    output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0-100")
 
 
-def parse_generation_request(body: bytes) -> ImagesGenerationRequest:
+class JobRequest(ImagesGenerationRequest):
+    """POST /v1/jobs as JSON: a generation, or an edit with the init image (and mask) in base64."""
+
+    image: str | None = Field(None, description="Init image (PNG/JPEG/WebP), base64: an edit")
+    mask: str | None = Field(None, description="Mask (PNG): transparent or white = repaint; base64")
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False,
+                                   description="Edits: how much of the schedule runs (0 < s <= 1)")
+
+
+class ImagesEditForm(BaseModel):
+    """The non-file fields of POST /v1/images/edits (multipart, as OpenAI's images.edit sends
+    them), plus latentd's sampling extensions. Lax: form values arrive as strings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What the edited image should show")
+    n: int = Field(1, ge=1, le=MAX_N)
+    size: str | None = Field(None, max_length=16, description='"WxH"; default: the image\'s size')
+    response_format: Literal["url", "b64_json"] = "url"
+    model: str | None = Field(None, max_length=200)
+    user: str | None = Field(None, max_length=256)
+    quality: str | None = Field(None, max_length=32, description="Accepted for OpenAI compatibility; ignored")
+    negative_prompt: str = ""
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    sampler: str | None = Field(None, max_length=32)
+    karras: bool | None = None
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+
+
+def parse_edit_form(fields: dict) -> ImagesEditForm:
+    try:
+        return ImagesEditForm.model_validate(fields)
+    except ValidationError as e:
+        raise error_from(e.errors(include_url=False), ("body",)) from None
+
+
+def parse_generation_request(body: bytes, cls: type[BaseModel] = ImagesGenerationRequest):
     """Validate a raw JSON body (pydantic's Rust JSON parser: one pass, no dict in between).
     Raises ApiError: 400 for bytes that are not UTF-8 JSON, 422 naming the field otherwise."""
     if not body:
         raise ApiError(422, "invalid_body", "request body must be a JSON object", "body", "a JSON object")
     try:
-        return ImagesGenerationRequest.model_validate_json(body)
+        return cls.model_validate_json(body)
     except ValidationError as e:
         raise error_from(e.errors(include_url=False), ("body",)) from None
 
@@ -59,6 +102,26 @@ def parse_generation_request(body: bytes) -> ImagesGenerationRequest:
 # OpenAPI for routes that read the body themselves (the hot path skips FastAPI's body machinery)
 GENERATION_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": ImagesGenerationRequest.model_json_schema()}}},
+    "security": [{"HTTPBearer": []}]}
+
+
+def _edit_form_schema() -> dict:
+    schema = ImagesEditForm.model_json_schema()
+    schema["properties"] = {"image": {"type": "string", "format": "binary", "description":
+                                      "PNG, JPEG or WebP to edit (also sent as image[])"},
+                            "mask": {"type": "string", "format": "binary", "description":
+                                     "PNG, same size: transparent (or white) = repaint"},
+                            **schema["properties"]}
+    schema["required"] = ["image", *schema.get("required", [])]
+    return schema
+
+
+EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": _edit_form_schema()}}},
+    "security": [{"HTTPBearer": []}]}
+JOB_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": JobRequest.model_json_schema()},
+    "multipart/form-data": {"schema": _edit_form_schema()}}},
     "security": [{"HTTPBearer": []}]}
 
 
@@ -76,66 +139,35 @@ class JobParams(BaseModel):
     karras: bool
     seed: int
     model: str | None      # None: whatever model the workers serve
+    kind: Literal["text", "img2img", "inpaint"] = "text"
+    strength: float | None = None
+    output_format: OutputFormat = "png"
+    output_compression: int | None = None
 
 
-def _bad(field: str, message: str, allowed: object) -> ApiError:
-    return ApiError(422, "invalid_value", f"{field}: {message}", field, allowed)
+def invalid(e: InvalidRequest) -> ApiError:
+    """The 422 for a request the resolver refused: names the field and the allowed range."""
+    return ApiError(422, "invalid_value", str(e), e.field, e.allowed)
 
 
-def size_allowed(info) -> object:
-    if info.sizes:
-        return [f"{w}x{h}" for w, h in info.sizes]
-    m = info.size_multiple
-    return {"multiple_of": m, "min_side": m, "max_side": info.max_side, "max_pixels": info.max_pixels}
-
-
-def to_job_params(req: ImagesGenerationRequest, info, settings) -> JobParams:
-    """Check deployment and model bounds; fill defaults; draw a seed if none was given."""
-    for name in ("prompt", "negative_prompt"):
-        text = getattr(req, name)
-        if len(text) > settings.max_prompt_chars:
-            raise _bad(name, f"too long ({len(text)} characters)", {"max_chars": settings.max_prompt_chars})
-        if "\x00" in text:
-            raise _bad(name, "must not contain NUL characters", "text without NUL")
-    if req.n > settings.max_n:
-        raise _bad("n", f"must be between 1 and {settings.max_n}, got {req.n}", {"min": 1, "max": settings.max_n})
+def to_job_params(req, info, settings, image_size: tuple[int, int] | None = None,
+                  mask_size: tuple[int, int] | None = None) -> JobParams:
+    """Resolve `req` (a generation, job or edit request) with model.request.resolve: deployment
+    and model bounds checked, defaults filled in, a seed drawn if none was given."""
     if req.model is not None and req.model != info.name:
-        raise _bad("model", f"unknown model {req.model!r}", [info.name])
-    if req.size is None:
-        width, height = info.native_width, info.native_height
-    else:
-        m = SIZE_RE.match(req.size)
-        if not m:
-            raise _bad("size", f'must be "WIDTHxHEIGHT" such as "{info.native_width}x{info.native_height}", '
-                               f"got {req.size!r}", size_allowed(info))
-        width, height = int(m.group(1)), int(m.group(2))
-        err = info.size_error(width, height)
-        if err:
-            raise _bad("size", err[1], size_allowed(info))
-    steps = info.default_steps if req.steps is None else req.steps
-    if not 1 <= steps <= info.max_steps:
-        raise _bad("steps", f"must be between 1 and {info.max_steps}, got {steps}", {"min": 1, "max": info.max_steps})
-    g = info.default_guidance if req.guidance_scale is None else float(req.guidance_scale)
-    if not 0 <= g <= info.max_guidance:
-        raise _bad("guidance_scale", f"must be between 0 and {info.max_guidance:g}, got {g:g}",
-                   {"min": 0, "max": info.max_guidance})
-    sampler = info.default_sampler if req.sampler is None else req.sampler
-    if sampler not in info.samplers:
-        raise _bad("sampler", f"unknown sampler {sampler!r}", list(info.samplers))
-    karras = info.default_karras if req.karras is None else req.karras
-    if karras and sampler not in info.karras_samplers:
-        raise _bad("karras", f"applies only to {', '.join(info.karras_samplers)}, not {sampler!r}",
-                   list(info.karras_samplers))
-    if req.seed is None:
-        seed = secrets.randbelow(MAX_SEED - req.n)
-    elif req.seed + req.n > MAX_SEED:
-        raise _bad("seed", f"seed + n - 1 must be below 2**63 (image k uses seed + k), got {req.seed}",
-                   {"min": 0, "max": MAX_SEED - req.n})
-    else:
-        seed = req.seed
-    return JobParams(prompt=req.prompt, negative_prompt=req.negative_prompt, n=req.n, width=width,
-                     height=height, steps=steps, guidance_scale=g, sampler=sampler, karras=karras,
-                     seed=seed, model=req.model)
+        raise ApiError(422, "invalid_value", f"model: unknown model {req.model!r}", "model", [info.name])
+    try:
+        r = resolve(info, prompt=req.prompt, negative_prompt=req.negative_prompt, n=req.n,
+                    size=req.size, steps=req.steps, guidance_scale=req.guidance_scale,
+                    sampler=req.sampler, karras=req.karras, seed=req.seed,
+                    image_size=image_size, mask_size=mask_size, strength=getattr(req, "strength", None),
+                    output_format=req.output_format, output_compression=req.output_compression,
+                    limits=Limits.from_settings(settings))
+    except InvalidRequest as e:
+        raise invalid(e) from None
+    d = r.to_dict()
+    d.pop("eta")
+    return JobParams(model=req.model, **d)
 
 
 # --- responses --------------------------------------------------------------------------------
@@ -164,6 +196,7 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: str | None = None
 
 
 class JobLinks(BaseModel):
@@ -205,6 +238,7 @@ class Timings(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
+    kind: Literal["text", "img2img", "inpaint"] = "text"
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     queue_position: int | None = None
     progress: Progress

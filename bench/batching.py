@@ -9,6 +9,9 @@
      stack clients stream (`stream: true, partial_images: 3`, reading every event); in process,
      every request is watched with a preview every --preview-every steps (PNG-encoded as the
      worker does). `both` prints the throughput cost of previews per client count.
+With --edit-every K, every K-th request is an edit (alternately img2img at strength 0.75 and
+inpainting of the centre with a mask), sent to /v1/images/edits (stack) or given an init image
+(in process): edits share U-Net calls with the generations around them.
 
 Two setups (the output says which ran):
   --setup stack      (default) the full service: redis-server + `latentd worker` + the API under
@@ -20,6 +23,7 @@ Model: the bundled models/shapes if present, else the tiny random SD1 model of t
 
     .venv/bin/python bench/batching.py [--setup stack|inprocess] [--steps 20] [--per-client 2]
                                        [--previews off|on|both] [--preview-every 5]
+                                       [--edit-every 2]
 """
 from __future__ import annotations
 
@@ -45,6 +49,42 @@ def prompt(i: int) -> str:
     return f"a {COLORS[i % 6]} {SHAPES[i // 6 % 3]} on a {BGS[i // 18 % 3]} background"
 
 
+EDIT_EVERY = 0                  # set by --edit-every
+IMG2IMG_STRENGTH = 0.75
+
+
+def edit_kind(i: int) -> str | None:
+    """None for a generation; "img2img" or "inpaint" for request i (alternating) of the mix."""
+    if EDIT_EVERY <= 0 or i % EDIT_EVERY != EDIT_EVERY - 1:
+        return None
+    return "img2img" if (i // EDIT_EVERY) % 2 == 0 else "inpaint"
+
+
+_EDIT_INPUTS: dict = {}
+
+
+def edit_inputs(model: str):
+    """(init image RGB, mask L: white centre = repaint) at the model's native size, made once."""
+    if model not in _EDIT_INPUTS:
+        from PIL import Image, ImageDraw
+
+        from model.info import read_model_info
+        info = read_model_info(model)
+        w, h = info.native_width, info.native_height
+        img = Image.new("RGB", (w, h), "white")
+        ImageDraw.Draw(img).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill="red")
+        mask = Image.new("L", (w, h), 0)
+        mask.paste(255, (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+        _EDIT_INPUTS[model] = img, mask
+    return _EDIT_INPUTS[model]
+
+
+def png_bytes(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def pick_model(path: str | None) -> tuple[str, str]:
     if path:
         return path, f"model at {path}"
@@ -68,13 +108,20 @@ class InProcess:
         from model.pipeline import load_pipeline
         # Threads: on this shared, loaded 2-core machine 2 OpenMP threads are far slower than 1.
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+        self.model = model
         self.pipe = load_pipeline(model, safety=True)
         from model.preview import fit_for
         self.preview_map = fit_for(self.pipe)
 
     def req(self, i: int, steps: int):
         from model.pipeline import GenerationRequest
-        return GenerationRequest(prompt=prompt(i), steps=steps, seed=1000 + i)
+        kind = edit_kind(i)
+        if kind is None:
+            return GenerationRequest(prompt=prompt(i), steps=steps, seed=1000 + i)
+        img, mask = edit_inputs(self.model)
+        return GenerationRequest(prompt=prompt(i), steps=steps, seed=1000 + i, init_image=img,
+                                 mask=mask if kind == "inpaint" else None,
+                                 strength=IMG2IMG_STRENGTH if kind == "img2img" else 1.0)
 
     def prepare(self, max_batch: int):
         from model.pipeline import GenerationRequest
@@ -189,6 +236,19 @@ class Stack:
             self._post(http, 0, 2)                                 # warm up the fresh worker
 
     def _post(self, client, i: int, steps: int):
+        kind = edit_kind(i)
+        if kind is not None:
+            img, mask = edit_inputs(self.model)
+            files = [("image", ("init.png", png_bytes(img), "image/png"))]
+            if kind == "inpaint":
+                files.append(("mask", ("mask.png", png_bytes(mask), "image/png")))
+            fields = {"prompt": prompt(i), "steps": str(steps), "seed": str(1000 + i),
+                      "response_format": "b64_json",
+                      "strength": str(IMG2IMG_STRENGTH if kind == "img2img" else 1.0)}
+            r = client.post("/v1/images/edits", data=fields, files=files)
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+            return r
         body = {"prompt": prompt(i), "steps": steps, "seed": 1000 + i, "response_format": "b64_json"}
         if self.previews:                    # OpenAI-style streaming with 3 partial images
             with client.stream("POST", "/v1/images/generations",
@@ -280,7 +340,11 @@ def main(argv=None) -> int:
                     help="live previews in the throughput runs (both: compare, max batch 16)")
     ap.add_argument("--preview-every", type=int, default=5,
                     help="in process: a preview every k steps of every request")
+    ap.add_argument("--edit-every", type=int, default=0,
+                    help="every K-th request is an edit (img2img / inpainting, alternating); 0: none")
     args = ap.parse_args(argv)
+    global EDIT_EVERY
+    EDIT_EVERY = args.edit_every
 
     model, model_label = pick_model(args.model)
     bench = (Stack if args.setup == "stack" else InProcess)(model)
@@ -293,7 +357,9 @@ def main(argv=None) -> int:
     print(f"device: cpu, torch {torch.__version__}, {os.cpu_count()} cores "
           f"(shared; torch threads {os.environ.get('BENCH_THREADS', '1')})")
     print(f"requests: {args.steps} steps, native size, default sampler; "
-          f"{args.per_client} per client, closed loop")
+          f"{args.per_client} per client, closed loop"
+          + (f"; every {args.edit_every}th an edit (img2img strength {IMG2IMG_STRENGTH} / inpainting)"
+             if args.edit_every else ""))
     try:
         clients = [int(x) for x in args.clients.split(",")]
         res = {}

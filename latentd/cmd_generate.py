@@ -1,12 +1,13 @@
-"""`latentd generate "PROMPT" --out FILE.png`: text -> PNG with the engine, no service needed
-(or with `--server URL`, on a running service: latentd/cmd_remote.py)."""
+"""`latentd generate "PROMPT" --out FILE.png`: text (or an init image, and a mask) -> PNG with the
+engine, no service needed (or with `--server URL`, on a running service: latentd/cmd_remote.py).
+The request is resolved by model.request.resolve, as the API's are."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
+from model.request import SAMPLERS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -32,6 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_size, default=None, metavar="WxH", help="default: the model's native size")
+    p.add_argument("--init-image", default=None, metavar="IMG",
+                   help="edit this image (PNG/JPEG/WebP; img2img, or inpainting with --mask); the "
+                        "output has its size unless --size says otherwise")
+    p.add_argument("--mask", default=None, metavar="MASK",
+                   help="inpainting mask, same size as --init-image: grayscale (white = repaint) or "
+                        "RGBA (transparent = repaint)")
+    p.add_argument("--strength", type=float, default=None, metavar="S",
+                   help="edits: 0 < S <= 1, how much of the schedule runs (default: 0.8 img2img, "
+                        "1.0 inpainting)")
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -56,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.errors import InvalidRequest, ModelLoadError
     from model.pipeline import GenerationRequest, load_pipeline
+    from model.request import resolve
 
     model = args.model
     if model is None:
@@ -68,20 +79,21 @@ def run(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         print(f"latentd generate: cannot load the model: {e}", file=sys.stderr)
         return 2
-    info = pipe.info
     width, height = args.size if args.size else (None, None)
-    req = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative, width=width, height=height,
-        steps=args.steps if args.steps is not None else info.default_steps,
-        guidance_scale=args.guidance if args.guidance is not None else info.default_guidance,
-        sampler=args.sampler or info.default_sampler,
-        karras=bool(args.karras) if args.karras is not None else info.default_karras,
-        eta=args.eta, seed=args.seed)
     try:
-        pipe.validate(req)
+        image, mask = _edit_inputs(args)
+        r = resolve(pipe.info, prompt=args.prompt, negative_prompt=args.negative, width=width,
+                    height=height, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                    karras=args.karras, eta=args.eta, seed=args.seed,
+                    image_size=None if image is None else image.size,
+                    mask_size=None if mask is None else mask.size, strength=args.strength)
     except InvalidRequest as e:
         print(f"latentd generate: invalid {e.field}: {e.message}", file=sys.stderr)
         return 2
+    req = GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width,
+                            height=r.height, steps=r.steps, guidance_scale=r.guidance_scale,
+                            sampler=r.sampler, karras=r.karras, eta=r.eta, seed=r.seed,
+                            init_image=image, mask=mask, strength=r.strength)
     from latentd.cpu import ThreadGovernor
     gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if args.device == "cpu" else None
 
@@ -90,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         if gov is not None:
             gov.tick()
 
-    with tqdm(total=req.steps, desc="denoising", unit="step") as bar:
+    with tqdm(total=req.run_steps, desc="denoising", unit="step") as bar:
         result = pipe.generate([req], callback=step)[0]
     result.image.save(args.out, format="PNG")
     for w in result.warnings:
@@ -98,7 +110,30 @@ def run(args: argparse.Namespace) -> int:
     if result.nsfw:
         print("warning: the safety checker flagged the image; a black image was written", file=sys.stderr)
     t = result.timings
+    edit = f" strength={req.strength:g}" if req.init_image is not None else ""
     print(f"{args.out}: {result.image.width}x{result.image.height} seed={result.seed} "
           f"sampler={req.sampler}{'+karras' if req.karras else ''} steps={req.steps} "
-          f"guidance={req.guidance_scale:g} in {t['total']:.2f}s (denoise {t['denoise']:.2f}s)")
+          f"guidance={req.guidance_scale:g}{edit} in {t['total']:.2f}s (denoise {t['denoise']:.2f}s)")
     return 0
+
+
+def _edit_inputs(args):
+    """(init image, L mask) from --init-image / --mask, checked like the API's uploads."""
+    from model.edit_inputs import mask_to_l, open_image
+    from model.errors import InvalidRequest
+    from model.request import MAX_IMAGE_PIXELS
+
+    def read(path, field):
+        try:
+            with open(path, "rb") as f:
+                return open_image(f.read(), field, MAX_IMAGE_PIXELS)
+        except OSError as e:
+            raise InvalidRequest(field, f"cannot read {path}: {e.strerror or e}") from None
+
+    if args.init_image is None:
+        if args.mask is not None:
+            raise InvalidRequest("mask", "needs --init-image")
+        return None, None
+    image = read(args.init_image, "init-image")
+    mask = None if args.mask is None else mask_to_l(read(args.mask, "mask"))
+    return image, mask

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     rate_limit_burst: int = 20             # per-key bucket size (jobs admitted at once)
     sync_wait_s: float = 120.0             # /v1/images/generations waits this long, then 504
     max_body_bytes: int = 65536            # larger request bodies get 413
+    max_edit_body_bytes: int = 20 * 2**20  # bodies carrying images (edits, /v1/jobs): larger get 413
+    max_image_pixels: int = 4096 * 4096    # an uploaded init image or mask (Pillow's bomb guard too)
     max_prompt_chars: int = 2000           # prompt / negative_prompt length cap
     max_n: int = 4                         # images per request
     retry_after_s: int = 2                 # Retry-After for 503 (queue full, nothing ready)

@@ -9,10 +9,11 @@ from __future__ import annotations
 class InvalidRequest(ValueError):
     """A generation request that cannot run: `field` is the request field, `message` the range."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, allowed: object = None):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.allowed = allowed          # the allowed range/values, JSON-safe (the API shows it)
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"

@@ -7,7 +7,8 @@ which keeps every skip connection the same size. Within that: min side = size_mu
 max side = 4 x native side, width*height <= max_pixels (default: 4 x native area, i.e. 2x each
 side). An optional `latentd.json` in the model folder overrides any of:
     {"name", "sizes": [[w, h], ...] (then ONLY these), "max_pixels", "max_side", "max_steps",
-     "default_steps", "default_sampler", "default_guidance", "default_karras"}
+     "default_steps", "default_sampler", "default_guidance", "default_karras",
+     "unet_in_channels" (single-file checkpoints only: 9 for an inpainting U-Net)}
 """
 from __future__ import annotations
 
@@ -16,11 +17,8 @@ import os
 from dataclasses import dataclass, field
 
 from model.errors import InvalidRequest, ModelLoadError
-
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
-KARRAS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")  # sigma-space samplers (Karras et al. 2022)
-MAX_SEED = 2**63  # seeds: 0 <= seed < 2**63 (torch.Generator.manual_seed takes a signed int64)
-MAX_GUIDANCE = 30.0
+from model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                           KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS, Resolved, resolve)
 
 
 @dataclass(frozen=True)
@@ -33,19 +31,26 @@ class ModelInfo:
     max_side: int
     max_pixels: int
     sizes: tuple[tuple[int, int], ...] = ()   # non-empty: only these (w, h) are allowed
-    latent_channels: int = 4
+    latent_channels: int = 4                 # channels of the latent the chain runs on
+    unet_in_channels: int = 4                # 9: an inpainting U-Net (latent + mask + masked image)
     prediction_type: str = "epsilon"         # epsilon | v_prediction
     num_train_timesteps: int = 1000
     max_steps: int = 150
     has_safety: bool = False
-    default_steps: int = 20
-    default_sampler: str = "dpmpp_2m"
-    default_guidance: float = 7.5
-    default_karras: bool = False
+    default_steps: int = DEFAULT_STEPS
+    default_sampler: str = DEFAULT_SAMPLER
+    default_guidance: float = DEFAULT_GUIDANCE
+    default_karras: bool = DEFAULT_KARRAS
     samplers: tuple[str, ...] = SAMPLERS
     karras_samplers: tuple[str, ...] = KARRAS_SAMPLERS
     max_guidance: float = MAX_GUIDANCE
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def inpaint_unet(self) -> bool:
+        """A U-Net conditioned on a mask and masked-image latents (Stable Diffusion inpainting:
+        in_channels = latent + 1 + latent)."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
     def size_error(self, width: int, height: int) -> tuple[str, str] | None:
         """(field, message) when width x height is not allowed, else None."""
@@ -102,7 +107,8 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
     if os.path.isfile(folder):
         over = _maybe_json(os.path.join(os.path.dirname(folder), "latentd.json")) or {}
         base = dict(name=os.path.splitext(os.path.basename(folder))[0], sample_size=64,
-                    vae_factor=8, n_down=3, latent_channels=4, prediction_type="epsilon",
+                    vae_factor=8, n_down=3, latent_channels=4,
+                    unet_in_channels=int(over.get("unet_in_channels", 4)), prediction_type="epsilon",
                     num_train_timesteps=1000, has_safety=False)
         return _build(base, over)
     if not os.path.isdir(folder):
@@ -132,7 +138,8 @@ def info_from_configs(unet: dict, vae: dict, scheduler: dict, *, has_safety: boo
         sample_size=int(sample_size),
         vae_factor=2 ** (len(vae_blocks) - 1),
         n_down=len(unet_blocks) - 1,
-        latent_channels=int(unet.get("in_channels", 4)),
+        latent_channels=int(unet.get("out_channels", 4)),
+        unet_in_channels=int(unet.get("in_channels", 4)),
         prediction_type=scheduler.get("prediction_type") or "epsilon",
         num_train_timesteps=int(scheduler.get("num_train_timesteps") or 1000),
         has_safety=bool(has_safety),
@@ -149,7 +156,7 @@ def _build(base: dict, over: dict) -> ModelInfo:
     if base["prediction_type"] not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"scheduler prediction_type {base['prediction_type']!r} is not "
                              "supported (epsilon | v_prediction)")
-    known = {"name", "sizes", "max_pixels", "max_side", "max_steps", "default_steps",
+    known = {"name", "sizes", "unet_in_channels", "max_pixels", "max_side", "max_steps", "default_steps",
              "default_sampler", "default_guidance", "default_karras"}
     info = ModelInfo(
         name=str(over.get("name", base["name"])),
@@ -158,14 +165,15 @@ def _build(base: dict, over: dict) -> ModelInfo:
         max_pixels=int(over.get("max_pixels", 4 * native * native)),
         sizes=sizes,
         latent_channels=base["latent_channels"],
+        unet_in_channels=base["unet_in_channels"],
         prediction_type=base["prediction_type"],
         num_train_timesteps=base["num_train_timesteps"],
         max_steps=int(over.get("max_steps", min(150, base["num_train_timesteps"]))),
         has_safety=base["has_safety"],
-        default_steps=int(over.get("default_steps", 20)),
-        default_sampler=str(over.get("default_sampler", "dpmpp_2m")),
-        default_guidance=float(over.get("default_guidance", 7.5)),
-        default_karras=bool(over.get("default_karras", False)),
+        default_steps=int(over.get("default_steps", DEFAULT_STEPS)),
+        default_sampler=str(over.get("default_sampler", DEFAULT_SAMPLER)),
+        default_guidance=float(over.get("default_guidance", DEFAULT_GUIDANCE)),
+        default_karras=bool(over.get("default_karras", DEFAULT_KARRAS)),
         extra={k: v for k, v in over.items() if k not in known},
     )
     if info.default_sampler not in SAMPLERS:
@@ -176,43 +184,15 @@ def _build(base: dict, over: dict) -> ModelInfo:
     return info
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_request(info: ModelInfo, req) -> None:
-    """Raise InvalidRequest(field, message) for the first bad field of `req` (any object with
-    GenerationRequest's attributes: prompt, negative_prompt, width, height, steps, guidance_scale,
-    sampler, karras, eta, seed). Torch-free, so the API validates exactly as the engine does."""
-    import math
-
-    for name in ("prompt", "negative_prompt"):
-        if not isinstance(getattr(req, name), str):
-            raise InvalidRequest(name, "must be a string")
-    width = info.native_width if req.width is None else req.width
-    height = info.native_height if req.height is None else req.height
-    info.check_size(width, height)
-    steps = req.steps
-    if not _is_int(steps) or not 1 <= steps <= info.max_steps:
-        raise InvalidRequest("steps", f"must be an integer between 1 and {info.max_steps}, got {steps!r}")
-    g = req.guidance_scale
-    if (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
-            or not 0.0 <= g <= info.max_guidance):
-        raise InvalidRequest("guidance_scale", f"must be a finite number between 0 and "
-                                               f"{info.max_guidance:g}, got {g!r}")
-    if req.sampler not in info.samplers:
-        raise InvalidRequest("sampler", f"unknown sampler {req.sampler!r}; one of: "
-                                        + ", ".join(info.samplers))
-    if not isinstance(req.karras, bool):
-        raise InvalidRequest("karras", "must be true or false")
-    if req.karras and req.sampler not in info.karras_samplers:
-        raise InvalidRequest("karras", f"Karras sigmas apply to {', '.join(info.karras_samplers)} "
-                                       f"only, not {req.sampler!r}")
-    eta = req.eta
-    if (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta)
-            or not 0.0 <= eta <= 1.0):
-        raise InvalidRequest("eta", f"must be a number between 0 and 1, got {eta!r}")
-    if eta and req.sampler != "ddim":
-        raise InvalidRequest("eta", f"eta applies to the ddim sampler only, not {req.sampler!r}")
-    if not _is_int(req.seed) or not 0 <= req.seed < MAX_SEED:
-        raise InvalidRequest("seed", f"must be an integer with 0 <= seed < 2**63, got {req.seed!r}")
+def check_request(info: ModelInfo, req) -> Resolved:
+    """Raise InvalidRequest(field, message, allowed) for the first bad field of `req` (any object
+    with GenerationRequest's attributes); else the Resolved request. The same `resolve` the API
+    and the worker run, so the engine rejects exactly what they would."""
+    image = getattr(req, "init_image", None)
+    mask = getattr(req, "mask", None)
+    return resolve(info, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
+                   height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
+                   sampler=req.sampler, karras=req.karras, eta=req.eta, seed=req.seed,
+                   image_size=None if image is None else tuple(image.size),
+                   mask_size=None if mask is None else tuple(mask.size),
+                   strength=getattr(req, "strength", None))

@@ -9,10 +9,14 @@
 generate() is exactly these calls. Every per-request quantity (timestep, guidance scale, sampler
 coefficients, noise generator) is per row, and all math after the U-Net is elementwise, so a
 request gives the same image alone or in a batch as long as the networks are batch-invariant.
+Edits (img2img, inpainting; model/edit.py) are the same calls: start() encodes the init image
+(one image per call) and noises it, step() gives an inpainting U-Net its extra channels and
+blends the unmasked region, all per row, so edits and text-to-image share one U-Net call.
 Latent diffusion (Rombach et al. 2022): the chain runs on z; x = D(z / scaling_factor).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -22,9 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.edit import EditState, Encoder, blend, overlay, start_edit
 from model.errors import InvalidRequest, ModelLoadError
 from model.guidance import guide
 from model.info import ModelInfo, check_request, info_from_configs
+from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Resolved,
+                           start_step)
 from model.samplers import Plan, denoise_step, make_plan, step_coeffs
 from model.schedule import NoiseSchedule, schedule_from_config
 from model.text import Conditioning, TextEncoder
@@ -36,11 +43,11 @@ BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
-    width: int | None = None        # None -> the model's native size
+    width: int | None = None        # None -> the init image's size, else the model's native size
     height: int | None = None
-    steps: int = 20
-    guidance_scale: float = 7.5
-    sampler: str = "dpmpp_2m"       # ddpm | ddim | euler | euler_a | dpmpp_2m
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    sampler: str = DEFAULT_SAMPLER  # ddpm | ddim | euler | euler_a | dpmpp_2m
     karras: bool = False
     eta: float = 0.0                # ddim only
     seed: int = 0                   # 0 <= seed < 2**63
@@ -48,6 +55,17 @@ class GenerationRequest:
     # () = none. Build with model.classifier_spec.resolve from the API's {"color": ..., "scale": ...}.
     classifier_targets: tuple[tuple[str, str], ...] = ()
     classifier_scale: float = 0.0
+    init_image: Image.Image | None = field(default=None, compare=False, repr=False)  # img2img / inpaint
+    mask: Image.Image | None = field(default=None, compare=False, repr=False)  # white = repaint
+    strength: float | None = None   # edits: 0 < s <= 1, None -> model.request.DEFAULT_STRENGTH
+
+    @property
+    def run_steps(self) -> int:
+        """Steps that actually run: all for text-to-image, int(steps * strength) for an edit."""
+        if self.init_image is None:
+            return self.steps
+        kind = "img2img" if self.mask is None else "inpaint"
+        return self.steps - start_step(self.steps, self.strength or DEFAULT_STRENGTH[kind])
 
 
 @dataclass
@@ -72,6 +90,7 @@ class RequestState:
     height: int
     step: int = 0
     x0_prev: torch.Tensor | None = None       # previous denoised sample (DPM-Solver++ 2M)
+    edit: EditState | None = None             # img2img / inpainting tensors (model/edit.py)
     compute_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -129,27 +148,27 @@ class Pipeline:
         self.latent_scale = float(vae.config.scaling_factor)
         self.latent_shift = vae.config.shift_factor
         self._plans: dict[tuple, Plan] = {}
+        self.encoder = Encoder(vae, self.latent_scale, self.latent_shift, self.device, self.vae_dtype)
 
     # -- validation ------------------------------------------------------------------------------
-    def validate(self, req: GenerationRequest) -> None:
-        """Raise InvalidRequest(field, message naming the allowed range) for a bad request."""
-        check_request(self.info, req)
+    def validate(self, req: GenerationRequest) -> Resolved:
+        """Raise InvalidRequest(field, message naming the allowed range) for a bad request; else
+        the request resolved (model.request.resolve: size, strength defaults filled in)."""
+        r = check_request(self.info, req)
         if req.classifier_targets:
             from model.classifier_spec import resolve
             resolve(self.classifier_heads, {**dict(req.classifier_targets), "scale": req.classifier_scale})
+        return r
 
     @property
     def classifier_heads(self) -> dict[str, tuple[str, ...]] | None:
         """Head -> labels of the model's classifier (None: none), for validation and /v1/models."""
         return dict(self.classifier.cfg.heads) if self.classifier is not None else None
 
-    def _size(self, req: GenerationRequest) -> tuple[int, int]:
-        return (req.width or self.info.native_width, req.height or self.info.native_height)
-
-    def _plan(self, req: GenerationRequest) -> Plan:
-        key = (req.sampler, req.steps, req.karras, float(req.eta))
+    def _plan(self, r: Resolved) -> Plan:
+        key = (r.sampler, r.steps, r.karras, float(r.eta), r.strength)
         if key not in self._plans:
-            self._plans[key] = make_plan(self.schedule, req.sampler, req.steps, req.karras, req.eta)
+            self._plans[key] = make_plan(self.schedule, r.sampler, r.steps, r.karras, r.eta, r.strength)
         return self._plans[key]
 
     # -- step-level API --------------------------------------------------------------------------
@@ -174,18 +193,23 @@ class Pipeline:
 
     def start(self, req: GenerationRequest, cond: Conditioning) -> RequestState:
         """Validate, plan, and draw the initial latent from the request's own generator:
-        randn((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed)) * init_sigma."""
-        self.validate(req)
-        width, height = self._size(req)
-        plan = self._plan(req)
+        randn((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed)) * init_sigma, or for
+        an edit the init image's latent noised to the first step it runs (model/edit.py)."""
+        r = self.validate(req)
+        plan = self._plan(r)
         gen = torch.Generator("cpu").manual_seed(req.seed)
         f = self.info.vae_factor
-        shape = (1, self.info.latent_channels, height // f, width // f)
-        latent = torch.randn(shape, generator=gen, dtype=torch.float32)
-        latent = (latent * plan.init_sigma).to(self.device)                 # (1, C, h, w)
+        shape = (1, self.info.latent_channels, r.height // f, r.width // f)
+        t0 = time.perf_counter()
+        if req.strength != r.strength:
+            req = dataclasses.replace(req, strength=r.strength)
+        latent, edit = start_edit(self.encoder, plan, req, r.width, r.height, shape, gen,
+                                  self.info.inpaint_unet, self.device)       # (1, C, h, w)
+        timings = {"text": float(cond.seconds)}
+        if req.init_image is not None:
+            timings["encode"] = time.perf_counter() - t0
         return RequestState(req=req, cond=cond, plan=plan, latent=latent, generator=gen,
-                            width=width, height=height,
-                            timings={"text": float(cond.seconds)})
+                            width=r.width, height=r.height, edit=edit, timings=timings)
 
     def step(self, states: list[RequestState]) -> None:
         """Advance every state by one step with ONE U-Net call of 2B rows ([uncond..., cond...]).
@@ -219,9 +243,12 @@ class Pipeline:
         x = torch.cat([s.latent for s in states])                           # (B, C, h, w) float32
         k = step_coeffs([s.plan for s in states], [s.step for s in states], self.device)
         z = (k["c_in"] * x).to(self.dtype)                                  # (B, C, h, w) U-Net input
+        z_in = z
+        if self.info.inpaint_unet:      # + [mask, masked-image latent]: (B, 2C + 1, h, w)
+            z_in = torch.cat([z, torch.cat([s.edit.extra for s in states]).to(self.dtype)], dim=1)
         t = k["t"].view(-1)                                                 # (B,)
         context = torch.cat([s.cond.uncond for s in states] + [s.cond.cond for s in states])  # (2B, L, D)
-        out = self.unet(torch.cat([z, z]), torch.cat([t, t]), context).float()  # (2B, C, h, w)
+        out = self.unet(torch.cat([z_in, z_in]), torch.cat([t, t]), context).float()  # (2B, C, h, w)
         b = len(states)
         w = torch.tensor([float(s.req.guidance_scale) for s in states], dtype=torch.float32,
                          device=self.device).view(b, 1, 1, 1)
@@ -236,7 +263,12 @@ class Pipeline:
         if any(s.x0_prev is not None for s in states):
             x0_prev = torch.cat([s.x0_prev if s.x0_prev is not None else torch.zeros_like(s.latent)
                                  for s in states])
-        return denoise_step(x, guided, k, self.schedule.prediction_type, x0_prev, noise)
+        x_next, x0 = denoise_step(x, guided, k, self.schedule.prediction_type, x0_prev, noise)
+        if any(s.edit is not None and s.edit.mask is not None for s in states):
+            x_next = torch.cat([blend(x_next[i:i + 1], s.edit, k["ka"][i:i + 1], k["kb"][i:i + 1])
+                                if s.edit is not None and s.edit.mask is not None else x_next[i:i + 1]
+                                for i, s in enumerate(states)])
+        return x_next, x0
 
     def _classifier_guidance(self, states, z, t, k, guided: torch.Tensor) -> torch.Tensor:
         """Shift the guided noise estimate of the rows that ask for classifier guidance:
@@ -279,6 +311,9 @@ class Pipeline:
         for idx in groups.values():
             for i, im in zip(idx, self._decode(torch.cat([states[i].latent for i in idx]))):
                 images[i] = im
+        for i, s in enumerate(states):      # before the safety check: it judges the final image
+            if s.req.mask is not None:
+                images[i] = overlay(images[i], s.req.init_image, s.req.mask)
         t1 = time.perf_counter()
         flags = [False] * len(states)
         if self.safety is not None:
@@ -291,7 +326,7 @@ class Pipeline:
             tm["decode"] = (t1 - t0) / n
             tm["safety"] = (t2 - t1) / n
             tm.setdefault("denoise", 0.0)
-            tm["total"] = tm["text"] + tm["denoise"] + tm["decode"] + tm["safety"]
+            tm["total"] = tm["text"] + tm.get("encode", 0.0) + tm["denoise"] + tm["decode"] + tm["safety"]
             s.compute_s += (t2 - t0) / n
             out.append(GeneratedImage(image=im, seed=s.req.seed, nsfw=bool(nsfw), timings=tm,
                                       warnings=list(s.cond.warnings)))

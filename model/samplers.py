@@ -11,6 +11,13 @@ for every step in float64, once per request; `advance` applies them. Both are pu
 state is (x, x0_prev, step index, generator), so requests with different samplers, step counts and
 schedules share one U-Net call and each gets the same numbers alone or in a batch.
 
+Edits (SDEdit, Meng et al. 2022) run the tail of the same plan: `strength` drops the first
+steps - int(steps * strength) rows (model.request.start_step), and the chain starts from the init
+latent x0 noised to the first remaining row, x = (alpha x0 + sigma eps) / c_in (the forward
+closed form, Ho et al. 2020 §2, in the sampler's space). Inpainting with a text-to-image U-Net
+blends, after step i, the init latent noised to the next row's level back into the unmasked
+region: columns ka, kb hold (alpha/c_in, sigma/c_in) of row i+1, and (1, 0) after the last step.
+
 Spaces: ddpm, ddim and dpmpp_2m run on the variance-preserving latent x = alpha x0 + sigma eps
 (alpha = sqrt(abar), sigma = sqrt(1 - abar)); euler and euler_a on the variance-exploding latent
 x = x0 + sigma_ve eps (Karras et al. 2022), which the U-Net sees as c_in x, c_in = 1/sqrt(sigma_ve^2 + 1).
@@ -24,15 +31,15 @@ import torch
 
 from model.errors import InvalidRequest
 from model.guidance import to_x0_eps
+from model.request import KARRAS_SAMPLERS as KARRAS
+from model.request import SAMPLERS, start_step
 from model.schedule import (NoiseSchedule, dpm_timesteps, interp_sigmas, karras_sigmas,
                             sigma_to_t, spaced_timesteps)
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
-KARRAS = ("euler", "euler_a", "dpmpp_2m")
 # diffusers' default timestep_spacing per scheduler class, used when the config does not say.
 _DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "euler": "linspace",
                     "euler_a": "linspace", "dpmpp_2m": "linspace"}
-COEFFS = ("t", "c_in", "alpha", "sigma", "clip", "a", "b", "c", "d", "s")
+COEFFS = ("t", "c_in", "alpha", "sigma", "clip", "a", "b", "c", "d", "s", "ka", "kb")
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,16 @@ class Plan:
     sampler: str
     steps: int
     init_sigma: float            # the initial latent is  init_sigma * randn(...)
-    coeffs: np.ndarray           # (steps, 10) float64, columns COEFFS ("clip": |x0| bound, inf = none)
+    coeffs: np.ndarray           # (steps, 12) float64, columns COEFFS ("clip": |x0| bound, inf = none)
     draws: np.ndarray            # (steps,) bool: draw z from the generator at this step
+    start: int = 0               # rows of the full schedule skipped (edits: strength < 1)
+
+    def noise_coeffs(self, i: int = 0) -> tuple[float, float]:
+        """(alpha/c_in, sigma/c_in) of row i: x = ka x0 + kb eps is x0 noised to row i's level in
+        the sampler's space (the edit's initial latent at i = 0)."""
+        r = self.coeffs[i]
+        c_in = r[COEFFS.index("c_in")]
+        return r[COEFFS.index("alpha")] / c_in, r[COEFFS.index("sigma")] / c_in
 
     def column(self, name: str) -> np.ndarray:
         return self.coeffs[:, COEFFS.index(name)]
@@ -64,8 +79,9 @@ def _vp_from_sigma(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_plan(sched: NoiseSchedule, sampler: str, steps: int, karras: bool = False,
-              eta: float = 0.0) -> Plan:
-    """The Plan for one request (pure: same inputs, same plan)."""
+              eta: float = 0.0, strength: float | None = None) -> Plan:
+    """The Plan for one request (pure: same inputs, same plan). strength: an edit's plan, the
+    last int(steps * strength) rows of the full one."""
     if sampler not in SAMPLERS:
         raise InvalidRequest("sampler", f"unknown sampler {sampler!r}; one of: {', '.join(SAMPLERS)}")
     if karras and sampler not in KARRAS:
@@ -77,7 +93,16 @@ def make_plan(sched: NoiseSchedule, sampler: str, steps: int, karras: bool = Fal
     offset = int(sched.get("steps_offset", 0))
     build = {"ddpm": _ddpm, "ddim": _ddim, "euler": _euler, "euler_a": _euler,
              "dpmpp_2m": _dpmpp_2m}[sampler]
-    return build(sched, sampler, steps, spacing, offset, karras, eta)
+    start = start_step(steps, strength)
+    if start >= steps:
+        raise InvalidRequest("strength", f"int(steps x strength) must be at least 1, got {strength!r}")
+    full = build(sched, sampler, steps, spacing, offset, karras, eta, start)
+    alpha, sigma, c_in = (full.column(k) for k in ("alpha", "sigma", "c_in"))
+    coeffs = full.coeffs.copy()
+    coeffs[:, COEFFS.index("ka")] = np.append((alpha / c_in)[1:], 1.0)    # clean after the last step
+    coeffs[:, COEFFS.index("kb")] = np.append((sigma / c_in)[1:], 0.0)
+    return Plan(sampler, steps - start, full.init_sigma, coeffs[start:].copy(),
+                full.draws[start:].copy(), start)
 
 
 def _plan(sampler, steps, init_sigma, clip, draws, **cols) -> Plan:
@@ -94,7 +119,7 @@ def _clip(sched: NoiseSchedule) -> float | None:
     return float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample", True) else None
 
 
-def _ddpm(sched, sampler, steps, spacing, offset, karras, eta) -> Plan:
+def _ddpm(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> Plan:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) on a strided schedule: with
     alpha_t = abar_t / abar_prev, beta_t = 1 - alpha_t, the step is the posterior mean (eq. 7)
         x_prev = sqrt(abar_prev) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x
@@ -116,7 +141,7 @@ def _ddpm(sched, sampler, steps, spacing, offset, karras, eta) -> Plan:
                  s=np.where(draws, np.sqrt(var), 0.0))
 
 
-def _ddim(sched, sampler, steps, spacing, offset, karras, eta) -> Plan:
+def _ddim(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> Plan:
     """DDIM (Song et al. 2021, eq. 12):
         x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t z,
         sigma_t = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev)   (eq. 16).
@@ -153,7 +178,7 @@ def _euler_sigmas(sched, steps, spacing, offset, karras) -> tuple[np.ndarray, np
     return t, sig
 
 
-def _euler(sched, sampler, steps, spacing, offset, karras, eta) -> Plan:
+def _euler(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> Plan:
     """Euler (Karras et al. 2022, Algorithm 1 without churn): d = (x - x0)/sigma = eps,
         x_next = x + (sigma_next - sigma) eps.
     Euler ancestral (k-diffusion sample_euler_ancestral): step to sigma_down, add sigma_up z,
@@ -173,13 +198,14 @@ def _euler(sched, sampler, steps, spacing, offset, karras, eta) -> Plan:
                  alpha=alpha, sigma=sigma, a=1.0, c=target - cur, s=up)
 
 
-def _dpmpp_2m(sched, sampler, steps, spacing, offset, karras, eta) -> Plan:
+def _dpmpp_2m(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> Plan:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, lambda = log(alpha/sigma):
         h = lambda_next - lambda, r = h_prev / h,
         D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev,
         x_next = (sigma_next/sigma) x - alpha_next (exp(-h) - 1) D.
-    First order (D = x0) at the first step and at the last when the final sigma is 0 (or
-    lower_order_final with < 15 steps / euler_at_final), as DPM-Solver++ recommends."""
+    First order (D = x0) at the first step run (row `start` for an edit: no x0_prev yet) and at
+    the last when the final sigma is 0 (or lower_order_final with < 15 steps / euler_at_final),
+    as DPM-Solver++ recommends."""
     all_s = sched.sigmas
     T = sched.num_train_timesteps
     if karras:
@@ -203,7 +229,7 @@ def _dpmpp_2m(sched, sampler, steps, spacing, offset, karras, eta) -> Plan:
         h = lam[i + 1] - lam[i]
         a[i] = sigma[i + 1] / sigma[i]
         phi = -alpha[i + 1] * np.expm1(-h)                   # -alpha_next (exp(-h) - 1)
-        if i == 0 or (i == n - 1 and low_final):
+        if i <= start or (i == n - 1 and low_final):
             b[i] = phi
         else:
             r = (lam[i] - lam[i - 1]) / h
@@ -214,7 +240,7 @@ def _dpmpp_2m(sched, sampler, steps, spacing, offset, karras, eta) -> Plan:
 
 def step_coeffs(plans: list[Plan], idx: list[int], device=None) -> dict[str, torch.Tensor]:
     """Coefficients of step idx[r] of plans[r] for each row r: name -> (B, 1, 1, 1) float32."""
-    rows = np.stack([p.coeffs[i] for p, i in zip(plans, idx)])          # (B, 10) float64
+    rows = np.stack([p.coeffs[i] for p, i in zip(plans, idx)])          # (B, 12) float64
     k = torch.from_numpy(rows).to(torch.float32).to(device)
     return {name: k[:, j].view(-1, 1, 1, 1) for j, name in enumerate(COEFFS)}
 

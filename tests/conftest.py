@@ -23,6 +23,15 @@ def tiny_model_sd2(tmp_path_factory):
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd2"), variant="sd2", safety=True, seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_inpaint(tmp_path_factory):
+    """The SD1-style model with a 9-channel inpainting U-Net (no safety checker)."""
+    from tests.tiny_model import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_inpaint"), variant="sd1", safety=False, seed=1,
+                        in_channels=9)
+
+
 @pytest.fixture
 def redis_server():
     """A real redis-server on a free port with deploy/redis.conf (AOF), data in a temp dir;

@@ -95,7 +95,7 @@ CASES = [
     ("form body", "POST", J, b"prompt=x", {"Content-Type": "application/x-www-form-urlencoded"}, (400, 422),
      "body"),
     ("multipart body", "POST", J, b"--b\r\nContent-Disposition: form-data; name=prompt\r\n\r\nx\r\n--b--\r\n",
-     {"Content-Type": "multipart/form-data; boundary=b"}, (400, 422), "body"),
+     {"Content-Type": "multipart/form-data; boundary=b"}, (400, 422), ("body", "image")),  # an edit without its image
     ("sync endpoint NaN guidance", "POST", "/v1/images/generations",
      raw('{"prompt": "x", "guidance_scale": NaN}'), {}, 422, "guidance_scale"),
     ("sync endpoint seed 2**63", "POST", "/v1/images/generations", {**OK, "seed": 2**63}, {}, 422, "seed"),

@@ -95,8 +95,10 @@ def _perturb(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.02)
             p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def make_tiny_sd(path, variant: str = "sd1", safety: bool = True, seed: int = 0) -> Path:
-    """Write a tiny random StableDiffusionPipeline folder at `path` and return it."""
+def make_tiny_sd(path, variant: str = "sd1", safety: bool = True, seed: int = 0,
+                 in_channels: int = 4) -> Path:
+    """Write a tiny random StableDiffusionPipeline folder at `path` and return it. in_channels=9:
+    an inpainting U-Net (latent + mask + masked-image latent, as Stable Diffusion inpainting)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -106,7 +108,7 @@ def make_tiny_sd(path, variant: str = "sd1", safety: bool = True, seed: int = 0)
     path = Path(path)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(variant))
+    unet = UNet2DConditionModel(**{**unet_config(variant), "in_channels": in_channels})
     vae = AutoencoderKL(**vae_config())
     vocab, _ = tokenizer_files()
     text_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,

@@ -43,12 +43,14 @@ class JobClient:
 
     # --- writes -------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, callback_url: str | None = None,
-               watch: tuple[str, int] | None = None) -> str:
+               watch: tuple[str, int] | None = None, init: dict[str, bytes] | None = None) -> str:
         """Enqueue a validated spec; returns the job id. Raises QueueFull (nothing enqueued).
         callback_url: POST the record there when the job ends (worker/webhooks.py; checked by the
         caller). watch: (listener id, preview every k steps) registered before the job can be
         claimed, so its worker publishes progress and previews from the first step
-        (worker/events.py)."""
+        (worker/events.py). init: an edit's {"image": PNG, "mask": PNG}, stored under
+        keys.init_image until the job ends (never in the spec, the RQ job or the record the owner
+        reads)."""
         from rq.job import Job
         from rq.serializers import JSONSerializer
 
@@ -63,7 +65,7 @@ class JobClient:
         job.enqueued_at = job.created_at
         job._status = "queued"
         fields = {"id": job_id, "owner": spec.owner, "queue": self.queue, "spec": spec.to_json(),
-                  "n": spec.n, "steps": spec.steps, "status": "queued", "created_at": repr(now),
+                  "n": spec.n, "steps": spec.run_steps, "status": "queued", "created_at": repr(now),
                   "attempt": 0, "compute_s": 0, "done": 0}
         if callback_url:
             fields["callback"] = callback_url
@@ -83,6 +85,9 @@ class JobClient:
                 pipe.lpush(keys.recent(spec.owner), job_id)
                 pipe.ltrim(keys.recent(spec.owner), 0, keys.RECENT_MAX - 1)
                 pipe.expire(keys.recent(spec.owner), int(self.settings.result_ttl_s))
+            if init:
+                pipe.hset(keys.init_image(job_id), mapping=init)
+                pipe.expire(keys.init_image(job_id), int(self.settings.result_ttl_s))
             job.save(pipeline=pipe)
             pipe.evalsha(self.scripts.admit.sha, len(admit_keys), *admit_keys, *argv)
             try:
@@ -93,6 +98,8 @@ class JobClient:
                     raise
                 self.redis.script_load(self.scripts.admit.script)
         if depth == -1:
+            if init:
+                self.redis.delete(keys.init_image(job_id))
             raise QueueFull(self.settings.queue_cap, self.settings.queue_cap)
         return job_id
 
@@ -143,7 +150,8 @@ class JobClient:
             pubsub.close()
 
     def image_png(self, job_id: str, k: int, owner: str) -> bytes | None:
-        """PNG of image k of the caller's own job (flagged images are stored black)."""
+        """Stored bytes of image k of the caller's own job, in the job's output_format (PNG by
+        default; worker.png.media_type tells which); flagged images are stored black."""
         if not _ID.match(job_id or "") or not isinstance(k, int) or k < 0:
             return None
         own, img = self.redis.hmget(keys.job(job_id), "owner", f"img:{k}")

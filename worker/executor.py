@@ -80,7 +80,7 @@ class _Entry:
         st = self.state
         return Item(self.request_id, self.key_name, self.arrival, self.size,
                     st.step if st is not None else 0,
-                    st.total if st is not None else self.req.steps, self.mem_mb, self.last_tick)
+                    st.total if st is not None else self.req.run_steps, self.mem_mb, self.last_tick)
 
 
 def error_code(exc: BaseException) -> str:
@@ -138,8 +138,7 @@ class BatchExecutor:
     def add(self, request_id: str, key_name: str, req) -> None:
         """Queue a request; it waits for admission. An invalid one fails at the next iterate()."""
         try:
-            self.pipe.validate(req)
-            size = self._latent_size(req)
+            size = self._latent_size(self.pipe.validate(req))
         except Exception as exc:          # InvalidRequest, or anything validation trips on
             with self._lock:
                 self._pending.append(Failed(request_id, error_code(exc), _message(exc)))
@@ -324,11 +323,10 @@ class BatchExecutor:
         return list(entries), list(out), []
 
     # --- helpers -----------------------------------------------------------------------------
-    def _latent_size(self, req) -> tuple[int, int]:
-        info = self.pipe.info
-        w = req.width or info.native_width
-        h = req.height or info.native_height
-        return (h // info.vae_factor, w // info.vae_factor)
+    def _latent_size(self, resolved) -> tuple[int, int]:
+        """Latent (h, w) of a resolved request (model.request.Resolved: the size filled in)."""
+        f = self.pipe.info.vae_factor
+        return (resolved.height // f, resolved.width // f)
 
     def _default_estimate(self, size: tuple[int, int]) -> float:
         import torch

@@ -40,6 +40,12 @@ def image(job_id: str, k: int) -> str:
     return f"{P}:img:{job_id}:{k}"
 
 
+def init_image(job_id: str) -> str:
+    """An edit's inputs while the job needs them: hash {image: PNG, mask: PNG}, written at submit,
+    deleted when the job ends (worker/state.py end_job), TTL result_ttl_s as a backstop."""
+    return f"{P}:init:{job_id}"
+
+
 def leases(queue: str) -> str:
     """zset job_id -> lease expiry (unix s) for every running job; the reaper requeues expired."""
     return f"{P}:{queue}:leases"

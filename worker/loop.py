@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from worker import events, keys, metrics
-from worker.png import encode_png
+from worker.png import encode_image
 from worker.recovery import REDIS_ERRORS, Heartbeat, connect
 from worker.spec import JobSpec
 from worker.state import Scripts, rq_time
@@ -60,7 +60,7 @@ class Held:
     sent_step: int = -1                    # progress last published to the event stream
 
     def steps_done(self) -> int:
-        return self.base_steps + sum(min(p, self.spec.steps) for p in self.progress.values())
+        return self.base_steps + sum(min(p, self.spec.run_steps) for p in self.progress.values())
 
     def rid(self, k: int) -> str:
         return f"{self.job_id}.{k}.{self.attempt}"
@@ -249,12 +249,13 @@ class Worker:
 
     def finished(self, h: Held, k: int, ev) -> None:
         img = ev.image
-        png = encode_png(img.image, h.spec.params(), img.seed, self.model_name)
+        png = encode_image(img.image, h.spec.params(), img.seed, self.model_name,
+                           h.spec.output_format, h.spec.output_compression)
         meta = {"index": k, "seed": img.seed, "nsfw": bool(img.nsfw), "width": img.image.width,
                 "height": img.image.height, "warnings": list(img.warnings or []),
                 "timings": {a: round(float(b), 4) for a, b in (img.timings or {}).items()}}
         h.todo.discard(k)
-        h.progress[k] = h.spec.steps
+        h.progress[k] = h.spec.run_steps
         self.outbox.append(("image", h.job_id, h.attempt, k, png, json.dumps(meta), ev.compute_s))
         self.images += 1
         metrics.IMAGES.inc()
@@ -389,14 +390,14 @@ class Worker:
             if done == h.sent_step:
                 continue
             h.sent_step = done
-            total = h.spec.steps * h.spec.n
+            total = h.spec.run_steps * h.spec.n
             rate = (done - h.base_steps) / max(now - h.claimed_at, 1e-6)
             eta = round((total - done) / rate, 2) if rate > 0 else None
             self.live.append((h.job_id, "running", {"step": done, "total": total, "eta_s": eta}))
 
     def held_steps(self, job_id: str) -> int:
         h = self.held.get(job_id)
-        return h.spec.steps if h else 0
+        return h.spec.run_steps if h else 0
 
     def ended(self, job_id: str, status: str) -> None:
         h = self.held.get(job_id)
@@ -465,29 +466,52 @@ class Worker:
             self.fail(h, "invalid_request", f"model: {spec.model!r} is not served by this "
                                             f"worker (it serves {self.model_name!r})")
             return
+        edit = {}
+        if spec.kind != "text":
+            edit = self.init_images(job_id, spec)
+            if edit is None:
+                self.fail(h, "invalid_request", "image: the job's init image is no longer stored or "
+                                                "unreadable (it expired before a worker took the job?)")
+                return
         reqs = {}
         try:
+            spec.check(self.pipe.info)      # model.request.resolve, as the API ran it
             for k in range(spec.n):
-                if k in done:
-                    continue
-                req = GenerationRequest(**spec.image_request_kwargs(k))
-                self.pipe.validate(req)
-                reqs[k] = req
+                if k not in done:
+                    reqs[k] = GenerationRequest(**spec.image_request_kwargs(k), **edit)
         except InvalidRequest as e:
             self.fail(h, "invalid_request", str(e))
             return
         h.todo = set(reqs)
         h.progress = {k: 0 for k in reqs}
-        h.base_steps = spec.steps * (spec.n - len(reqs))
+        h.base_steps = spec.run_steps * (spec.n - len(reqs))
         for k, req in reqs.items():
             self.ex.add(h.rid(k), spec.owner, req)
         pipe = self.redis.pipeline(transaction=False)
         events.add(pipe, job_id, "running", {"attempt": attempt, "step": h.base_steps,
-                                             "total": spec.steps * spec.n, "eta_s": None},
+                                             "total": spec.run_steps * spec.n, "eta_s": None},
                    int(self.s.result_ttl_s))
         pipe.execute()
         self.apply_watch(events.watched(self.redis, [job_id]), [job_id])
         log.info("job %s attempt %d: %d image(s), %d step(s)", job_id, attempt, len(reqs), spec.steps)
+
+    def init_images(self, job_id: str, spec: JobSpec) -> dict | None:
+        """{"init_image": PIL, "mask": PIL | None} of an edit, from its stored PNGs (decoded
+        once for all n images); None when they are gone."""
+        import io
+
+        from PIL import Image
+
+        image, mask = self.redis.hmget(keys.init_image(job_id), "image", "mask")
+        if image is None or (spec.kind == "inpaint" and mask is None):
+            return None
+        try:
+            out = {"init_image": Image.open(io.BytesIO(image)).convert("RGB"), "mask": None}
+            if spec.kind == "inpaint":
+                out["mask"] = Image.open(io.BytesIO(mask)).convert("L")
+        except (OSError, ValueError):
+            return None
+        return out
 
     # --- stop ---------------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -1,15 +1,27 @@
-"""PNG encoding with the generation parameters in text chunks (never the owner or any key)."""
+"""Result encoding (PNG, JPEG, WebP) with the generation parameters in the file's metadata, never
+the owner or any key.
+
+PNG: text chunks `parameters` (the A1111 style that image tools read) and `latentd` (JSON).
+JPEG and WebP: the same `parameters` text in EXIF UserComment (where A1111 writes it); JPEG also
+carries the JSON in its comment (COM) segment. output_compression is the JPEG/WebP quality
+(0-100, OpenAI's default 100); PNG is lossless and ignores it.
+"""
 from __future__ import annotations
 
 import io
 import json
 
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+DEFAULT_QUALITY = 100
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 
-def encode_png(image, params: dict, seed: int, model: str) -> bytes:
-    """`parameters` in the A1111 style that image tools read, plus `latentd` as JSON.
-    `params` is JobSpec.params() (no owner); the per-image seed replaces the job's."""
+
+def _parameters(image, params: dict, seed: int, model: str) -> tuple[str, dict]:
+    """(A1111-style text, JSON dict) of one image. `params` is JobSpec.params() (no owner); the
+    per-image seed replaces the job's."""
     p = dict(params, seed=seed, model=model, width=image.width, height=image.height)
     p.pop("n", None)
     text = p["prompt"]
@@ -18,9 +30,38 @@ def encode_png(image, params: dict, seed: int, model: str) -> bytes:
     text += (f"\nSteps: {p['steps']}, Sampler: {p['sampler']}{' Karras' if p.get('karras') else ''}, "
              f"CFG scale: {p['guidance_scale']}, Seed: {seed}, Size: {image.width}x{image.height}, "
              f"Model: {model}")
-    info = PngInfo()
-    info.add_text("parameters", text)
-    info.add_text("latentd", json.dumps(p, sort_keys=True))
+    if p.get("strength") is not None:
+        text += f", Denoising strength: {p['strength']}"
+    return text, p
+
+
+def encode_image(image, params: dict, seed: int, model: str, fmt: str = "png",
+                 compression: int | None = None) -> bytes:
+    """The image as `fmt` (png | jpeg | webp) bytes with its parameters in the metadata."""
+    text, p = _parameters(image, params, seed, model)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=4)
+    if fmt == "png":
+        info = PngInfo()
+        info.add_text("parameters", text)
+        info.add_text("latentd", json.dumps(p, sort_keys=True))
+        image.save(buf, format="PNG", pnginfo=info, compress_level=4)
+        return buf.getvalue()
+    if fmt not in MEDIA_TYPES:
+        raise ValueError(f"unknown output format {fmt!r}")
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\x00" + text.encode("utf-16-be")
+    quality = DEFAULT_QUALITY if compression is None else int(compression)
+    extra = {"comment": json.dumps(p, sort_keys=True).encode()} if fmt == "jpeg" else {}
+    image.convert("RGB").save(buf, format=fmt.upper(), quality=quality, exif=exif.tobytes(), **extra)
     return buf.getvalue()
+
+
+def media_type(data: bytes) -> str:
+    """The Content-Type of stored result bytes, from their signature."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return MEDIA_TYPES["png"]
+    if data[:3] == b"\xff\xd8\xff":
+        return MEDIA_TYPES["jpeg"]
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return MEDIA_TYPES["webp"]
+    return "application/octet-stream"

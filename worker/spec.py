@@ -1,10 +1,13 @@
 """JobSpec: the versioned job payload that crosses the queue, as JSON only (never pickled).
 
-Torch-free: the API builds and validates it; the worker parses it back with `JobSpec.from_json`.
+Torch-free: the API builds it from a request resolved by `model.request.resolve`; the worker
+parses it back with `JobSpec.from_json` and `check`s it against its model with the same resolver.
 The field ranges here are model-independent sanity bounds (so a spec read off the queue can be
-trusted to be well-typed); the model-dependent rules (allowed sizes, max steps, samplers) are
-`model.info.check_request`, run by the API against the model's info before submitting and by the
-engine again before running. Image k of a job uses seed `seed + k`.
+trusted to be well-typed). Image k of a job uses seed `seed + k`.
+
+Edits (kind img2img / inpaint) carry no pixels: the init image and mask are stored next to the
+job record (worker/keys.py `init_image`, deleted when the job ends), already resized to
+width x height by the API.
 """
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_N, MAX_PROMPT_CHARS,
+                           MAX_SEED, Limits, resolve, start_step)
+
 SPEC_VERSION = 1
-MAX_SEED = 2**63          # same bound as model.info.MAX_SEED (torch.Generator takes an int64)
-MAX_N = 16                # images per job
-MAX_PROMPT_CHARS = 4000   # the text encoder truncates at 77 tokens anyway; this bounds payloads
 
 
 class JobSpec(BaseModel):
@@ -30,21 +33,34 @@ class JobSpec(BaseModel):
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     width: StrictInt | None = Field(default=None, ge=8, le=8192)
     height: StrictInt | None = Field(default=None, ge=8, le=8192)
-    steps: StrictInt = Field(default=20, ge=1, le=1000)
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=100.0)
-    sampler: str = Field(default="dpmpp_2m", min_length=1, max_length=32)
+    steps: StrictInt = Field(default=DEFAULT_STEPS, ge=1, le=1000)
+    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0.0, le=100.0)
+    sampler: str = Field(default=DEFAULT_SAMPLER, min_length=1, max_length=32)
     karras: StrictBool = False
     eta: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: StrictInt | None = Field(default=None, ge=0, lt=MAX_SEED)   # None: chosen at submit
     model: str | None = Field(default=None, max_length=512)
     owner: str = Field(min_length=1, max_length=200)
     timeout_s: float | None = Field(default=None, gt=0, le=86400)     # None: worker default
+    kind: Literal["text", "img2img", "inpaint"] = "text"
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)      # edits only
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
 
     @model_validator(mode="after")
     def _seeds_fit(self):
         if self.seed is not None and self.seed + self.n - 1 >= MAX_SEED:
             raise ValueError(f"seed + n - 1 must be < 2**63 (image k uses seed + k), got seed={self.seed}")
+        if (self.kind == "text") != (self.strength is None):
+            raise ValueError("strength is set for edits (kind img2img / inpaint) and only for them")
+        if self.kind != "text" and (self.width is None or self.height is None):
+            raise ValueError("an edit has its width and height resolved")
         return self
+
+    @property
+    def run_steps(self) -> int:
+        """Denoising steps each image runs (an edit runs the last int(steps * strength))."""
+        return self.steps - start_step(self.steps, self.strength)
 
     def with_seed(self) -> "JobSpec":
         """This spec with a concrete seed (a random one when absent), so every image's seed is
@@ -69,18 +85,20 @@ class JobSpec(BaseModel):
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, width=self.width,
                     height=self.height, steps=self.steps, guidance_scale=self.guidance_scale,
                     sampler=self.sampler, karras=self.karras, eta=self.eta,
-                    seed=(self.seed or 0) + k)
+                    seed=(self.seed or 0) + k, strength=self.strength)
 
     def params(self) -> dict:
-        """Generation parameters as shown to the owner (job `params`, PNG text chunks)."""
+        """Generation parameters as shown to the owner (job `params`, image metadata)."""
         return self.model_dump(exclude={"owner", "version", "timeout_s"})
 
     def check(self, info) -> None:
-        """Model-dependent validation (model.info.ModelInfo): raises model.errors.InvalidRequest
-        naming the field, exactly as the engine would, for every image of the job."""
-        from types import SimpleNamespace
-
-        from model.info import check_request
-
-        for k in (0, self.n - 1):
-            check_request(info, SimpleNamespace(**self.image_request_kwargs(k)))
+        """Model-dependent validation (model.info.ModelInfo) by model.request.resolve, the same
+        resolver the API and the engine run: raises model.errors.InvalidRequest naming the field."""
+        size = None if self.kind == "text" else (self.width, self.height)
+        resolve(info, prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.n,
+                width=self.width, height=self.height, steps=self.steps,
+                guidance_scale=self.guidance_scale, sampler=self.sampler, karras=self.karras,
+                eta=self.eta, seed=self.seed, image_size=size,
+                mask_size=size if self.kind == "inpaint" else None, strength=self.strength,
+                output_format=self.output_format, output_compression=self.output_compression,
+                limits=Limits(max_n=MAX_N, max_prompt_chars=MAX_PROMPT_CHARS))

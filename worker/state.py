@@ -63,6 +63,7 @@ local function end_job(id, queue, status, err, now, ttl, iso)
   redis.call('HSET', 'rq:job:' .. id, 'status', rqs, 'ended_at', iso)
   redis.call('EXPIRE', rec, ttl)
   redis.call('EXPIRE', 'rq:job:' .. id, ttl)
+  redis.call('DEL', 'latentd:init:' .. id)   -- an edit's init image: not needed any more
   redis.call('PUBLISH', 'latentd:done:' .. id, status)
   -- the final event of the job's event stream (worker/events.py), in the same transition
   local ev = 'latentd:events:' .. id
@@ -266,6 +267,7 @@ def record_to_dict(rec: dict, position: int | None = None) -> dict:
     params = {k: v for k, v in spec.items() if k not in ("owner", "version", "timeout_s")}
     return {
         "id": r.get("id"),
+        "kind": spec.get("kind", "text"),
         "status": r.get("status"),
         "queue_position": position,
         "progress": {"step": step, "total": steps * n},

@@ -44,8 +44,14 @@ async def generate(request: Request):
     body = parse_generation_request(await request.body())
     if body.stream:
         return await openai_stream.respond(request, body, owner)
-    jobs = st.jobs
     job_id, spec = admit(st, body, owner, "images")
+    return await sync_result(request, owner, job_id, spec, body.response_format)
+
+
+async def sync_result(request: Request, owner: str, job_id: str, spec, response_format: str) -> JSONResponse:
+    """Wait for an admitted job and answer as OpenAI's images API does (generations and edits)."""
+    st = request.app.state
+    jobs = st.jobs
     d = await anyio.to_thread.run_sync(jobs.wait, job_id, owner, st.settings.sync_wait_s,
                                        limiter=_wait_limiter(st))
     if d is None:
@@ -65,10 +71,11 @@ async def generate(request: Request):
     data = []
     for im in d["images"]:
         item = {"revised_prompt": spec.prompt, "seed": im["seed"], "nsfw": bool(im.get("nsfw"))}
-        if body.response_format == "b64_json":
+        if response_format == "b64_json":
             png = jobs.image_png(job_id, im["index"], owner)
             item["b64_json"] = base64.b64encode(png or b"").decode()
         else:
             item["url"] = image_url(request, owner, job_id, im["index"])
         data.append(item)
-    return JSONResponse({"created": int(d.get("created_at") or 0), "data": data})
+    return JSONResponse({"created": int(d.get("created_at") or 0), "data": data,
+                         "output_format": spec.output_format})

@@ -6,20 +6,24 @@ Handlers are `async` and call Redis inline: each is one or two round trips to a 
 the long wait of the sync endpoint runs in the thread pool."""
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import signing
 from app.admission import admit
 from app.deps import CredsDep, JobsDep, OwnerDep, owner_of, owner_of_request
-from app.errors import ApiError
+from app.errors import ApiError, too_large
 from app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
-from app.schemas import (GENERATION_BODY, ErrorResponse, JobCreated, JobList, JobStatus,
+from app.schemas import (GENERATION_BODY, JOB_BODY, ErrorResponse, JobCreated, JobList, JobRequest, JobStatus,
                          parse_generation_request)
 from worker.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY
 from worker.keys import RECENT_MAX
+from worker.png import MEDIA_TYPES, media_type
 from worker.state import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -51,21 +55,53 @@ def job_view(request: Request, owner: str, d: dict) -> dict:
                "url": image_url(request, owner, d["id"], im["index"])} for im in d.get("images", [])]
     lk = links(request, d["id"])
     lk["images"] = [im["url"] for im in images]
-    return {"id": d["id"], "status": d["status"], "queue_position": d.get("queue_position"),
+    return {"id": d["id"], "kind": d.get("kind", "text"), "status": d["status"], "queue_position": d.get("queue_position"),
             "progress": d.get("progress") or {}, "timings": timings, "images": images,
             "error": d.get("error"), "usage": d.get("usage") or {}, "params": d.get("params") or {},
             "links": lk}
 
 
-@router.post("", status_code=202, response_model=JobCreated, openapi_extra=GENERATION_BODY,
+def _b64(value: str | None, field: str) -> bytes | None:
+    """An image sent in JSON: base64, optionally as a data: URL."""
+    if value is None:
+        return None
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_value", f"{field}: not valid base64", field,
+                       "a base64 PNG, JPEG or WebP file") from None
+
+
+@router.post("", status_code=202, response_model=JobCreated, openapi_extra=JOB_BODY,
              responses={**ERRORS, 400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                         429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def submit_job(request: Request):
-    """Admit a job (202) and return its id and links; poll `links.self`. Hot path: the key, then
-    the raw body are checked here directly (no per-request dependency solving)."""
+    """Admit a job (202) and return its id and links; poll `links.self`. JSON (an edit carries
+    `image`, and `mask`, in base64) or multipart with the fields of /v1/images/edits. Hot path:
+    the key, then the raw body are checked here directly (no per-request dependency solving)."""
+    from app.routes.edits import is_multipart, read_edit_form
+
+    st = request.app.state
     owner = owner_of_request(request)
-    body = parse_generation_request(await request.body())
-    job_id, _ = admit(request.app.state, body, owner, "jobs")
+    if is_multipart(request):
+        body, image, mask = await read_edit_form(request)
+    else:
+        raw = await request.body()
+        # only bodies that carry images get the edit bound (LATENTD_MAX_EDIT_BODY_BYTES): a larger
+        # one without the "image" key is refused unparsed, and again if it parses to no image
+        small = len(raw) <= st.settings.max_body_bytes
+        if not small and b'"image"' not in raw:
+            raise too_large(st.settings.max_body_bytes)
+        body = parse_generation_request(raw, JobRequest)
+        image, mask = _b64(body.image, "image"), _b64(body.mask, "mask")
+        if image is None and mask is None and not small:
+            raise too_large(st.settings.max_body_bytes)
+    if image is None and mask is None:
+        job_id, _ = admit(st, body, owner, "jobs")
+    else:
+        job_id, _ = await anyio.to_thread.run_sync(admit, st, body, owner, "jobs", image, mask)
     lk = links(request, job_id)
     return JSONResponse({"id": job_id, "status": "queued", "links": lk}, status_code=202,
                         headers={"Location": lk["self"]})
@@ -131,12 +167,14 @@ async def job_events(request: Request, job_id: str, owner: OwnerDep, jobs: JobsD
 
 
 @router.get("/{job_id}/images/{k}", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, **ERRORS, 403: {"model": ErrorResponse}})
+            responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **ERRORS,
+                       403: {"model": ErrorResponse}})
 async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, creds: CredsDep,
               o: Annotated[str | None, Query(max_length=200, description="owner (signed URLs)")] = None,
               exp: Annotated[str | None, Query(max_length=20, description="expiry (signed URLs)")] = None,
               sig: Annotated[str | None, Query(max_length=100, description="signature (signed URLs)")] = None):
-    """image/png with an Authorization header, or with a valid signature (no header needed)."""
+    """The image (PNG, or the job's output_format) with an Authorization header, or with a valid
+    signature (no header needed)."""
     if creds is not None or (o is None and exp is None and sig is None):
         owner = owner_of(request, creds)
     elif signing.verify(request.app.state.secret, o, job_id, k, exp, sig):
@@ -146,5 +184,5 @@ async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, creds:
     png = jobs.image_png(job_id, k, owner) if k >= 0 else None
     if png is None:
         raise ApiError(404, "not_found", "no such image", "k")
-    return Response(png, media_type="image/png",
+    return Response(png, media_type=media_type(png),
                     headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
