@@ -175,3 +175,22 @@ def test_request_cost_scales_with_latent_cells(pipe32):
     assert cost.estimate((128, 64)) == 600.0
     assert cost.request_budget(8000) == 4500.0
     assert measure(pipe32) is None                   # no peak counter on the CPU
+
+
+def test_admission_by_measured_cost_and_prepare_on_the_cpu(pipe32):
+    from latentd.settings import Settings
+    from worker.executor import BatchExecutor, Progress
+    from worker.prepare import prepare
+
+    # a measured cost as model.memory.measure returns it on a GPU: 3 requests fit, the 4th waits
+    cost = RequestCost(size=(8, 8), weights_mb=1000.0, per_request_mb=100.0, fixed_mb=500.0)
+    ex = BatchExecutor(pipe32, max_batch=8, memory_budget_mb=cost.request_budget(1850.0),
+                       memory_estimate=cost.estimate)
+    for i in range(4):
+        ex.add(f"r{i}", "k", GenerationRequest(seed=i, **REQ))
+    events = ex.iterate()
+    assert sorted(e.request_id for e in events if isinstance(e, Progress)) == ["r0", "r1", "r2"]
+    assert ex.running_count == 3 and ex.waiting_count == 1
+    # the CPU has no peak counter: the budget stays whole and the executor's estimate is used
+    assert prepare(pipe32, Settings(compile="off", worker_memory_budget_mb=5000)) == (5000.0, None)
+    assert prepare(pipe32, Settings(compile="off")) == (None, None)
