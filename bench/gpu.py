@@ -94,7 +94,7 @@ class Bench:
         print(row_text(r), flush=True)
 
     def run(self, name: str, fn, need_s: float) -> None:
-        if self.a.only and name.split(":")[0] not in self.a.only:
+        if self.a.only and name != "build" and name.split(":")[0] not in self.a.only:
             return
         need_s = need_s if not self.a.tiny else min(need_s, 20)
         if self.left() < need_s:
@@ -195,11 +195,15 @@ class Bench:
         self.row("sdpa", f"{tokens} tokens, head dim {d}", note=f"usable: {', '.join(usable)}; runs "
                  + "; ".join(sorted(kernels)))
 
-    def eager(self, batches) -> None:
+    def ensure_pipe(self):
         if self.pipe is None:
             t0 = time.perf_counter()
             self.pipe = self.load(self.dtype)
             self.row("load", f"latentd {str(self.dtype)[6:]}", note=f"{time.perf_counter() - t0:.1f}s")
+        return self.pipe
+
+    def eager(self, batches) -> None:
+        self.ensure_pipe()
         for b in batches:
             self.generate_row("eager", b)
 
@@ -222,7 +226,7 @@ class Bench:
         if not self.cuda:
             self.row("syncs", "cpu", note="n/a on the CPU (tests/test_gpu_path.py checks no tensor is read back)")
             return
-        pipe = self.pipe
+        pipe = self.ensure_pipe()
         reqs = self.requests(2, steps=4)
         states = [pipe.start(r, c) for r, c in zip(reqs, pipe.encode(reqs))]
         pipe.step(states)
@@ -266,8 +270,7 @@ class Bench:
         from model import compile as compiling
         if not batches:
             return
-        if self.pipe is None:
-            self.pipe = self.load(self.dtype)
+        self.ensure_pipe()
         eager_unet = self.pipe.unet
         torch._dynamo.reset()
         cu = compiling.enable(self.pipe, mode, max_batch=max(self.a.batches))
@@ -283,7 +286,7 @@ class Bench:
 
     def memory(self) -> None:
         from model.memory import measure
-        cost = measure(self.pipe, n=4)
+        cost = measure(self.ensure_pipe(), n=4)
         if cost is None:
             self.row("memory", "cpu", note="n/a on the CPU (no peak-allocation counter); formula estimate used")
             return
