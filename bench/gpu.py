@@ -144,7 +144,10 @@ class Bench:
 
     def load(self, dtype, safety=True):
         from model.pipeline import load_pipeline
-        return load_pipeline(self.folder, device=str(self.device), dtype=dtype, safety=safety)
+        pipe = load_pipeline(self.folder, device=str(self.device), dtype=dtype, safety=safety)
+        if self.a.decode_tile is not None:
+            pipe.decode_tile = self.a.decode_tile or None
+        return pipe
 
     def requests(self, b: int, steps: int | None = None, seed0: int = 0):
         from model.pipeline import GenerationRequest
@@ -474,6 +477,8 @@ def parse_args(argv=None):
     ap.add_argument("--clients", type=int, default=None, help="concurrent clients of the service")
     ap.add_argument("--requests", type=int, default=None, help="requests per client")
     ap.add_argument("--service-compile", default="off", help="LATENTD_COMPILE of the service's worker")
+    ap.add_argument("--decode-tile", type=int, default=None,
+                    help="latentd's VAE tile in latent cells (less decode memory; 0 = never tile)")
     a = ap.parse_args(argv)
     tiny = a.tiny
     a.size = a.size or (64 if tiny else 512)
