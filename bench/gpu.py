@@ -210,7 +210,7 @@ class Bench:
         for b in batches:
             self.generate_row("eager", b)
 
-    def generate_row(self, section: str, b: int, note: str = "") -> None:
+    def generate_row(self, section: str, b: int, note=lambda: "") -> None:
         pipe = self.pipe
         t0 = time.perf_counter()
         pipe.generate(self.requests(b, steps=2, seed0=1000))      # warm-up: allocator, cuDNN, compile
@@ -223,7 +223,7 @@ class Bench:
         if section == "eager" and peak is not None:
             self.peaks[b] = peak
         self.row(section, f"batch {b}", s_per_image=dt / b, images_per_s=b / dt, peak_gb=peak,
-                 note=(note + f" warm-up {warm:.1f}s").strip())
+                 note=(note() + f" warm-up {warm:.1f}s").strip())
 
     def syncs(self) -> None:
         if not self.cuda:
@@ -283,7 +283,7 @@ class Bench:
                     self.row(f"compile:{mode}", f"batch {b}", note="skipped: too little --timeout left")
                     continue
                 before = cu.compiles
-                self.generate_row(f"compile:{mode}", b, note=f"{cu.compiles - before} compile(s);")
+                self.generate_row(f"compile:{mode}", b, note=lambda: f"{cu.compiles - before} compile(s);")
         finally:
             self.pipe.unet = eager_unet
 

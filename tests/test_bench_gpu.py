@@ -26,6 +26,7 @@ def test_bench_gpu_tiny_runs_every_section(tmp_path):
     for section in ("eager", "compile:on", "diffusers"):
         assert by[(section, "batch 1")]["s_per_image"] > 0
     assert by[("eager", "batch 2")]["images_per_s"] > 0
+    assert by[("compile:on", "batch 1")]["note"].startswith("1 compile(s)")
     service = next(r for r in rows if r["section"] == "service")
     assert service["images_per_s"] > 0 and "{200: 2}" in service["note"]
     parity = next(r for r in rows if r["section"] == "parity")
