@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     worker_name: str | None = None         # default: <host>-<pid>
     worker_max_batch: int = 16             # max requests sharing one U-Net call
     worker_memory_budget_mb: int = 0       # 0 = no budget (executor admits by max_batch only)
+    compile: str = "off"                   # off | on | max-autotune | cudagraphs (torch.compile the U-Net)
     job_timeout_s: float = 600.0           # a job running longer is stopped, error code "timeout"
     lease_s: float = 15.0                  # a running job's lease; refreshed every lease_s/3
     reap_interval_s: float = 5.0           # every worker requeues expired leases this often

@@ -93,8 +93,9 @@ def load_unet(folder_or_state, device="cpu", dtype=torch.float32, config: UNetCo
               source: str = "state dict", channels_last: bool | None = None) -> tuple[UNet, UNetConfig]:
     """U-Net from a diffusers unet/ folder, or from a state dict with our names plus its config.
 
-    channels_last (default: on the CPU) stores the convolution weights NHWC, so activations flow
-    channels-last: ~10% faster CPU convolutions and no layout copies around the transformers."""
+    channels_last (default: on the CPU and CUDA) stores the convolution weights NHWC, so activations
+    flow channels-last: ~10% faster CPU convolutions, cuDNN's NHWC tensor-core kernels in half
+    precision, and no layout copies around the transformers."""
     if isinstance(folder_or_state, dict):
         state = folder_or_state
     else:
@@ -105,7 +106,7 @@ def load_unet(folder_or_state, device="cpu", dtype=torch.float32, config: UNetCo
     if config is None:
         raise ModelLoadError("load_unet: a state dict needs its UNetConfig")
     unet = load_into(lambda: UNet(config), state, source, device, dtype)
-    if channels_last if channels_last is not None else torch.device(device).type == "cpu":
+    if channels_last if channels_last is not None else torch.device(device).type in ("cpu", "cuda"):
         unet = unet.to(memory_format=torch.channels_last)
     return unet, config
 

@@ -32,9 +32,11 @@ from model.guidance import guide
 from model.info import ModelInfo, check_request, info_from_configs
 from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Resolved,
                            start_step)
+from model.precision import check_dtype, parse_dtype, to_device, vae_dtype
 from model.samplers import Plan, denoise_step, make_plan, step_coeffs
 from model.schedule import NoiseSchedule, schedule_from_config
 from model.text import Conditioning, TextEncoder
+from model.tiling import DEFAULT_TILE, decode as vae_decode
 
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
 
@@ -133,6 +135,7 @@ class Pipeline:
     """A loaded model. Build it with load_pipeline()."""
 
     decode_batch = 8        # VAE decode chunk (memory); chunks of 1 are padded to 2, see _decode
+    decode_tile = DEFAULT_TILE  # latents larger than this (cells per side) decode in tiles; None: never
 
     def __init__(self, *, unet, vae, text: TextEncoder, schedule: NoiseSchedule, info: ModelInfo,
                  safety=None, device="cpu", dtype=torch.float32, classifier=None):
@@ -250,15 +253,15 @@ class Pipeline:
         context = torch.cat([s.cond.uncond for s in states] + [s.cond.cond for s in states])  # (2B, L, D)
         out = self.unet(torch.cat([z_in, z_in]), torch.cat([t, t]), context).float()  # (2B, C, h, w)
         b = len(states)
-        w = torch.tensor([float(s.req.guidance_scale) for s in states], dtype=torch.float32,
-                         device=self.device).view(b, 1, 1, 1)
+        w = to_device(torch.tensor([float(s.req.guidance_scale) for s in states], dtype=torch.float32),
+                      self.device).view(b, 1, 1, 1)
         guided = guide(out[:b], out[b:], w)                                 # (B, C, h, w)
         guided = self._classifier_guidance(states, z, t, k, guided)
         noise = None
         if any(bool(s.plan.draws[s.step]) for s in states):
-            noise = torch.cat([torch.randn(s.latent.shape, generator=s.generator, dtype=torch.float32)
-                               if s.plan.draws[s.step] else torch.zeros(s.latent.shape)
-                               for s in states]).to(self.device)
+            noise = to_device(torch.cat([torch.randn(s.latent.shape, generator=s.generator, dtype=torch.float32)
+                                         if s.plan.draws[s.step] else torch.zeros(s.latent.shape)
+                                         for s in states]), self.device)
         x0_prev = None
         if any(s.x0_prev is not None for s in states):
             x0_prev = torch.cat([s.x0_prev if s.x0_prev is not None else torch.zeros_like(s.latent)
@@ -350,7 +353,7 @@ class Pipeline:
             n = chunk.shape[0]
             if n == 1 and chunk_n > 1:
                 chunk = torch.cat([chunk, chunk])
-            parts.append(self.vae.decode(chunk)[:n].float())
+            parts.append(vae_decode(self.vae, chunk, self.decode_tile)[:n])
         x = torch.cat(parts)                                                  # (B, 3, H, W)
         x = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         arr = (x * 255).round().astype(np.uint8)                            # (B, H, W, 3)
@@ -391,10 +394,8 @@ def load_pipeline(source: str | os.PathLike | None = None, device: str = "cpu",
             raise ModelLoadError(f"the bundled model is not there ({source}): train it with "
                                  "`latentd train-shapes` or pass --model PATH")
     source = os.fspath(source)
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    if torch.device(device).type == "cpu" and dtype == torch.float16:
-        raise ModelLoadError("float16 is not supported on the CPU; use float32 or bfloat16")
+    dtype = parse_dtype(dtype)
+    check_dtype(device, dtype)
     from model.loader import load_components
     from model.safety import build_safety_checker
 
@@ -409,9 +410,7 @@ def load_pipeline(source: str | os.PathLike | None = None, device: str = "cpu",
             raise ModelLoadError(f"{folder}/latentd.json: not readable JSON ({e})") from None
     info = info_from_configs(c.unet_config.to_diffusers(), c.vae_config.to_diffusers(), c.scheduler_config,
                              has_safety=c.safety_state is not None, name=c.name, overrides=overrides)
-    vae = c.vae
-    if dtype == torch.float16 and c.vae_config.force_upcast:
-        vae = vae.float()       # SD's VAE overflows in float16 (diffusers' force_upcast)
+    vae = c.vae.to(vae_dtype(dtype, c.vae_config.force_upcast))   # SD's VAE overflows in float16
     checker = None
     if safety and c.safety_state is not None:
         checker = build_safety_checker(c.safety_config, c.safety_state, c.feature_extractor_config,

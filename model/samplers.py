@@ -33,6 +33,7 @@ from model.errors import InvalidRequest
 from model.guidance import to_x0_eps
 from model.request import KARRAS_SAMPLERS as KARRAS
 from model.request import SAMPLERS, start_step
+from model.precision import to_device
 from model.schedule import (NoiseSchedule, dpm_timesteps, interp_sigmas, karras_sigmas,
                             sigma_to_t, spaced_timesteps)
 
@@ -241,7 +242,9 @@ def _dpmpp_2m(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> P
 def step_coeffs(plans: list[Plan], idx: list[int], device=None) -> dict[str, torch.Tensor]:
     """Coefficients of step idx[r] of plans[r] for each row r: name -> (B, 1, 1, 1) float32."""
     rows = np.stack([p.coeffs[i] for p, i in zip(plans, idx)])          # (B, 12) float64
-    k = torch.from_numpy(rows).to(torch.float32).to(device)
+    k = torch.from_numpy(rows).to(torch.float32)
+    if device is not None:                  # one pinned, non-blocking copy per step (no host sync)
+        k = to_device(k, torch.device(device))
     return {name: k[:, j].view(-1, 1, 1, 1) for j, name in enumerate(COEFFS)}
 
 

@@ -144,10 +144,21 @@ def make_tiny_sd(path, variant: str = "sd1", safety: bool = True, seed: int = 0,
             do_normalize=True, do_resize=True, do_convert_rgb=True, resample=3,
             image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler(variant), safety_checker=safety_checker,
+    return save_sd_folder(path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                          scheduler=scheduler(variant), safety_checker=safety_checker,
+                          feature_extractor=feature_extractor)
+
+
+def save_sd_folder(path: Path, *, safety_checker=None, feature_extractor=None, **components) -> Path:
+    """Write diffusers components (vae, text_encoder, tokenizer, unet, scheduler, [safety_checker,
+    feature_extractor]) as an SD repository folder, tokenizer in the SD layout."""
+    from diffusers import StableDiffusionPipeline
+
+    safety = safety_checker is not None
+    pipe = StableDiffusionPipeline(**components, safety_checker=safety_checker,
                                    feature_extractor=feature_extractor, requires_safety_checker=safety)
     pipe.save_pretrained(path, safe_serialization=True)
+    tok_dir = path / "tokenizer"
     shutil.rmtree(tok_dir)            # what transformers wrote -> the SD repository layout instead
     write_tokenizer(tok_dir)
     if safety:                        # without torchvision transformers records its PIL fallback

@@ -74,11 +74,13 @@ def parse_rid(rid: str) -> tuple[str, int, int]:
 def resolve_device(settings) -> tuple[str, object]:
     import torch
 
+    from model.precision import default_dtype
+
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if settings.dtype == "auto":
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        dtype = default_dtype(device)
     else:
         dtype = getattr(torch, settings.dtype)
     return device, dtype
@@ -127,8 +129,12 @@ class Worker:
         metrics.MODEL_LOAD.set(time.perf_counter() - t)
         self.model_name = self.pipe.info.name
         self.preview = self.fit_preview()
+        from worker.prepare import prepare
+
+        self.hb.set_info(state="warming")                # still not ready: /readyz waits for this
+        budget_mb, estimate = prepare(self.pipe, s)      # compile + warm-up, measured memory
         self.new_executor = lambda: BatchExecutor(self.pipe, max_batch=s.worker_max_batch,
-                                                  memory_budget_mb=s.worker_memory_budget_mb or None,
+                                                  memory_budget_mb=budget_mb, memory_estimate=estimate,
                                                   preview=self.preview)
         self.ex = self.new_executor()
         self.governor = None

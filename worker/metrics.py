@@ -33,6 +33,11 @@ DEVICE_MEMORY = Gauge("latentd_worker_device_memory_bytes",
 COMPUTE = Counter("latentd_worker_compute_seconds_total",
                   "Compute seconds (each request's share of batched calls) per API key name", ["key"])
 REDIS_ERRORS = Counter("latentd_worker_redis_errors_total", "Redis connection errors survived")
+COMPILES = Counter("latentd_worker_compiles_total",
+                   "torch.compile compilations of the U-Net step (one per batch bucket and latent size)")
+COMPILE_SECONDS = Counter("latentd_worker_compile_seconds_total", "Seconds spent compiling the U-Net step")
+REQUEST_MEMORY = Gauge("latentd_worker_request_memory_bytes",
+                       "Measured device memory one request adds to a batched U-Net step (native size)")
 
 
 def serve(port: int) -> None:

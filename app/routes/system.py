@@ -27,7 +27,8 @@ async def healthz():
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 def readyz(request: Request, jobs: JobsDep):
-    """200 when Redis answers and at least one worker has its model loaded; else 503."""
+    """200 when Redis answers and at least one worker has its model loaded (and warmed up: a
+    compiling worker reports "warming" until its U-Net is compiled); else 503."""
     retry = {"Retry-After": str(request.app.state.settings.retry_after_s)}
     try:
         request.app.state.redis.ping()
