@@ -31,6 +31,8 @@ def info_from_dict(d: dict) -> ModelInfo:
     for k in ("samplers", "karras_samplers"):
         if k in kw:
             kw[k] = tuple(kw[k])
+    if kw.get("classifier"):
+        kw["classifier"] = {h: tuple(v) for h, v in kw["classifier"].items()}
     return ModelInfo(**kw)
 
 

@@ -44,6 +44,9 @@ class ImagesGenerationRequest(BaseModel):
     callback_url: str | None = Field(None, min_length=1, max_length=2048,
                                      description="POST the job's record here when it ends (a host on "
                                                  "the server's LATENTD_WEBHOOK_ALLOW)")
+    classifier_guidance: dict[str, str | float | None] | None = Field(
+        None, description='Steer by the model\'s classifier (GET /v1/models lists its attributes): '
+                          '{"color": "red", "shape": "triangle", "scale": 2.0}; any subset of the attributes')
     output_format: OutputFormat | None = Field(None, description="png (default) | jpeg | webp")
     output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0-100")
 
@@ -143,6 +146,8 @@ class JobParams(BaseModel):
     strength: float | None = None
     output_format: OutputFormat = "png"
     output_compression: int | None = None
+    classifier_targets: tuple[tuple[str, str], ...] = ()
+    classifier_scale: float = 0.0
 
 
 def invalid(e: InvalidRequest) -> ApiError:
@@ -162,6 +167,7 @@ def to_job_params(req, info, settings, image_size: tuple[int, int] | None = None
                     sampler=req.sampler, karras=req.karras, seed=req.seed,
                     image_size=image_size, mask_size=mask_size, strength=getattr(req, "strength", None),
                     output_format=req.output_format, output_compression=req.output_compression,
+                    classifier_guidance=getattr(req, "classifier_guidance", None),
                     limits=Limits.from_settings(settings))
     except InvalidRequest as e:
         raise invalid(e) from None

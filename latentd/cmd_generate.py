@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=None, metavar="S",
                    help="edits: 0 < S <= 1, how much of the schedule runs (default: 0.8 img2img, "
                         "1.0 inpainting)")
+    p.add_argument("--classify", default=None, metavar="ATTR=LABEL,...",
+                   help="classifier guidance toward these labels of the model's classifier, e.g. "
+                        "color=red,shape=triangle (the bundled model: color, shape, background)")
+    p.add_argument("--classifier-scale", type=float, default=None, metavar="S",
+                   help="classifier guidance scale (default 1; needs --classify)")
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -86,14 +91,16 @@ def run(args: argparse.Namespace) -> int:
                     height=height, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                     karras=args.karras, eta=args.eta, seed=args.seed,
                     image_size=None if image is None else image.size,
-                    mask_size=None if mask is None else mask.size, strength=args.strength)
+                    mask_size=None if mask is None else mask.size, strength=args.strength,
+                    classifier_guidance=_classify(args))
     except InvalidRequest as e:
         print(f"latentd generate: invalid {e.field}: {e.message}", file=sys.stderr)
         return 2
     req = GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width,
                             height=r.height, steps=r.steps, guidance_scale=r.guidance_scale,
                             sampler=r.sampler, karras=r.karras, eta=r.eta, seed=r.seed,
-                            init_image=image, mask=mask, strength=r.strength)
+                            init_image=image, mask=mask, strength=r.strength,
+                            classifier_targets=r.classifier_targets, classifier_scale=r.classifier_scale)
     from latentd.cpu import ThreadGovernor
     gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if args.device == "cpu" else None
 
@@ -115,6 +122,24 @@ def run(args: argparse.Namespace) -> int:
           f"sampler={req.sampler}{'+karras' if req.karras else ''} steps={req.steps} "
           f"guidance={req.guidance_scale:g}{edit} in {t['total']:.2f}s (denoise {t['denoise']:.2f}s)")
     return 0
+
+
+def _classify(args) -> dict | None:
+    """--classify color=red,shape=triangle [--classifier-scale S] -> the API's classifier_guidance."""
+    from model.errors import InvalidRequest
+    if args.classify is None:
+        if args.classifier_scale is not None:
+            raise InvalidRequest("classifier-scale", "needs --classify ATTR=LABEL,...")
+        return None
+    out: dict = {}
+    for part in args.classify.split(","):
+        attr, sep, label = part.partition("=")
+        if not sep or not attr.strip() or not label.strip():
+            raise InvalidRequest("classify", f"expected ATTR=LABEL[,ATTR=LABEL...], got {args.classify!r}")
+        out[attr.strip()] = label.strip()
+    if args.classifier_scale is not None:
+        out["scale"] = args.classifier_scale
+    return out
 
 
 def _edit_inputs(args):

@@ -16,29 +16,37 @@ MAX_SCALE = 100.0
 DEFAULT_SCALE = 1.0
 
 
+def _allowed(heads) -> dict | None:
+    return None if not heads else {**{h: list(v) for h, v in heads.items()}, "scale": {"min": 0, "max": MAX_SCALE}}
+
+
 def resolve(heads: dict[str, tuple[str, ...]] | None, value) -> tuple[tuple[tuple[str, str], ...], float]:
     """heads: the model's classifier heads -> labels (None: the model has no classifier).
     value: the request's field (a dict, or None). Returns ((head, label), ...), scale."""
     if value is None:
         return (), 0.0
     if not isinstance(value, dict):
-        raise InvalidRequest(FIELD, "must be an object like {\"color\": \"red\", \"scale\": 2.0}")
+        raise InvalidRequest(FIELD, "must be an object like {\"color\": \"red\", \"scale\": 2.0}",
+                             _allowed(heads))
     if not heads:
-        raise InvalidRequest(FIELD, "this model has no classifier; classifier guidance is not available")
+        raise InvalidRequest(FIELD, "this model has no classifier; classifier guidance is not available", None)
     scale = value.get("scale", DEFAULT_SCALE)
     if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
             or not 0.0 <= scale <= MAX_SCALE):
-        raise InvalidRequest(f"{FIELD}.scale", f"must be a number between 0 and {MAX_SCALE:g}, got {scale!r}")
+        raise InvalidRequest(f"{FIELD}.scale", f"must be a number between 0 and {MAX_SCALE:g}, got {scale!r}",
+                             {"min": 0, "max": MAX_SCALE})
     targets = []
     for head, label in value.items():
         if head == "scale" or label is None:
             continue
         if head not in heads:
             raise InvalidRequest(FIELD, f"unknown attribute {head!r}; this model's classifier has: "
-                                        + ", ".join(heads) + " (and scale)")
+                                        + ", ".join(heads) + " (and scale)", _allowed(heads))
         if label not in heads[head]:
-            raise InvalidRequest(f"{FIELD}.{head}", f"unknown {head} {label!r}; one of: " + ", ".join(heads[head]))
+            raise InvalidRequest(f"{FIELD}.{head}", f"unknown {head} {label!r}; one of: " + ", ".join(heads[head]),
+                                 list(heads[head]))
         targets.append((head, label))
     if not targets:
-        raise InvalidRequest(FIELD, "names no attribute to steer; give at least one of: " + ", ".join(heads))
+        raise InvalidRequest(FIELD, "names no attribute to steer; give at least one of: " + ", ".join(heads),
+                             _allowed(heads))
     return tuple(sorted(targets)), float(scale)

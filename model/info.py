@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from model.errors import InvalidRequest, ModelLoadError
 from model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
@@ -44,6 +44,9 @@ class ModelInfo:
     samplers: tuple[str, ...] = SAMPLERS
     karras_samplers: tuple[str, ...] = KARRAS_SAMPLERS
     max_guidance: float = MAX_GUIDANCE
+    # classifier guidance: head -> labels of the model's noise-aware classifier (model/classifier.py);
+    # None: the model has none
+    classifier: dict | None = field(default=None, compare=False, hash=False)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -80,6 +83,8 @@ class ModelInfo:
         d["sizes"] = [list(s) for s in self.sizes]
         d["samplers"] = list(self.samplers)
         d["karras_samplers"] = list(self.karras_samplers)
+        if self.classifier is not None:
+            d["classifier"] = {k: list(v) for k, v in self.classifier.items()}
         return d
 
 
@@ -98,6 +103,17 @@ def _read_json(path: str) -> dict:
 
 def _maybe_json(path: str) -> dict | None:
     return _read_json(path) if os.path.isfile(path) else None
+
+
+def classifier_heads(folder: str | os.PathLike) -> dict[str, tuple[str, ...]] | None:
+    """Head -> labels of the classifier in <folder>/classifier/config.json, None without one."""
+    cfg = _maybe_json(os.path.join(os.fspath(folder), "classifier", "config.json"))
+    if cfg is None:
+        return None
+    heads = cfg.get("heads")
+    if not isinstance(heads, dict) or not all(isinstance(v, list) for v in heads.values()):
+        raise ModelLoadError(f"{folder}/classifier/config.json: `heads` must map names to label lists")
+    return {str(k): tuple(str(x) for x in v) for k, v in heads.items()}
 
 
 def read_model_info(folder: str | os.PathLike) -> ModelInfo:
@@ -121,8 +137,9 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
     safety_entry = index.get("safety_checker", None)
     has_safety = (os.path.isfile(os.path.join(folder, "safety_checker", "config.json"))
                   and not (isinstance(safety_entry, list) and None in safety_entry))
-    return info_from_configs(unet, vae, sched, has_safety=has_safety,
+    info = info_from_configs(unet, vae, sched, has_safety=has_safety,
                              name=os.path.basename(os.path.normpath(folder)), overrides=over)
+    return replace(info, classifier=classifier_heads(folder))
 
 
 def info_from_configs(unet: dict, vae: dict, scheduler: dict, *, has_safety: bool, name: str,
@@ -195,4 +212,13 @@ def check_request(info: ModelInfo, req) -> Resolved:
                    sampler=req.sampler, karras=req.karras, eta=req.eta, seed=req.seed,
                    image_size=None if image is None else tuple(image.size),
                    mask_size=None if mask is None else tuple(mask.size),
-                   strength=getattr(req, "strength", None))
+                   strength=getattr(req, "strength", None),
+                   classifier_guidance=classifier_request(req))
+
+
+def classifier_request(req) -> dict | None:
+    """An engine request's classifier targets in the API's shape ({"color": ..., "scale": ...})."""
+    targets = getattr(req, "classifier_targets", ())
+    if not targets:
+        return None
+    return {**dict(targets), "scale": getattr(req, "classifier_scale", 0.0)}

@@ -157,16 +157,12 @@ class Pipeline:
     def validate(self, req: GenerationRequest) -> Resolved:
         """Raise InvalidRequest(field, message naming the allowed range) for a bad request; else
         the request resolved (model.request.resolve: size, strength defaults filled in)."""
-        r = check_request(self.info, req)
-        if req.classifier_targets:
-            from model.classifier_spec import resolve
-            resolve(self.classifier_heads, {**dict(req.classifier_targets), "scale": req.classifier_scale})
-        return r
+        return check_request(self.info, req)
 
     @property
     def classifier_heads(self) -> dict[str, tuple[str, ...]] | None:
-        """Head -> labels of the model's classifier (None: none), for validation and /v1/models."""
-        return dict(self.classifier.cfg.heads) if self.classifier is not None else None
+        """Head -> labels of the model's classifier (None: none); the same as info.classifier."""
+        return self.info.classifier
 
     def _plan(self, r: Resolved) -> Plan:
         key = (r.sampler, r.steps, r.karras, float(r.eta), r.strength)
@@ -417,6 +413,8 @@ def load_pipeline(source: str | os.PathLike | None = None, device: str = "cpu",
                                        source=c.name, device=device, dtype=dtype)
     from model.classifier import load_classifier
     classifier = load_classifier(os.path.join(folder, "classifier"), device) if os.path.isdir(source) else None
+    if classifier is not None:
+        info = dataclasses.replace(info, classifier=dict(classifier.cfg.heads))
     return Pipeline(unet=c.unet.eval().requires_grad_(False), vae=vae.eval().requires_grad_(False),
                     text=TextEncoder(c.tokenizer, c.text_encoder.eval().requires_grad_(False)),
                     schedule=schedule_from_config(c.scheduler_config), info=info,

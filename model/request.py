@@ -77,6 +77,8 @@ class Resolved:
     strength: float | None = None       # edits only
     output_format: str = "png"
     output_compression: int | None = None
+    classifier_targets: tuple[tuple[str, str], ...] = ()   # classifier guidance ((head, label), ...)
+    classifier_scale: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +115,7 @@ def _pick(v, default):
 def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, width=None, height=None,
             steps=None, guidance_scale=None, sampler=None, karras=None, eta=None, seed=None,
             image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
-            strength=None, output_format=None, output_compression=None,
+            strength=None, output_format=None, output_compression=None, classifier_guidance=None,
             limits: Limits = Limits()) -> Resolved:
     """The Resolved request, or InvalidRequest naming the first bad field and its allowed range.
 
@@ -211,10 +213,13 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, width=None
                                            or not 0 <= output_compression <= 100):
         raise InvalidRequest("output_compression", f"must be an integer between 0 and 100, got "
                                                    f"{output_compression!r}", {"min": 0, "max": 100})
+    from model.classifier_spec import resolve as resolve_classifier
+    targets, cscale = resolve_classifier(getattr(info, "classifier", None), classifier_guidance)
     return Resolved(prompt=prompt, negative_prompt=_pick(negative_prompt, ""), n=n, width=w, height=h,
                     steps=steps, guidance_scale=float(g), sampler=sampler, karras=karras,
                     eta=float(eta), seed=seed, kind=kind, strength=strength, output_format=fmt,
-                    output_compression=output_compression)
+                    output_compression=output_compression, classifier_targets=targets,
+                    classifier_scale=cscale)
 
 
 def _size(info, size, width, height, image_size) -> tuple[int, int, str | None]:

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from model.classifier_spec import MAX_SCALE as MAX_CLASSIFIER_SCALE
 from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_N, MAX_PROMPT_CHARS,
                            MAX_SEED, Limits, resolve, start_step)
 
@@ -46,6 +47,9 @@ class JobSpec(BaseModel):
     strength: float | None = Field(default=None, gt=0.0, le=1.0)      # edits only
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
+    # classifier guidance (model/classifier_spec.py): ((head, label), ...) and its scale
+    classifier_targets: tuple[tuple[str, str], ...] = Field(default=(), max_length=8)
+    classifier_scale: float = Field(default=0.0, ge=0.0, le=MAX_CLASSIFIER_SCALE)
 
     @model_validator(mode="after")
     def _seeds_fit(self):
@@ -85,7 +89,8 @@ class JobSpec(BaseModel):
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, width=self.width,
                     height=self.height, steps=self.steps, guidance_scale=self.guidance_scale,
                     sampler=self.sampler, karras=self.karras, eta=self.eta,
-                    seed=(self.seed or 0) + k, strength=self.strength)
+                    seed=(self.seed or 0) + k, strength=self.strength,
+                    classifier_targets=self.classifier_targets, classifier_scale=self.classifier_scale)
 
     def params(self) -> dict:
         """Generation parameters as shown to the owner (job `params`, image metadata)."""
@@ -101,4 +106,6 @@ class JobSpec(BaseModel):
                 eta=self.eta, seed=self.seed, image_size=size,
                 mask_size=size if self.kind == "inpaint" else None, strength=self.strength,
                 output_format=self.output_format, output_compression=self.output_compression,
+                classifier_guidance=({**dict(self.classifier_targets), "scale": self.classifier_scale}
+                                     if self.classifier_targets else None),
                 limits=Limits(max_n=MAX_N, max_prompt_chars=MAX_PROMPT_CHARS))
