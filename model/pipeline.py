@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from model.edit import EditState, Encoder, blend, overlay, start_edit
-from model.errors import InvalidRequest, ModelLoadError
+from model.errors import ModelLoadError
 from model.guidance import guide
 from model.info import ModelInfo, check_request, info_from_configs
 from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Resolved,

@@ -99,7 +99,7 @@ def make_tiny_sd(path, variant: str = "sd1", safety: bool = True, seed: int = 0,
                  in_channels: int = 4) -> Path:
     """Write a tiny random StableDiffusionPipeline folder at `path` and return it. in_channels=9:
     an inpainting U-Net (latent + mask + masked-image latent, as Stable Diffusion inpainting)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

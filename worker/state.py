@@ -20,7 +20,6 @@ import json
 import time
 from datetime import datetime, timezone
 
-from worker import keys
 from worker.events import MAXLEN as EVENTS_MAXLEN
 
 TERMINAL = ("succeeded", "failed", "canceled")

@@ -19,7 +19,7 @@ from app.admission import admit
 from app.deps import CredsDep, JobsDep, OwnerDep, owner_of, owner_of_request
 from app.errors import ApiError, too_large
 from app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
-from app.schemas import (GENERATION_BODY, JOB_BODY, ErrorResponse, JobCreated, JobList, JobRequest, JobStatus,
+from app.schemas import (JOB_BODY, ErrorResponse, JobCreated, JobList, JobRequest, JobStatus,
                          parse_generation_request)
 from worker.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY
 from worker.keys import RECENT_MAX
