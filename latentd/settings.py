@@ -51,9 +51,15 @@ class Settings(BaseSettings):
     reap_interval_s: float = 5.0           # every worker requeues expired leases this often
     max_attempts: int = 3                  # claims per job; beyond, failed with "worker_lost"
     result_ttl_s: int = 86400              # job records and stored images expire after this
-    storage: str = "redis"                 # redis | file
+    storage: str = "redis"                 # redis | file | s3
     storage_dir: str = "./data/images"     # FileStore directory (storage=file)
-    worker_metrics_port: int = 9101        # 0 = no metrics server
+    s3_bucket: str = ""                    # S3Store bucket (storage=s3); required then
+    s3_prefix: str = "latentd/"            # object keys: <prefix><job id>/<k>.png
+    s3_endpoint_url: str | None = None     # S3-compatible endpoint (MinIO, Ceph...); None = AWS
+    s3_region: str | None = None           # None: from the AWS config chain
+    s3_presign: bool = False               # image URLs are the store's presigned GET URLs
+    s3_expire_days: int = 0                # >0: the worker sets a lifecycle rule on the prefix
+    worker_metrics_port: int = 9101        # first port tried (next free one taken); 0 = none
     cpu_threads: int = 0                   # engine threads on the CPU; 0 = the cores this process may use
     device: str = "auto"                   # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                    # auto (fp16 on cuda, else fp32) | float32 | float16 | bfloat16

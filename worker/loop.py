@@ -31,7 +31,7 @@ from worker.png import encode_png
 from worker.recovery import REDIS_ERRORS, Heartbeat, connect
 from worker.spec import JobSpec
 from worker.state import Scripts, rq_time
-from worker.store import make_store
+from worker.store import StoreError, make_store
 
 log = logging.getLogger("latentd.worker")
 
@@ -108,6 +108,7 @@ class Worker:
         self.redis = connect(s.redis_url)
         self.scripts = Scripts(self.redis)
         self.store = make_store(self.redis, s)
+        self.store.prepare()
         self.q = s.queue_name
         stall_s = s.job_timeout_s + 2 * s.lease_s + 60
         self.hb = Heartbeat(s, self.name, self.held_snapshot, stall_s)
@@ -126,10 +127,17 @@ class Worker:
 
             from latentd.cpu import ThreadGovernor
             self.governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
-        metrics.serve(s.worker_metrics_port)
+        self.metrics_port = metrics.serve(s.worker_metrics_port)
+        metrics.STALLED.set_function(lambda: float(time.monotonic() - self.hb.last_progress > stall_s))
         metrics.update_device_memory(self.device)
+        where = {}
+        if self.metrics_port:
+            # published so that ops (and `latentd workers`) can find every worker's /metrics
+            where = {"metrics_port": self.metrics_port,
+                     "metrics_url": f"http://{socket.gethostname()}:{self.metrics_port}/metrics"}
+            log.info("worker %s metrics on %s", self.name, where["metrics_url"])
         self.hb.set_info(state="ready", model=json.dumps(self.pipe.info.to_dict()),
-                         device=self.device, max_batch=s.worker_max_batch)
+                         device=self.device, max_batch=s.worker_max_batch, **where)
         log.info("worker %s ready: model %s on %s in %.1fs", self.name, self.model_name,
                  self.device, time.perf_counter() - t)
 
@@ -286,7 +294,16 @@ class Worker:
             now = time.time()
             if item[0] == "image":
                 _, job_id, attempt, k, png, meta, compute_s = item
-                self.store.put(job_id, k, png, ttl)
+                try:
+                    self.store.put(job_id, k, png, ttl)
+                except StoreError as e:
+                    # the image cannot be kept: fail its job (once, clearly) and go on
+                    self.outbox = [x for x in self.outbox     # its other images: same fate
+                                   if not (x[0] == "image" and x[1] == job_id and x[2] == attempt)]
+                    h = self.held.get(job_id)
+                    if h is not None and h.attempt == attempt:
+                        self.fail(h, "storage_error", f"could not store image {k}: {e}"[:500])
+                    continue
                 res = self.scripts.image(keys=[keys.job(job_id)],
                                          args=[job_id, attempt, k, meta, repr(float(compute_s)),
                                                self.held_steps(job_id), repr(now), ttl, rq_time(now)])

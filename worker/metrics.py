@@ -2,6 +2,7 @@
 prompts or keys: `key` is the API key's NAME (the job's owner), `reason` an error code."""
 from __future__ import annotations
 
+import errno
 import resource
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -33,12 +34,30 @@ DEVICE_MEMORY = Gauge("latentd_worker_device_memory_bytes",
 COMPUTE = Counter("latentd_worker_compute_seconds_total",
                   "Compute seconds (each request's share of batched calls) per API key name", ["key"])
 REDIS_ERRORS = Counter("latentd_worker_redis_errors_total", "Redis connection errors survived")
+STALLED = Gauge("latentd_worker_stalled",
+                "1 while the main loop has made no progress for longer than its stall limit")
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on `port` (0: don't)."""
-    if port:
-        start_http_server(port)
+PORT_SCAN = 64          # ports tried from the base: the first free one is taken
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> int | None:
+    """Expose /metrics on the first free port from `port` upward (0: don't); returns the port.
+
+    Several workers on one host (one per GPU) all start from the same base with default
+    settings: binding is the test for "free", so two workers starting at once cannot both
+    take the same port, and each one publishes the port it got (heartbeat, log)."""
+    if not port:
+        return None
+    for p in range(port, min(port + PORT_SCAN, 65536)):
+        try:
+            start_http_server(p, addr=addr)
+            return p
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no free metrics port in {port}..{port + PORT_SCAN - 1} "
+                                    "(LATENTD_WORKER_METRICS_PORT)")
 
 
 def update_device_memory(device: str) -> None:
