@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,6 +68,12 @@ class Settings(BaseSettings):
     progress_interval_s: float = 0.25      # min seconds between progress writes per worker
     worker_heartbeat_s: float = 2.0        # worker info refresh; /readyz sees it for 3x this
     worker_grace_s: float = 20.0           # on SIGTERM: finish held work this long, then requeue it
+
+    @field_validator("model", "s3_endpoint_url", "s3_region", "worker_name", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        """`LATENTD_MODEL=` (as compose writes `${LATENTD_MODEL:-}`) means "not set"."""
+        return None if isinstance(v, str) and not v.strip() else v
 
 
 @lru_cache
