@@ -56,6 +56,16 @@ def parse_devices(spec: str, count=cuda_count) -> list[str]:
     return devices
 
 
+def _term_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM it when the supervisor dies, even by SIGKILL,
+    so an orphaned worker still hands its batch back instead of running on unsupervised."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class Child:
     index: int
@@ -83,7 +93,8 @@ class Supervisor:
             self.children.append(Child(i, dev, e))
 
     def start(self, c: Child) -> None:
-        c.proc = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], env=c.env)
+        c.proc = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], env=c.env,
+                                  preexec_fn=_term_with_parent)
         c.started, c.restart_at = time.monotonic(), None
         log.info("worker %d on %s: pid %d", c.index, c.device, c.proc.pid)
 
