@@ -4,14 +4,17 @@ from LATENTD_WORKER_METRICS_PORT), each published in the worker's Redis record a
 Real redis-server, real worker processes, the tiny model."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
 import pytest
 
-from tests.services import WorkerProc, free_port
+from tests.services import ROOT, WorkerProc, free_port
 from tests.test_worker_loop import FAST, wait_status
 from worker import keys
 from worker.client import JobClient
@@ -70,6 +73,16 @@ def test_two_workers_same_base_port_both_serve_metrics(redis_server, tiny_model)
         # the API's view (JobClient.ready_workers) carries the addresses too
         ready = JobClient(redis_server.client(), _settings(redis_server)).ready_workers()
         assert sorted(x["metrics_port"] for x in ready) == sorted(ports.values())
+        # `latentd workers`: what an operator runs to find them (and Prometheus' file_sd list)
+        env = {**os.environ, "LATENTD_REDIS_URL": redis_server.url, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-m", "latentd.cli", "workers", "--format", "prometheus"],
+                             capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        (group,) = json.loads(out.stdout)
+        assert sorted(int(t.rsplit(":", 1)[1]) for t in group["targets"]) == sorted(ports.values())
+        table = subprocess.run([sys.executable, "-m", "latentd.cli", "workers"], capture_output=True,
+                               text=True, timeout=60, env=env, cwd=ROOT).stdout
+        assert all(infos[w.name]["metrics_url"] in table for w in ws), table
         # and both work: a job on each
         c = JobClient(redis_server.client(), _settings(redis_server))
         jids = [c.submit(JobSpec(prompt=f"j{i}", owner="o", steps=2, seed=i)) for i in range(4)]
