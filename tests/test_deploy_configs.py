@@ -158,7 +158,8 @@ def test_dockerfile_targets_copy_what_exists():
     for src in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.M):
         for p in src.split():
             assert (ROOT / p).exists(), p
-    assert text.count("USER 10001") == 2 and text.count("HEALTHCHECK") == 2
+    assert len(re.findall(r"^USER 10001$", text, re.M)) == 2
+    assert len(re.findall(r"^HEALTHCHECK ", text, re.M)) == 2
     api_stage = text.split("AS worker")[0]
     assert "torch" not in re.sub(r"#.*", "", api_stage).replace("no torch", "")
     assert "--no-deps" in api_stage
@@ -200,15 +201,16 @@ app.main.create_app
 def test_no_reference_to_the_old_deploy_paths():
     """Dockerfile and docker-compose.yml live at the top level; nothing may point at deploy/."""
     old = re.compile(r"deploy/(Dockerfile|docker-compose\.yml|grafana-dashboard\.json)")
+    files = run(["git", "ls-files"]).stdout.split()
+    assert "Dockerfile" in files and "docker-compose.yml" in files
     hits = []
-    for p in ROOT.rglob("*"):
-        if any(part in (".git", ".venv", "__pycache__", "node_modules") for part in p.parts):
-            continue
-        if p.is_file() and p.suffix in (".md", ".py", ".yml", ".yaml", ".sh", ".toml", "") \
-                and p != Path(__file__) and p.stat().st_size < 1_000_000:
+    for name in files:
+        p = ROOT / name
+        if p.suffix in (".md", ".py", ".yml", ".yaml", ".sh", ".toml", "") and p.is_file() \
+                and p != Path(__file__).resolve() and p.stat().st_size < 1_000_000:
             try:
                 if old.search(p.read_text()):
-                    hits.append(str(p.relative_to(ROOT)))
+                    hits.append(name)
             except UnicodeDecodeError:
                 pass
     assert hits == []

@@ -83,6 +83,15 @@ def test_two_workers_same_base_port_both_serve_metrics(redis_server, tiny_model)
         table = subprocess.run([sys.executable, "-m", "latentd.cli", "workers"], capture_output=True,
                                text=True, timeout=60, env=env, cwd=ROOT).stdout
         assert all(infos[w.name]["metrics_url"] in table for w in ws), table
+        # the container health check (HEALTHCHECK, Kubernetes probes) sees both as healthy
+        for port in ports.values():
+            probe = subprocess.run([sys.executable, "-m", "worker.probe", "--port", str(port)],
+                                   capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+            assert probe.returncode == 0, probe.stderr
+        nobody = free_port()
+        probe = subprocess.run([sys.executable, "-m", "worker.probe", "--port", str(nobody)],
+                               capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        assert probe.returncode == 1 and f"port {nobody}" in probe.stderr
         # and both work: a job on each
         c = JobClient(redis_server.client(), _settings(redis_server))
         jids = [c.submit(JobSpec(prompt=f"j{i}", owner="o", steps=2, seed=i)) for i in range(4)]

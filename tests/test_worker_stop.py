@@ -1,5 +1,5 @@
 """SIGTERM on a real worker process (a scale-down, a rollout, a node drain): it finishes its batch
-within LATENTD_WORKER_GRACE_S, or hands every held job back to the queue front, in order, so
+within LATENTD_WORKER_GRACE_S, or hands every held job back to the queue front, so
 another worker runs them and nothing is lost or run twice. (tests/test_worker_loop.py covers one
 job handed back; this is the whole batch and the finish-in-time case.)"""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from worker import keys
 from worker.spec import JobSpec
 
 
-def test_sigterm_hands_back_the_whole_batch_in_order(stack):
+def test_sigterm_hands_back_the_whole_batch(stack):
     a = stack.start(worker_max_batch=4, worker_grace_s=0.5)
     c = stack.client()
     jids = [c.submit(JobSpec(prompt=f"long {i}", owner="o", steps=150, seed=i)) for i in range(3)]
