@@ -19,7 +19,7 @@ from tests.test_worker_loop import FAST, wait_status
 from worker import keys
 from worker.client import JobClient
 from worker.spec import JobSpec
-from worker.supervisor import parse_devices
+from worker.supervisor import parse_devices, split_cpus
 
 
 def scrape(port: int) -> str:
@@ -47,6 +47,15 @@ def test_parse_devices():
             parse_devices(bad)
     with pytest.raises(ValueError, match="no CUDA device"):
         parse_devices("all", count=lambda: 0)
+
+
+def test_split_cpus():
+    cores = sorted(os.sched_getaffinity(0))
+    assert split_cpus(1) == [None]                           # one worker keeps every core
+    assert split_cpus(len(cores) + 1) == [None] * (len(cores) + 1)
+    if len(cores) >= 2:
+        parts = split_cpus(2)
+        assert set().union(*parts) == set(cores) and not parts[0] & parts[1]
 
 
 def test_two_workers_same_base_port_both_serve_metrics(redis_server, tiny_model):
@@ -121,6 +130,9 @@ def test_supervisor_runs_one_worker_per_device_and_stops_them(redis_server, tiny
         pids = [int(infos[n]["pid"]) for n in names]
         assert sup.proc.pid not in pids and len(set(pids)) == 2
         assert [infos[n]["device"] for n in names] == ["cpu", "cpu"]
+        if len(os.sched_getaffinity(0)) >= 2:        # two CPU workers: disjoint shares of the cores
+            a, b = (os.sched_getaffinity(p) for p in pids)
+            assert a and b and not a & b, (a, b)
         ports = [int(infos[n]["metrics_port"]) for n in names]
         assert ports[0] == base and ports[1] >= base + 1, ports     # base + device index (or next free)
         for p in ports:

@@ -6,7 +6,8 @@ worker, not the host's. The supervisor itself is torch-free (it counts GPUs for 
 process) and:
   - starts `latentd worker` once per device with LATENTD_DEVICE=<device>, its own name
     (`<name>-<i>` when a name is given, else the default `<host>-<pid>`) and metrics port
-    `base + i` (each child still takes the next free port if that one is taken),
+    `base + i` (each child still takes the next free port if that one is taken); several `cpu`
+    workers get disjoint shares of the cores (CPU affinity),
   - forwards SIGTERM/SIGINT to every child and waits: each finishes or hands back its batch
     within LATENTD_WORKER_GRACE_S, so stopping the supervisor loses no job,
   - restarts a child that dies on its own (crash, OOM kill) with a backoff; a child that cannot
@@ -56,14 +57,32 @@ def parse_devices(spec: str, count=cuda_count) -> list[str]:
     return devices
 
 
-def _term_with_parent() -> None:
-    """In the child, before exec (Linux): SIGTERM it when the supervisor dies, even by SIGKILL,
-    so an orphaned worker still hands its batch back instead of running on unsupervised."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _child_setup(cpus: set[int] | None):
+    """Runs in the child before exec (Linux): SIGTERM it when the supervisor dies, even by
+    SIGKILL, so an orphaned worker still hands its batch back instead of running unsupervised;
+    pin it to its share of the cores when several workers compute on the CPU."""
+    def setup() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
+
+
+def split_cpus(n: int) -> list[set[int] | None]:
+    """n CPU workers on one host: disjoint core sets (each worker sizes its thread pool from its
+    affinity), rather than n pools all spinning on every core. None when there are fewer cores
+    than workers or no affinity API."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return [None] * n
+    if n < 2 or len(cores) < n:
+        return [None] * n
+    return [set(cores[i * len(cores) // n:(i + 1) * len(cores) // n]) for i in range(n)]
 
 
 @dataclass
@@ -71,6 +90,7 @@ class Child:
     index: int
     device: str
     env: dict
+    cpus: set[int] | None = None
     proc: subprocess.Popen | None = None
     started: float = 0.0
     backoff: float = 1.0
@@ -91,12 +111,16 @@ class Supervisor:
             else:
                 e.pop("LATENTD_WORKER_NAME", None)      # default <host>-<pid>: distinct per child
             self.children.append(Child(i, dev, e))
+        on_cpu = [c for c in self.children if c.device == "cpu"]
+        for c, cpus in zip(on_cpu, split_cpus(len(on_cpu))):
+            c.cpus = cpus
 
     def start(self, c: Child) -> None:
         c.proc = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], env=c.env,
-                                  preexec_fn=_term_with_parent)
+                                  preexec_fn=_child_setup(c.cpus))
         c.started, c.restart_at = time.monotonic(), None
-        log.info("worker %d on %s: pid %d", c.index, c.device, c.proc.pid)
+        log.info("worker %d on %s: pid %d%s", c.index, c.device, c.proc.pid,
+                 f", cores {sorted(c.cpus)}" if c.cpus else "")
 
     def _on_signal(self, signum, _frame):
         if not self.stopping:
