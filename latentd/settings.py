@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None     # S3-compatible endpoint (MinIO, Ceph...); None = AWS
     s3_region: str | None = None           # None: from the AWS config chain
     s3_presign: bool = False               # image URLs are the store's presigned GET URLs
+    s3_presign_endpoint_url: str | None = None  # endpoint clients use in presigned URLs; None = s3_endpoint_url
     s3_expire_days: int = 0                # >0: the worker sets a lifecycle rule on the prefix
     worker_metrics_port: int = 9101        # first port tried (next free one taken); 0 = none
     cpu_threads: int = 0                   # engine threads on the CPU; 0 = the cores this process may use
@@ -69,7 +70,8 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 2.0        # worker info refresh; /readyz sees it for 3x this
     worker_grace_s: float = 20.0           # on SIGTERM: finish held work this long, then requeue it
 
-    @field_validator("model", "s3_endpoint_url", "s3_region", "worker_name", mode="before")
+    @field_validator("model", "s3_endpoint_url", "s3_presign_endpoint_url", "s3_region",
+                     "worker_name", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         """`LATENTD_MODEL=` (as compose writes `${LATENTD_MODEL:-}`) means "not set"."""

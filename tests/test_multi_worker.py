@@ -74,9 +74,11 @@ def test_two_workers_same_base_port_both_serve_metrics(redis_server, tiny_model)
         assert len(set(ports.values())) == 2 and min(ports.values()) == base, ports
         for w in ws:
             port = ports[w.name]
-            assert infos[w.name]["metrics_url"].endswith(f":{port}/metrics")
-            assert f":{port}/metrics" in w.output()                     # the log line
-            text = scrape(port)
+            url = infos[w.name]["metrics_url"]
+            # the address on the route to Redis (loopback here): reachable as published
+            assert url == f"http://127.0.0.1:{port}/metrics", url
+            assert url in w.output()                                    # the log line
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
             assert "latentd_worker_model_load_seconds" in text
             assert "latentd_worker_stalled 0.0" in text
         # the API's view (JobClient.ready_workers) carries the addresses too

@@ -101,14 +101,16 @@ def stack(tiny_model):
                       argv=[sys.executable, "-m", "latentd.cli", "serve", "--host", "127.0.0.1",
                             "--port", str(port)]).start()
         worker.wait_ready()
-        # the worker's published address: what an operator would put in the scrape config
-        w_port = int(redis.client().hget(keys.worker(worker.name), "metrics_port"))
+        # the worker's published address (`latentd workers`): what goes in the scrape config
+        w_url = redis.client().hget(keys.worker(worker.name), "metrics_url").decode()
+        w_target = urllib.parse.urlsplit(w_url).netloc
+        w_port = int(w_target.rsplit(":", 1)[1])
         with api.client(ALICE) as c:                   # one job: histograms get samples
             r = c.post("/v1/images/generations", json={"prompt": "a red circle", "steps": 2,
                                                        "response_format": "b64_json"})
             assert r.status_code == 200, r.text
         prom = Prometheus(loopback_config({"latentd-api": f"127.0.0.1:{api_metrics}",
-                                           "latentd-worker": f"127.0.0.1:{w_port}"}))
+                                           "latentd-worker": w_target}))
         yield {"prom": prom, "api_metrics": api_metrics, "worker_metrics": w_port}
     finally:
         for p in (prom, api, worker, redis):

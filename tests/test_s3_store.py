@@ -36,6 +36,11 @@ class S3Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def public_url(self) -> str:
+        """The same server by another name, as clients outside would reach a store."""
+        return f"http://localhost:{self.port}"
+
     def start(self) -> "S3Server":
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                       "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
@@ -90,10 +95,12 @@ def s3(tiny_model):
                                      **s3_settings(server.url, s3_expire_days=2))).start()
         started.append(worker)
         apis = {}
-        for name, presign in (("through", False), ("presign", True)):
+        # the presigning API signs for another name of the same server (clients' address)
+        for name, extra in (("through", {}),
+                            ("presign", {"s3_presign": "true",
+                                         "s3_presign_endpoint_url": server.public_url})):
             apis[name] = with_aws(ApiProc(redis.url, api_keys=KEYS, model=str(tiny_model),
-                                          rate_limit_per_s=0,
-                                          **s3_settings(server.url, s3_presign=str(presign).lower())))
+                                          rate_limit_per_s=0, **s3_settings(server.url, **extra)))
             started.append(apis[name])
         for a in apis.values():
             a.start()
@@ -140,7 +147,7 @@ def test_presigned_urls_fetch_the_object(s3):
     job = submit(api, seed=9)
     assert job["status"] == "succeeded"
     url = job["images"][0]["url"]
-    assert url.startswith(f"{s3['server'].url}/{BUCKET}/{PREFIX}{job['id']}/0.png?")
+    assert url.startswith(f"{s3['server'].public_url}/{BUCKET}/{PREFIX}{job['id']}/0.png?")
     assert "X-Amz-Signature=" in url and "X-Amz-Expires=3600" in url     # LATENTD_URL_TTL_S
     r = httpx.get(url)                            # straight from the store, no API involved
     assert r.status_code == 200
@@ -151,7 +158,7 @@ def test_presigned_urls_fetch_the_object(s3):
         res = a.post("/v1/images/generations", json={"prompt": "a circle", "steps": 2,
                                                      "response_format": "url"})
         assert res.status_code == 200, res.text
-        assert res.json()["data"][0]["url"].startswith(f"{s3['server'].url}/{BUCKET}/{PREFIX}")
+        assert res.json()["data"][0]["url"].startswith(f"{s3['server'].public_url}/{BUCKET}/{PREFIX}")
         assert httpx.get(res.json()["data"][0]["url"]).status_code == 200
 
 

@@ -133,8 +133,9 @@ class Worker:
         where = {}
         if self.metrics_port:
             # published so that ops (and `latentd workers`) can find every worker's /metrics
+            host = metrics.advertised_host(s.redis_url)
             where = {"metrics_port": self.metrics_port,
-                     "metrics_url": f"http://{socket.gethostname()}:{self.metrics_port}/metrics"}
+                     "metrics_url": f"http://{host}:{self.metrics_port}/metrics"}
             log.info("worker %s metrics on %s", self.name, where["metrics_url"])
         self.hb.set_info(state="ready", model=json.dumps(self.pipe.info.to_dict()),
                          device=self.device, max_batch=s.worker_max_batch, **where)

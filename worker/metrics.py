@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import resource
+import socket
+from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -58,6 +60,23 @@ def serve(port: int, addr: str = "0.0.0.0") -> int | None:
                 raise
     raise OSError(errno.EADDRINUSE, f"no free metrics port in {port}..{port + PORT_SCAN - 1} "
                                     "(LATENTD_WORKER_METRICS_PORT)")
+
+
+def advertised_host(redis_url: str) -> str:
+    """The address other machines can reach this worker at: the local address of the route to
+    Redis (a connected UDP socket sends nothing), since whoever shares that Redis shares that
+    network; the host name when Redis is a unix socket or the route cannot be found."""
+    u = urlsplit(redis_url)
+    if u.scheme in ("redis", "rediss") and u.hostname:
+        try:
+            family = socket.AF_INET6 if ":" in u.hostname else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect((u.hostname, u.port or 6379))
+                host = sock.getsockname()[0]
+            return f"[{host}]" if ":" in host else host
+        except OSError:
+            pass
+    return socket.gethostname()
 
 
 def update_device_memory(device: str) -> None:

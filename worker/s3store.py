@@ -12,7 +12,8 @@ second kept 24 h) and a local folder is one host's. With S3 the images live at
   only warns when no enabled rule covers the prefix. The API never serves an image whose job
   record has expired (LATENTD_RESULT_TTL_S), so N = ceil(result TTL in days) loses nothing.
 - Reads go through the API (auth, signed URLs as with the other stores), or, with
-  LATENTD_S3_PRESIGN=true, clients get the store's presigned GET URLs (valid LATENTD_URL_TTL_S).
+  LATENTD_S3_PRESIGN=true, clients get the store's presigned GET URLs (valid LATENTD_URL_TTL_S),
+  signed for LATENTD_S3_PRESIGN_ENDPOINT_URL when clients reach the store by another address.
 - Short timeouts and few retries: an unreachable store fails the job in seconds with a clear
   StoreError (code `storage_error`) instead of holding the worker.
 Torch-free (the API uses it for reads and presigning).
@@ -56,9 +57,15 @@ class S3Store:
                      retries={"max_attempts": 2, "mode": "standard"},
                      # path-style for custom endpoints (MinIO, Ceph, a local server): no DNS per bucket
                      s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"})
-        self.client = boto3.session.Session().client(
-            "s3", endpoint_url=settings.s3_endpoint_url or None,
-            region_name=settings.s3_region or None, config=cfg)
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url or None,
+                                     region_name=settings.s3_region or None, config=cfg)
+        # a presigned URL's signature covers its host: sign with the name clients reach the store
+        # by when that differs from the workers' (e.g. http://minio:9000 inside, https outside)
+        public = settings.s3_presign_endpoint_url
+        self.presigner = self.client if not public else session.client(
+            "s3", endpoint_url=public, region_name=settings.s3_region or None,
+            config=cfg.merge(Config(s3={"addressing_style": "path"})))
         from botocore.exceptions import BotoCoreError, ClientError
 
         self._errors = (BotoCoreError, ClientError)
@@ -94,7 +101,7 @@ class S3Store:
 
     def presigned_url(self, job_id: str, k: int, ttl_s: int) -> str:
         """A GET URL signed with the store's credentials (computed locally, no round trip)."""
-        return self.client.generate_presigned_url(
+        return self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self.key(job_id, k)},
             ExpiresIn=int(ttl_s))
 
