@@ -95,6 +95,7 @@ class Child:
     started: float = 0.0
     backoff: float = 1.0
     restart_at: float | None = None
+    termed: bool = False
 
 
 class Supervisor:
@@ -118,7 +119,7 @@ class Supervisor:
     def start(self, c: Child) -> None:
         c.proc = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], env=c.env,
                                   preexec_fn=_child_setup(c.cpus))
-        c.started, c.restart_at = time.monotonic(), None
+        c.started, c.restart_at, c.termed = time.monotonic(), None, False
         log.info("worker %d on %s: pid %d%s", c.index, c.device, c.proc.pid,
                  f", cores {sorted(c.cpus)}" if c.cpus else "")
 
@@ -128,8 +129,15 @@ class Supervisor:
                      len(self.children), self.grace_s)
         self.stopping = True
         for c in self.children:
-            if c.proc is not None and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
+            self.terminate(c)
+
+    @staticmethod
+    def terminate(c: Child) -> None:
+        """SIGTERM a running child once (the run loop also calls it for a child started while
+        the signal was being handled)."""
+        if c.proc is not None and not c.termed and c.proc.poll() is None:
+            c.termed = True
+            c.proc.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -151,6 +159,8 @@ class Supervisor:
                         self.start(c)
                     continue
                 if rc is None:
+                    if self.stopping:
+                        self.terminate(c)
                     if kill_at is not None and now > kill_at:
                         log.warning("worker %d on %s did not stop in time: killing", c.index, c.device)
                         c.proc.kill()
