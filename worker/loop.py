@@ -280,8 +280,10 @@ class Worker:
             self.claim_more()
         if self.ex.idle and not self.held and not self.outbox and not self.stopping:
             self.hb.set_info(state="ready", running=0)
-            # block briefly on the queue; the id moves into our inbox, then claim() takes it
-            if self.redis.blmove(keys.rq_queue(self.q), keys.inbox(self.name), 1.0, "LEFT", "RIGHT"):
+            # block briefly on the queue; the id moves into our inbox, then claim() takes it --
+            # unless a stop signal came meanwhile (stopping, the inbox goes back to the queue)
+            if self.redis.blmove(keys.rq_queue(self.q), keys.inbox(self.name), 1.0, "LEFT", "RIGHT") \
+                    and not self.stopping:
                 self.claim_more()
         if now - self.last_sweep > 600:
             self.last_sweep = now
