@@ -14,8 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.services import ROOT, WorkerProc, free_port
-from tests.test_worker_loop import FAST, wait_status
+from tests.services import FAST, ROOT, WorkerProc, free_port, wait_status
 from worker import keys
 from worker.client import JobClient
 from worker.spec import JobSpec

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
+from tests.services import wait_status
 from tests.test_recovery import assert_exactly_once
-from tests.test_worker_loop import stack, wait_status  # noqa: F401 (fixture)
 from worker import keys
 from worker.spec import JobSpec
 
