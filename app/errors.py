@@ -159,6 +159,17 @@ async def redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
                         headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
 
 
+async def store_down_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The image store (S3, a folder) cannot be read: 503 with Retry-After, not a 500."""
+    from app import metrics
+
+    metrics.rejected(503, "unavailable")
+    log.warning("image store unavailable on %s: %s", request.url.path, exc)
+    return JSONResponse(error_body("storage_unavailable", "the image store is unreachable; retry later",
+                                   kind="server_error"), status_code=503,
+                        headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+
+
 async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.scope.get("route", ""))
     return JSONResponse(error_body("internal", "internal error", kind="server_error"),
@@ -173,6 +184,9 @@ def install(app: FastAPI) -> None:
 
     app.add_exception_handler(redis.ConnectionError, redis_down_handler)
     app.add_exception_handler(redis.TimeoutError, redis_down_handler)
+    from worker.store import StoreError
+
+    app.add_exception_handler(StoreError, store_down_handler)
     app.add_exception_handler(Exception, unhandled_handler)
 
 

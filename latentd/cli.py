@@ -11,6 +11,7 @@ COMMANDS = {
     "train-shapes": "latentd.cmd_train",    # train the bundled model
     "serve": "latentd.cmd_serve",           # API server
     "worker": "latentd.cmd_worker",         # GPU/CPU worker
+    "workers": "latentd.cmd_workers",       # list live workers and their metrics addresses
     "keys": "latentd.cmd_keys",             # API key management
     "dev": "latentd.cmd_dev",               # redis + API + worker in one command
 }

@@ -1,4 +1,5 @@
-"""`latentd worker`: one worker process (model loaded once, batched, never forks); see worker/loop.py."""
+"""`latentd worker`: one worker process (model loaded once, batched, never forks); see worker/loop.py.
+With --devices, one worker process per device under a supervisor (worker/supervisor.py)."""
 from __future__ import annotations
 
 import logging
@@ -8,16 +9,17 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="model folder / *.safetensors / hub id (default: LATENTD_MODEL or bundled)")
     p.add_argument("--name", help="worker name (default: LATENTD_WORKER_NAME or <host>-<pid>)")
     p.add_argument("--max-batch", type=int, help="requests per U-Net call (LATENTD_WORKER_MAX_BATCH)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (LATENTD_WORKER_METRICS_PORT)")
+    p.add_argument("--metrics-port", type=int,
+                   help="first Prometheus port to try, 0 = off (LATENTD_WORKER_METRICS_PORT)")
+    p.add_argument("--devices",
+                   help="one worker process per device: 'all' (every CUDA device) or a list such "
+                        "as cuda:0,cuda:1 or cpu,cpu")
 
 
 def run(args) -> int:
-    from latentd import cpu
     from latentd.settings import get_settings
 
     s = get_settings()
-    threads = cpu.configure(s.cpu_threads)        # before torch is imported (by worker.loop)
-    from worker.loop import Worker
     over = {k: v for k, v in (("model", args.model), ("worker_name", args.name),
                               ("worker_max_batch", args.max_batch),
                               ("worker_metrics_port", args.metrics_port)) if v is not None}
@@ -25,5 +27,26 @@ def run(args) -> int:
         s = s.model_copy(update=over)
     logging.basicConfig(level=s.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.devices is not None:
+        # the supervisor computes nothing: each worker chooses its own threads (its affinity)
+        return supervise(args.devices, s, over)
+    from latentd import cpu
+
+    threads = cpu.configure(s.cpu_threads)        # before torch is imported (by worker.loop)
+    from worker.loop import Worker
+
     logging.getLogger("latentd.worker").info("cpu threading: %s", threads)
     return Worker(s).run()
+
+
+def supervise(spec: str, s, over: dict) -> int:
+    from worker import supervisor
+
+    try:
+        devices = supervisor.parse_devices(spec)
+    except (ValueError, RuntimeError) as e:
+        logging.getLogger("latentd.supervisor").error("%s", e)
+        return 2
+    env = {f"LATENTD_{k.upper()}": str(v) for k, v in over.items()
+           if k not in ("worker_name", "worker_metrics_port")}
+    return supervisor.run(devices, env, s.worker_name, s.worker_metrics_port, s.worker_grace_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,9 +55,16 @@ class Settings(BaseSettings):
     reap_interval_s: float = 5.0           # every worker requeues expired leases this often
     max_attempts: int = 3                  # claims per job; beyond, failed with "worker_lost"
     result_ttl_s: int = 86400              # job records and stored images expire after this
-    storage: str = "redis"                 # redis | file
+    storage: str = "redis"                 # redis | file | s3
     storage_dir: str = "./data/images"     # FileStore directory (storage=file)
-    worker_metrics_port: int = 9101        # 0 = no metrics server
+    s3_bucket: str = ""                    # S3Store bucket (storage=s3); required then
+    s3_prefix: str = "latentd/"            # object keys: <prefix><job id>/<k>.png
+    s3_endpoint_url: str | None = None     # S3-compatible endpoint (MinIO, Ceph...); None = AWS
+    s3_region: str | None = None           # None: from the AWS config chain
+    s3_presign: bool = False               # image URLs are the store's presigned GET URLs
+    s3_presign_endpoint_url: str | None = None  # endpoint clients use in presigned URLs; None = s3_endpoint_url
+    s3_expire_days: int = 0                # >0: the worker sets a lifecycle rule on the prefix
+    worker_metrics_port: int = 9101        # first port tried (next free one taken); 0 = none
     cpu_threads: int = 0                   # engine threads on the CPU; 0 = the cores this process may use
     device: str = "auto"                   # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                    # auto (fp16 on cuda, else fp32) | float32 | float16 | bfloat16
@@ -72,6 +80,13 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = 2.0         # first retry delay; doubles per attempt
     webhook_backoff_max_s: float = 300.0   # longest delay between attempts
     webhook_max_age_s: float = 3600.0      # give up this long after the job ended
+
+    @field_validator("model", "s3_endpoint_url", "s3_presign_endpoint_url", "s3_region",
+                     "worker_name", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        """`LATENTD_MODEL=` (as compose writes `${LATENTD_MODEL:-}`) means "not set"."""
+        return None if isinstance(v, str) and not v.strip() else v
 
 
 @lru_cache

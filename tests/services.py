@@ -104,8 +104,10 @@ def worker_env(redis_url: str, model: str | None, **settings) -> dict:
 class WorkerProc:
     """`python -m latentd.cli worker` as a subprocess with a known name."""
 
-    def __init__(self, redis_url: str, model: str | None, name: str | None = None, **settings):
+    def __init__(self, redis_url: str, model: str | None, name: str | None = None,
+                 args: tuple[str, ...] = (), **settings):
         self.name = name or f"w{free_port()}"
+        self.args = list(args)             # after `latentd worker`, e.g. ["--devices", "cpu,cpu"]
         self.env = worker_env(redis_url, model, worker_name=self.name, **settings)
         self.redis_url = redis_url
         self.proc: subprocess.Popen | None = None
@@ -113,7 +115,7 @@ class WorkerProc:
                                                    delete=False)
 
     def start(self) -> "WorkerProc":
-        self.proc = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker", *self.args], cwd=ROOT,
                                      env=self.env, stdout=self.logfile, stderr=subprocess.STDOUT)
         return self
 

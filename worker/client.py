@@ -195,7 +195,7 @@ class JobClient:
             if d.get("state") not in ("ready", "busy"):
                 continue
             d["model"] = json.loads(d.get("model", "null"))
-            for f in ("pid", "running"):
+            for f in ("pid", "running", "metrics_port"):
                 if f in d:
                     d[f] = int(d[f])
             out.append(d)

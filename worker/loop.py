@@ -31,7 +31,7 @@ from worker.png import encode_image
 from worker.recovery import REDIS_ERRORS, Heartbeat, connect
 from worker.spec import JobSpec
 from worker.state import Scripts, rq_time
-from worker.store import make_store
+from worker.store import StoreError, make_store
 
 log = logging.getLogger("latentd.worker")
 MAX_LIVE = 1000            # unsent progress/preview events kept while Redis is unreachable
@@ -119,6 +119,7 @@ class Worker:
         self.redis = connect(s.redis_url)
         self.scripts = Scripts(self.redis)
         self.store = make_store(self.redis, s)
+        self.store.prepare()
         self.q = s.queue_name
         stall_s = s.job_timeout_s + 2 * s.lease_s + 60
         self.hb = Heartbeat(s, self.name, self.held_snapshot, stall_s)
@@ -143,14 +144,22 @@ class Worker:
 
             from latentd.cpu import ThreadGovernor
             self.governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
-        metrics.serve(s.worker_metrics_port)
+        self.metrics_port = metrics.serve(s.worker_metrics_port)
+        metrics.STALLED.set_function(lambda: float(time.monotonic() - self.hb.last_progress > stall_s))
         from worker.webhooks import Deliverer
 
         self.webhooks = Deliverer(s, self.name)
         self.webhooks.start()
         metrics.update_device_memory(self.device)
+        where = {}
+        if self.metrics_port:
+            # published so that ops (and `latentd workers`) can find every worker's /metrics
+            host = metrics.advertised_host(s.redis_url)
+            where = {"metrics_port": self.metrics_port,
+                     "metrics_url": f"http://{host}:{self.metrics_port}/metrics"}
+            log.info("worker %s metrics on %s", self.name, where["metrics_url"])
         self.hb.set_info(state="ready", model=json.dumps(self.pipe.info.to_dict()),
-                         device=self.device, max_batch=s.worker_max_batch)
+                         device=self.device, max_batch=s.worker_max_batch, **where)
         log.info("worker %s ready: model %s on %s in %.1fs", self.name, self.model_name,
                  self.device, time.perf_counter() - t)
 
@@ -330,8 +339,10 @@ class Worker:
             self.claim_more()
         if self.ex.idle and not self.held and not self.outbox and not self.stopping:
             self.hb.set_info(state="ready", running=0)
-            # block briefly on the queue; the id moves into our inbox, then claim() takes it
-            if self.redis.blmove(keys.rq_queue(self.q), keys.inbox(self.name), 1.0, "LEFT", "RIGHT"):
+            # block briefly on the queue; the id moves into our inbox, then claim() takes it --
+            # unless a stop signal came meanwhile (stopping, the inbox goes back to the queue)
+            if self.redis.blmove(keys.rq_queue(self.q), keys.inbox(self.name), 1.0, "LEFT", "RIGHT") \
+                    and not self.stopping:
                 self.claim_more()
         if now - self.last_sweep > 600:
             self.last_sweep = now
@@ -345,7 +356,16 @@ class Worker:
             now = time.time()
             if item[0] == "image":
                 _, job_id, attempt, k, png, meta, compute_s = item
-                self.store.put(job_id, k, png, ttl)
+                try:
+                    self.store.put(job_id, k, png, ttl)
+                except StoreError as e:
+                    # the image cannot be kept: fail its job (once, clearly) and go on
+                    self.outbox = [x for x in self.outbox     # its other images: same fate
+                                   if not (x[0] == "image" and x[1] == job_id and x[2] == attempt)]
+                    h = self.held.get(job_id)
+                    if h is not None and h.attempt == attempt:
+                        self.fail(h, "storage_error", f"could not store image {k}: {e}"[:500])
+                    continue
                 res = self.scripts.image(keys=[keys.job(job_id)],
                                          args=[job_id, attempt, k, meta, repr(float(compute_s)),
                                                self.held_steps(job_id), repr(now), ttl, rq_time(now)])

@@ -2,7 +2,10 @@
 prompts or keys: `key` is the API key's NAME (the job's owner), `reason` an error code."""
 from __future__ import annotations
 
+import errno
 import resource
+import socket
+from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -33,6 +36,8 @@ DEVICE_MEMORY = Gauge("latentd_worker_device_memory_bytes",
 COMPUTE = Counter("latentd_worker_compute_seconds_total",
                   "Compute seconds (each request's share of batched calls) per API key name", ["key"])
 REDIS_ERRORS = Counter("latentd_worker_redis_errors_total", "Redis connection errors survived")
+STALLED = Gauge("latentd_worker_stalled",
+                "1 while the main loop has made no progress for longer than its stall limit")
 COMPILES = Counter("latentd_worker_compiles_total",
                    "torch.compile compilations of the U-Net step (one per batch bucket and latent size)")
 COMPILE_SECONDS = Counter("latentd_worker_compile_seconds_total", "Seconds spent compiling the U-Net step")
@@ -40,10 +45,43 @@ REQUEST_MEMORY = Gauge("latentd_worker_request_memory_bytes",
                        "Measured device memory one request adds to a batched U-Net step (native size)")
 
 
-def serve(port: int) -> None:
-    """Expose /metrics on `port` (0: don't)."""
-    if port:
-        start_http_server(port)
+PORT_SCAN = 64          # ports tried from the base: the first free one is taken
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> int | None:
+    """Expose /metrics on the first free port from `port` upward (0: don't); returns the port.
+
+    Several workers on one host (one per GPU) all start from the same base with default
+    settings: binding is the test for "free", so two workers starting at once cannot both
+    take the same port, and each one publishes the port it got (heartbeat, log)."""
+    if not port:
+        return None
+    for p in range(port, min(port + PORT_SCAN, 65536)):
+        try:
+            start_http_server(p, addr=addr)
+            return p
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no free metrics port in {port}..{port + PORT_SCAN - 1} "
+                                    "(LATENTD_WORKER_METRICS_PORT)")
+
+
+def advertised_host(redis_url: str) -> str:
+    """The address other machines can reach this worker at: the local address of the route to
+    Redis (a connected UDP socket sends nothing), since whoever shares that Redis shares that
+    network; the host name when Redis is a unix socket or the route cannot be found."""
+    u = urlsplit(redis_url)
+    if u.scheme in ("redis", "rediss") and u.hostname:
+        try:
+            family = socket.AF_INET6 if ":" in u.hostname else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect((u.hostname, u.port or 6379))
+                host = sock.getsockname()[0]
+            return f"[{host}]" if ":" in host else host
+        except OSError:
+            pass
+    return socket.gethostname()
 
 
 def update_device_memory(device: str) -> None:

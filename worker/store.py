@@ -1,10 +1,14 @@
-"""Result storage behind one small interface, so an object store can be added later.
+"""Result storage behind one small interface: Redis, a local folder, or an S3-compatible store.
 
 RedisStore (default): PNG bytes under keys.image(job, k) with a TTL, next to the job record, so
 a deployment needs nothing but Redis. FileStore: <dir>/<job>/<k>.png, written to a temporary
 name and renamed (a reader never sees half a file; a re-run after a crash rewrites the same
 name, so there is still one result per image); expiry by file age, swept by the worker.
-Torch-free: the API reads images through `make_store(redis, settings).get`.
+S3Store (worker/s3store.py): objects in a bucket, expired by a lifecycle rule; Redis keeps only
+job records. Torch-free: the API reads images through `make_store(redis, settings).get`.
+
+A store that cannot be reached raises StoreError: the worker fails that job (code
+`storage_error`) and goes on; the API answers 503.
 """
 from __future__ import annotations
 
@@ -20,10 +24,15 @@ from worker import keys
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+class StoreError(RuntimeError):
+    """The image store could not be written or read (unreachable, denied, disk full)."""
+
+
 class Store(Protocol):
     def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None: ...
     def get(self, job_id: str, k: int) -> bytes | None: ...
     def sweep(self) -> int: ...
+    def prepare(self) -> None: ...
 
 
 class RedisStore:
@@ -39,6 +48,9 @@ class RedisStore:
     def sweep(self) -> int:
         return 0  # Redis expires keys itself
 
+    def prepare(self) -> None:
+        pass
+
 
 class FileStore:
     def __init__(self, root: str, ttl_s: int = 86400):
@@ -53,11 +65,17 @@ class FileStore:
 
     def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None:
         path = self._path(job_id, k)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(png)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise StoreError(f"image folder {self.root}: {e}") from e
+
+    def prepare(self) -> None:
+        pass
 
     def get(self, job_id: str, k: int) -> bytes | None:
         try:
@@ -85,9 +103,13 @@ class FileStore:
 
 
 def make_store(redis, settings) -> Store:
-    """The store named by settings.storage (redis | file)."""
+    """The store named by settings.storage (redis | file | s3)."""
     if settings.storage == "redis":
         return RedisStore(redis)
     if settings.storage == "file":
         return FileStore(settings.storage_dir, settings.result_ttl_s)
-    raise ValueError(f"LATENTD_STORAGE must be redis or file, got {settings.storage!r}")
+    if settings.storage == "s3":
+        from worker.s3store import S3Store
+
+        return S3Store(settings)
+    raise ValueError(f"LATENTD_STORAGE must be redis, file or s3, got {settings.storage!r}")
