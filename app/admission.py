@@ -102,8 +102,8 @@ def edit_inputs(image: bytes | None, mask: bytes | None, settings):
     return img, m
 
 
-def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str, watch=None,
-          image: bytes | None = None, mask: bytes | None = None) -> tuple[str, JobSpec]:
+def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
+          image: bytes | None = None, mask: bytes | None = None, watch=None) -> tuple[str, JobSpec]:
     """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError.
     watch: spec -> (listener id, preview interval) to register with the job (worker/events.py).
     `image` / `mask`: an edit's uploads (decoding them is CPU work: call this in a worker thread)."""
