@@ -25,7 +25,7 @@ class ImagesGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, description="What to draw")
+    prompt: str = Field(description="What to draw; may be empty only with classifier_guidance")
     n: int = Field(1, ge=1, le=MAX_N, description="Images to generate (deployment cap: LATENTD_MAX_N)")
     size: str | None = Field(None, max_length=16, description='"WxH", e.g. "512x512"; default: the model\'s native size')
     response_format: Literal["url", "b64_json"] = "url"
@@ -159,6 +159,9 @@ def to_job_params(req, info, settings, image_size: tuple[int, int] | None = None
                   mask_size: tuple[int, int] | None = None) -> JobParams:
     """Resolve `req` (a generation, job or edit request) with model.request.resolve: deployment
     and model bounds checked, defaults filled in, a seed drawn if none was given."""
+    if req.prompt == "" and not getattr(req, "classifier_guidance", None):
+        raise ApiError(422, "invalid_value", "prompt: must not be empty (an empty prompt is allowed "
+                       "only with classifier_guidance)", "prompt", {"min_length": 1})
     if req.model is not None and req.model != info.name:
         raise ApiError(422, "invalid_value", f"model: unknown model {req.model!r}", "model", [info.name])
     try:

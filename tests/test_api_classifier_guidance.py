@@ -41,7 +41,9 @@ def test_models_list_the_classifier(stack):
 
 def test_guided_generation_runs_and_changes_the_image(stack):
     with stack.client(ALICE) as c:
-        plain = c.post("/v1/images/generations", json=BODY)
+        # an empty prompt needs classifier_guidance; at scale 0 it steers nothing
+        plain = c.post("/v1/images/generations", json={**BODY, "classifier_guidance": {"color": "blue", "scale": 0}})
+        assert c.post("/v1/images/generations", json=BODY).json()["error"]["field"] == "prompt"
         guided = c.post("/v1/images/generations",
                         json={**BODY, "classifier_guidance": {"color": "blue", "shape": "square", "scale": 5}})
         assert plain.status_code == 200 and guided.status_code == 200, guided.text

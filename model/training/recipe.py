@@ -278,6 +278,7 @@ def run(out: str, seed: int = 0, quick: bool = False, minutes_budget: float | No
             if os.path.exists(os.path.join(r.dir, f)):
                 os.remove(os.path.join(r.dir, f))
     r.summary["threads"] = torch.get_num_threads()
+    r.save()
     write_json(os.path.join(out, "scheduler", "scheduler_config.json"), SD_SCHEDULER)
     write_json(os.path.join(out, "model_index.json"), MODEL_INDEX)
     if not os.path.exists(os.path.join(out, "latentd.json")):
