@@ -220,10 +220,14 @@ class Stack:
         if self.worker:
             self.worker.stop()
         self.metrics_port = free_port()
-        threads = os.environ.get("BENCH_THREADS", "1")
+        threads = os.environ.get("BENCH_THREADS")
         self.worker = WorkerProc(self.redis.url, self.model, worker_max_batch=max_batch,
                                  worker_metrics_port=self.metrics_port, progress_interval_s=0.25)
-        self.worker.env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        if threads:
+            self.worker.env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        else:       # the worker's own choice, as deployed (latentd/cpu.py: usable cores, governor)
+            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                self.worker.env.pop(k, None)
         self.worker.start().wait_ready()
         if self.api is None:
             self.api = ApiProc(self.redis.url, api_keys=self.keys, model=self.model,
@@ -355,7 +359,7 @@ def main(argv=None) -> int:
     print(f"setup : {bench.name}")
     print(f"model : {model_label}")
     print(f"device: cpu, torch {torch.__version__}, {os.cpu_count()} cores "
-          f"(shared; torch threads {os.environ.get('BENCH_THREADS', '1')})")
+          f"(shared; torch threads {os.environ.get('BENCH_THREADS') or 'in process 1, stack: the worker decides'})")
     print(f"requests: {args.steps} steps, native size, default sampler; "
           f"{args.per_client} per client, closed loop"
           + (f"; every {args.edit_every}th an edit (img2img strength {IMG2IMG_STRENGTH} / inpainting)"
