@@ -2,6 +2,8 @@
 given LATENTD_* environment; waits for /healthz; `stop()` kills it (fixtures call it in finally)."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 import signal
 import subprocess
@@ -121,3 +123,23 @@ def open_png(data: bytes):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return Image.open(io.BytesIO(data))
 
+
+@contextlib.contextmanager
+def service_stack(model: str, **worker_settings):
+    """A whole service on loopback: a fresh redis-server, the API (keys alice and bob, no rate
+    limit) and one ready `latentd worker` on `model`; all stopped on exit.
+    Yields {"api": ApiProc, "worker": WorkerProc, "redis": RedisServer}."""
+    from tests.services import RedisServer, WorkerProc
+
+    redis_srv = RedisServer().start()
+    api = worker = None
+    try:
+        api = ApiProc(redis_srv.url, api_keys=KEYS, model=str(model), rate_limit_per_s=0).start()
+        worker = WorkerProc(redis_srv.url, str(model), **worker_settings).start().wait_ready(180)
+        yield {"api": api, "worker": worker, "redis": redis_srv}
+    finally:
+        if worker:
+            worker.stop()
+        if api:
+            api.stop()
+        redis_srv.stop()

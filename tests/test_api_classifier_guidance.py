@@ -8,8 +8,7 @@ import base64
 
 import pytest
 
-from tests.api_proc import ALICE, KEYS, ApiProc
-from tests.services import RedisServer, WorkerProc
+from tests.api_proc import ALICE, service_stack
 
 MODEL = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "shapes")
 BODY = {"prompt": "", "steps": 4, "guidance_scale": 1.0, "seed": 5, "response_format": "b64_json",
@@ -18,18 +17,8 @@ BODY = {"prompt": "", "steps": 4, "guidance_scale": 1.0, "seed": 5, "response_fo
 
 @pytest.fixture(scope="module")
 def stack():
-    redis_srv = RedisServer().start()
-    api = worker = None
-    try:
-        api = ApiProc(redis_srv.url, api_keys=KEYS, model=MODEL, rate_limit_per_s=0).start()
-        worker = WorkerProc(redis_srv.url, MODEL).start().wait_ready(180)
-        yield api
-    finally:
-        if worker:
-            worker.stop()
-        if api:
-            api.stop()
-        redis_srv.stop()
+    with service_stack(MODEL) as s:
+        yield s["api"]
 
 
 def test_models_list_the_classifier(stack):

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png
-from tests.services import RedisServer, WorkerProc
+from tests.api_proc import ALICE, BOB, open_png, service_stack
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes"
 FAST = {"steps": 12, "sampler": "dpmpp_2m"}
@@ -28,18 +27,8 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(),
 
 @pytest.fixture(scope="module")
 def edit_stack():
-    redis_srv = RedisServer().start()
-    api = worker = None
-    try:
-        api = ApiProc(redis_srv.url, api_keys=KEYS, model=str(MODEL), rate_limit_per_s=0).start()
-        worker = WorkerProc(redis_srv.url, str(MODEL)).start().wait_ready(180)
-        yield {"api": api, "worker": worker, "redis": redis_srv}
-    finally:
-        if worker:
-            worker.stop()
-        if api:
-            api.stop()
-        redis_srv.stop()
+    with service_stack(MODEL) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

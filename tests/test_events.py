@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
-from tests.services import ROOT, RedisServer, WorkerProc
+from tests.api_proc import ALICE, BOB, open_png, service_stack, wait_job
+from tests.services import ROOT
 from tests.sse_client import Reader, read_all
 
 FAST = {"steps": 6, "sampler": "euler"}
@@ -24,18 +24,8 @@ FAST = {"steps": 6, "sampler": "euler"}
 
 @pytest.fixture(scope="module")
 def stack(tiny_model):
-    redis_srv = RedisServer().start()
-    api = worker = None
-    try:
-        api = ApiProc(redis_srv.url, api_keys=KEYS, model=tiny_model, rate_limit_per_s=0).start()
-        worker = WorkerProc(redis_srv.url, tiny_model, progress_interval_s=0.05).start().wait_ready(180)
-        yield {"api": api, "worker": worker, "redis": redis_srv}
-    finally:
-        if worker:
-            worker.stop()
-        if api:
-            api.stop()
-        redis_srv.stop()
+    with service_stack(tiny_model, progress_interval_s=0.05) as s:
+        yield s
 
 
 class paused:

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api_proc import ALICE, KEYS, ApiProc
-from tests.services import ROOT, RedisServer, WorkerProc
+from tests.api_proc import ALICE, service_stack
+from tests.services import ROOT
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", ROOT / "test-artifacts"))
 
@@ -34,18 +34,8 @@ def system_binary(*names: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack(tiny_model):
-    redis_srv = RedisServer().start()
-    api = worker = None
-    try:
-        api = ApiProc(redis_srv.url, api_keys=KEYS, model=tiny_model, rate_limit_per_s=0).start()
-        worker = WorkerProc(redis_srv.url, tiny_model, progress_interval_s=0.05).start().wait_ready(180)
-        yield {"api": api, "worker": worker}
-    finally:
-        if worker:
-            worker.stop()
-        if api:
-            api.stop()
-        redis_srv.stop()
+    with service_stack(tiny_model, progress_interval_s=0.05) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
