@@ -27,6 +27,7 @@ RUN python deploy/api_requirements.py s3 > /tmp/requirements.txt \
 COPY app ./app
 COPY worker ./worker
 COPY model ./model
+COPY config ./config
 COPY latentd ./latentd
 COPY models ./models
 # --no-deps: torch & co. stay out. Editable: code runs from /app, so models/shapes is found.
@@ -56,6 +57,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY model ./model
+COPY config ./config
 COPY latentd ./latentd
 COPY models ./models
 COPY deploy/redis.conf ./deploy/redis.conf

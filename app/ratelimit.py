@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-BUCKET_KEY = "latentd:ratelimit:{owner}"
+from worker import keys
 
 # KEYS[1]: bucket hash {t: tokens, ts: ms}; ARGV: rate (tokens/s), burst, cost.
 # Returns {allowed (0|1), wait_ms}.
@@ -46,7 +46,7 @@ class RateLimiter:
         if self._script is None:
             return 0.0
         cost = min(max(1, cost), self.burst)
-        allowed, wait_ms = self._script(keys=[BUCKET_KEY.format(owner=owner)],
+        allowed, wait_ms = self._script(keys=[keys.ratelimit(owner)],
                                         args=[self.rate, self.burst, cost])
         return 0.0 if int(allowed) else max(0.001, int(wait_ms) / 1000)
 

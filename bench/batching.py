@@ -225,7 +225,7 @@ class Stack:
                                  worker_metrics_port=self.metrics_port, progress_interval_s=0.25)
         if threads:
             self.worker.env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        else:       # the worker's own choice, as deployed (latentd/cpu.py: usable cores, governor)
+        else:       # the worker's own choice, as deployed (worker/cpu.py: usable cores, governor)
             for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 self.worker.env.pop(k, None)
         self.worker.start().wait_ready()

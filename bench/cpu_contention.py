@@ -5,7 +5,7 @@ OpenMP settings. Each setting runs in a fresh subprocess, since OpenMP reads its
 
     python bench/cpu_contention.py [--images 6] [--settings latentd passive default]
 
-Settings: "latentd" = latentd/cpu.py's choice (threads = usable cores, short GOMP spin, and the
+Settings: "latentd" = worker/cpu.py's choice (threads = usable cores, short GOMP spin, and the
 ThreadGovernor giving torch only the cores other processes leave free, as the worker does),
 "default" = OpenMP's defaults (what the worker did before), "passive" = OMP_WAIT_POLICY=PASSIVE,
 "spin:N" = GOMP_SPINCOUNT=N, "threads:N" = N threads with the latentd spin.
@@ -30,7 +30,7 @@ pipe = load_pipeline(None)
 req = lambda s: GenerationRequest(prompt="a red circle on a white background", steps=20, seed=s)
 cb = None
 if {governor}:                                            # what the worker and `generate` do
-    from latentd.cpu import ThreadGovernor
+    from worker.cpu import ThreadGovernor
     gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
     cb = lambda *a: gov.tick()
 pipe.generate([req(0)], callback=cb)                      # warm-up
@@ -52,14 +52,14 @@ def child_env(setting: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if setting == "latentd":
         sys.path.insert(0, ROOT)
-        from latentd import cpu
+        from worker import cpu
         cpu.configure(0, env)
     elif setting == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     elif setting.startswith("spin:"):
         env["GOMP_SPINCOUNT"] = setting.split(":")[1]
     elif setting.startswith("threads:"):
-        from latentd import cpu
+        from worker import cpu
         cpu.configure(int(setting.split(":")[1]), env)
     return env
 

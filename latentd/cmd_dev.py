@@ -148,7 +148,7 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)     # `kill <pid>` stops everything, like Ctrl-C
 
     from app import auth
-    from latentd.settings import get_settings
+    from config.settings import get_settings
 
     os.environ["LATENTD_ENV"] = "dev"
     if args.model:

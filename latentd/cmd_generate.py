@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         from latentd.cmd_remote import run_remote
 
         return run_remote(args)
-    from latentd import cpu
-    from latentd.settings import get_settings
+    from worker import cpu
+    from config.settings import get_settings
     cpu.configure(get_settings().cpu_threads)     # before torch is imported
     import torch
     from tqdm import tqdm
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model
     if model is None:
-        from latentd.settings import get_settings
+        from config.settings import get_settings
 
         model = get_settings().model
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                             sampler=r.sampler, karras=r.karras, eta=r.eta, seed=r.seed,
                             init_image=image, mask=mask, strength=r.strength,
                             classifier_targets=r.classifier_targets, classifier_scale=r.classifier_scale)
-    from latentd.cpu import ThreadGovernor
+    from worker.cpu import ThreadGovernor
     gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if args.device == "cpu" else None
 
     def step(i, s, total):

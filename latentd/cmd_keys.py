@@ -18,7 +18,7 @@ def run(args) -> int:
     import os
 
     from app import auth
-    from latentd.settings import get_settings
+    from config.settings import get_settings
 
     path = os.path.expanduser(args.file) if args.file else auth.keys_path(get_settings())
     try:

@@ -22,7 +22,7 @@ def run(args) -> int:
             os.environ[var] = str(getattr(args, flag))
     if args.insecure_no_auth:
         os.environ["LATENTD_AUTH"] = "off"
-    from latentd.settings import get_settings
+    from config.settings import get_settings
 
     get_settings.cache_clear()
     s = get_settings()

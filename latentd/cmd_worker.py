@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from latentd.settings import get_settings
+    from config.settings import get_settings
 
     s = get_settings()
     over = {k: v for k, v in (("model", args.model), ("worker_name", args.name),
@@ -30,7 +30,7 @@ def run(args) -> int:
     if args.devices is not None:
         # the supervisor computes nothing: each worker chooses its own threads (its affinity)
         return supervise(args.devices, s, over)
-    from latentd import cpu
+    from worker import cpu
 
     threads = cpu.configure(s.cpu_threads)        # before torch is imported (by worker.loop)
     from worker.loop import Worker

@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from latentd.settings import get_settings
+    from config.settings import get_settings
     from worker.client import JobClient
     from worker.recovery import connect
 

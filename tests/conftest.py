@@ -49,7 +49,7 @@ def redis_server():
 def stack(redis_server, tiny_model):
     """Workers on a fresh redis-server and the tiny model: start(**settings) -> WorkerProc (ready),
     client(**settings) -> JobClient, record(job_id) -> the job hash. Kills all at the end."""
-    from latentd.settings import Settings
+    from config.settings import Settings
     from tests.services import FAST, WorkerProc
     from worker import keys
     from worker.client import JobClient

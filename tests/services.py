@@ -183,3 +183,36 @@ def wait_status(c, jid, owner, statuses, timeout=60):
             return d
         time.sleep(0.02)
     raise AssertionError(f"job {jid} not in {statuses} after {timeout}s: {c.get(jid, owner)}")
+
+
+def assert_exactly_once(stack, jids, owner="o", queue="latentd"):
+    """Every job terminal; every succeeded job has exactly n distinct images, each stored."""
+    from worker import keys
+
+    c = stack.client()
+    r = stack.redis.client()
+    statuses = {}
+    for j in jids:
+        d = c.get(j, owner)
+        assert d is not None, f"job {j} lost"
+        statuses[j] = d["status"]
+        n = d["params"]["n"]
+        rec = stack.record(j)
+        imgs = [k for k in rec if k.startswith("img:")]
+        assert len(imgs) == len(set(imgs)) == int(rec["done"]) <= n
+        if d["status"] == "succeeded":
+            assert sorted(i["index"] for i in d["images"]) == list(range(n))
+            assert all(r.exists(keys.image(j, k)) for k in range(n))
+    assert r.zcard(keys.leases(queue)) == 0 and r.zcard(keys.rq_started(queue)) == 0
+    assert r.llen(keys.rq_queue(queue)) == 0
+    return statuses
+
+
+def scrape(port) -> dict[str, float]:
+    """A process's /metrics as {series: value}; no prompt text may appear in it."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "prompt" not in text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}

@@ -110,7 +110,7 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path, modu
     assert listed.stdout.split() == ["carol"] and key not in listed.stdout
     # the stored hash authenticates the printed key, and nothing else
     from app.auth import KeyStore, load_keys
-    from latentd.settings import Settings
+    from config.settings import Settings
 
     store = KeyStore(load_keys(Settings(keys_file=str(path))))
     assert store.owner(key) == "carol" and store.owner(key + "x") is None
@@ -146,7 +146,7 @@ def test_serve_refuses_to_start_without_keys_or_secret(tmp_path, module_redis):
 
 def test_insecure_settings_are_refused_outside_dev_only(tmp_path):
     from app.main import InsecureConfig, config_problems, create_app, key_store
-    from latentd.settings import Settings
+    from config.settings import Settings
 
     none = str(tmp_path / "none.json")
     digest = hashlib.sha256(ALICE.encode()).hexdigest()

@@ -5,7 +5,7 @@ import time
 
 from tests.api_proc import ApiProc
 from tests.services import WorkerProc, free_port
-from tests.test_worker_loop import scrape
+from tests.services import scrape
 
 COMPILES = "latentd_worker_compiles_total"
 

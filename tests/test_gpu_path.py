@@ -174,7 +174,7 @@ def test_request_cost_scales_with_latent_cells(pipe32):
 
 
 def test_admission_by_measured_cost_and_prepare_on_the_cpu(pipe32):
-    from latentd.settings import Settings
+    from config.settings import Settings
     from worker.executor import BatchExecutor, Progress
     from worker.prepare import prepare
 

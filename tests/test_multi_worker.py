@@ -113,7 +113,7 @@ def test_two_workers_same_base_port_both_serve_metrics(redis_server, tiny_model)
 
 
 def _settings(redis_server):
-    from latentd.settings import Settings
+    from config.settings import Settings
 
     return Settings(redis_url=redis_server.url)
 

@@ -6,34 +6,12 @@ from __future__ import annotations
 import random
 import time
 
-
-from tests.services import FAST, wait_status
+from tests.services import FAST, assert_exactly_once, wait_status
 from worker import keys
 from worker.spec import JobSpec
 from worker.state import TERMINAL
 
 Q = "latentd"
-
-
-def assert_exactly_once(stack, jids, owner="o"):
-    """Every job terminal; every succeeded job has exactly n distinct images, each stored."""
-    c = stack.client()
-    r = stack.redis.client()
-    statuses = {}
-    for j in jids:
-        d = c.get(j, owner)
-        assert d is not None, f"job {j} lost"
-        statuses[j] = d["status"]
-        n = d["params"]["n"]
-        rec = stack.record(j)
-        imgs = [k for k in rec if k.startswith("img:")]
-        assert len(imgs) == len(set(imgs)) == int(rec["done"]) <= n
-        if d["status"] == "succeeded":
-            assert sorted(i["index"] for i in d["images"]) == list(range(n))
-            assert all(r.exists(keys.image(j, k)) for k in range(n))
-    assert r.zcard(keys.leases(Q)) == 0 and r.zcard(keys.rq_started(Q)) == 0
-    assert r.llen(keys.rq_queue(Q)) == 0
-    return statuses
 
 
 def test_sigkill_mid_run_requeued_within_lease_bound(stack):
@@ -141,19 +119,16 @@ def test_redis_sigkill_and_restart(stack):
 
 
 def _claimed_job(redis_server, worker="hb", lease_s=60.0):
-    from latentd.settings import Settings
+    from config.settings import Settings
     from worker.client import JobClient
-    from worker.state import Scripts
+    from worker.jobstore import JobStore
 
     s = Settings(redis_url=redis_server.url, lease_s=lease_s, worker_heartbeat_s=0.2,
                  reap_interval_s=0.2)
     c = JobClient(redis_server.client(), s)
     jid = c.submit(JobSpec(prompt="x", owner="o"))
-    now = time.time()
-    got = Scripts(redis_server.client()).claim(
-        keys=[keys.rq_queue(Q), keys.inbox(worker), keys.leases(Q), keys.rq_started(Q), keys.owners(Q)],
-        args=[worker, now, now + 1.0, "t", Q])
-    assert got[0].decode() == jid
+    got = JobStore(redis_server.client(), Q, s.result_ttl_s).claim(worker, 1.0)
+    assert got.job_id == jid
     return s, jid
 
 

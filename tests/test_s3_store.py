@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from latentd.settings import Settings
+from config.settings import Settings
 from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
 from tests.services import RedisServer, WorkerProc, free_port
 from worker.client import JobClient

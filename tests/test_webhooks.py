@@ -188,7 +188,7 @@ def test_allow_list_rules():
 
 def test_api_refuses_to_start_outside_dev_without_a_webhook_secret():
     from app.main import config_problems
-    from latentd.settings import Settings
+    from config.settings import Settings
 
     s = Settings(env="prod", signing_secret="x" * 32, auth="off", webhook_allow="127.0.0.1")
     assert any("LATENTD_WEBHOOK_SECRET" in p for p in config_problems(s))
@@ -201,8 +201,8 @@ def test_a_delivery_is_given_up_after_max_age(redis_server):
     """In process against a real redis-server: ending a job that carries a callback queues its
     delivery in the same Lua transition; a receiver that never answers is retried until
     webhook_max_age_s, then the delivery is dropped and the record says why."""
-    from latentd.settings import Settings
-    from worker.state import Scripts, rq_time
+    from config.settings import Settings
+    from worker.jobstore import FinishResult, JobStore
 
     s = Settings(env="dev", redis_url=redis_server.url, webhook_allow="127.0.0.1",
                  webhook_secret=SECRET, webhook_backoff_s=0.05, webhook_backoff_max_s=0.1,
@@ -212,9 +212,8 @@ def test_a_delivery_is_given_up_after_max_age(redis_server):
     r.hset(keys.job(jid), mapping={"id": jid, "owner": "o", "queue": "latentd", "status": "running",
                                    "attempt": 1, "n": 1, "steps": 1, "spec": "{}",
                                    "callback": f"http://127.0.0.1:{free_port()}/never"})
-    Scripts(r).finish(keys=[keys.job(jid)], args=[
-        jid, "", "", "failed", json.dumps({"code": "engine_error", "message": "x"}),
-        repr(time.time()), 3600, rq_time()])
+    assert JobStore(r, "latentd", 3600).finish(jid, "failed", {"code": "engine_error", "message": "x"}) \
+        is FinishResult.ENDED
     assert r.zscore(keys.WEBHOOKS_DUE, jid) is not None
     assert r.hget(keys.webhook(jid), "url").decode().endswith("/never")
     deliverer = webhooks.Deliverer(s, "test")

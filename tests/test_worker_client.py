@@ -9,11 +9,11 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from latentd.settings import Settings
+from config.settings import Settings
 from worker import keys
 from worker.client import JobClient, QueueFull
+from worker.jobstore import ImageResult, JobStore, Reaped
 from worker.spec import JobSpec
-from worker.state import Scripts
 
 
 def make_client(redis_server, **over):
@@ -122,69 +122,59 @@ def test_wait_wakes_on_completion_and_times_out(redis_server):
     assert c.wait(jid, "bob", 1) is None
 
 
-def claim(sc, worker, lease_s=60.0, queue="q"):
-    """The worker loop's claim call."""
-    now = time.time()
-    return sc.claim(keys=[keys.rq_queue(queue), keys.inbox(worker), keys.leases(queue),
-                          keys.rq_started(queue), keys.owners(queue)],
-                    args=[worker, now, now + lease_s, "t", queue])
-
-
-def reap(sc, queue="q", max_attempts=3):
-    return list(sc.reap(keys=[keys.leases(queue), keys.rq_queue(queue), keys.workers(queue)],
-                        args=[time.time(), max_attempts, 60, "t", 100, queue]))
+def store(redis_server) -> JobStore:
+    return JobStore(redis_server.client(), "q", 60)
 
 
 def test_claims_take_turns_across_owners(redis_server):
     """A flood from one key does not starve another: claims rotate over owners, FIFO within."""
     c = make_client(redis_server)
-    sc = Scripts(redis_server.client())
+    sc = store(redis_server)
     flood = [c.submit(JobSpec(prompt="a", owner="flood")) for _ in range(20)]
     other = [c.submit(JobSpec(prompt="b", owner="other")) for _ in range(2)]
-    got = [claim(sc, "w")[0].decode() for _ in range(5)]
+    got = [sc.claim("w", 60).job_id for _ in range(5)]
     assert got == [flood[0], other[0], flood[1], other[1], flood[2]]
     assert c.queue_depth() == 17
     r = redis_server.client()
     assert r.lrange(keys.owners("q"), 0, -1) == [b"flood"]
     # a canceled queued job is skipped; the rest still come out in order
     c.cancel(flood[3], "flood")
-    assert claim(sc, "w")[0].decode() == flood[4]
+    assert sc.claim("w", 60).job_id == flood[4]
 
 
 def test_dead_worker_inbox_goes_back(redis_server):
     """An id a worker moved into its inbox (blocking pop) but never claimed is not lost."""
     c = make_client(redis_server)
     r = redis_server.client()
-    sc = Scripts(r)
+    sc = store(redis_server)
     jid = c.submit(JobSpec(prompt="x", owner="a"))
     assert r.blmove(keys.rq_queue("q"), keys.inbox("ghost"), 1, "LEFT", "RIGHT") == jid.encode()
     r.zadd(keys.workers("q"), {"ghost": time.time() - 1})      # its heartbeat expired
-    assert reap(sc) == [0, 0, 1]
+    assert sc.reap(3) == Reaped(requeued=0, failed=0, dead_workers=1)
     assert r.lrange(keys.rq_queue("q"), 0, -1) == [jid.encode()]
-    assert claim(sc, "w2")[0].decode() == jid
-    assert claim(sc, "w2") is None                              # once
+    assert sc.claim("w2", 60).job_id == jid
+    assert sc.claim("w2", 60) is None                              # once
 
 
 def test_claim_fences_a_stale_attempt(redis_server):
     """Two claims of one job (a requeue in between): only the newer attempt may write."""
     c = make_client(redis_server)
     r = redis_server.client()
-    sc = Scripts(r)
+    sc = store(redis_server)
     jid = c.submit(JobSpec(prompt="x", owner="a", n=1, steps=2))
-    got = claim(sc, "w1", lease_s=0.01)
-    assert got[0].decode() == jid and int(got[1]) == 1
+    got = sc.claim("w1", 0.01)
+    assert got.job_id == jid and got.attempt == 1
     assert r.zcard(keys.rq_started("q")) == 1
     time.sleep(0.05)
-    assert reap(sc)[0] == 1 and c.get(jid, "a")["status"] == "queued"
+    assert sc.reap(3).requeued == 1 and c.get(jid, "a")["status"] == "queued"
     assert redis_server.client().lrange(keys.wait("q", "a"), 0, -1) == [jid.encode()]
     assert r.zcard(keys.rq_started("q")) == 0
-    got2 = claim(sc, "w2")
-    assert int(got2[1]) == 2
+    got2 = sc.claim("w2", 60)
+    assert got2.attempt == 2
     img = json.dumps({"index": 0, "seed": 1, "nsfw": False})
-    args = lambda att: [jid, att, 0, img, 0.5, 2, time.time(), 60, "t"]
-    assert sc.image(keys=[keys.job(jid)], args=args(1)) == -1      # stale worker refused
-    assert sc.image(keys=[keys.job(jid)], args=args(2)) == 2       # recorded, job succeeded
-    assert sc.image(keys=[keys.job(jid)], args=args(2)) == -1      # ends once
+    assert sc.record_image(jid, 1, 0, img, 0.5, 2) is ImageResult.NOT_OURS     # stale worker refused
+    assert sc.record_image(jid, 2, 0, img, 0.5, 2) is ImageResult.SUCCEEDED    # recorded, job succeeded
+    assert sc.record_image(jid, 2, 0, img, 0.5, 2) is ImageResult.NOT_OURS     # ends once
     d = c.get(jid, "a")
     assert d["status"] == "succeeded" and len(d["images"]) == 1 and d["usage"]["compute_seconds"] == 0.5
     assert r.zcard(keys.leases("q")) == 0
@@ -203,3 +193,13 @@ def test_spec_validation():
         JobSpec(prompt="x", owner="a", bogus=1)
     s = JobSpec(prompt="x", owner="a", n=2, seed=5)
     assert JobSpec.from_json(s.to_json()) == s and s.seeds() == [5, 6]
+
+
+def test_job_spec_carries_every_resolved_field():
+    """JobSpec is Resolved's wire form: the API builds it from Resolved.to_dict(), so a field added
+    to Resolved must be added to JobSpec too, with the same bounds' constants."""
+    from dataclasses import fields
+
+    from model.request import Resolved
+
+    assert {f.name for f in fields(Resolved)} <= set(JobSpec.model_fields)

@@ -9,13 +9,12 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from PIL import Image
 
-from latentd.settings import Settings
-from tests.services import FAST, WorkerProc, free_port, wait_status
+from config.settings import Settings
+from tests.services import FAST, WorkerProc, free_port, scrape, wait_status
 from worker import keys
 from worker.client import JobClient
 from worker.spec import JobSpec
@@ -145,13 +144,6 @@ def test_file_store(stack, tmp_path):
     assert sorted(p.name for p in (tmp_path / jid).iterdir()) == ["0.png", "1.png"]
     assert c.image_png(jid, 1, "o").startswith(b"\x89PNG")
     assert not stack.redis.client().exists(keys.image(jid, 0))
-
-
-def scrape(port) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert "prompt" not in text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def test_worker_metrics(shared):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from tests.services import wait_status
-from tests.test_recovery import assert_exactly_once
+from tests.services import assert_exactly_once
 from worker import keys
 from worker.spec import JobSpec
 

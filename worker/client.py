@@ -17,8 +17,9 @@ from redis.exceptions import NoScriptError
 
 from worker import keys
 from worker.events import WATCH_TTL_S
+from worker.jobstore import JobStore
 from worker.spec import JobSpec
-from worker.state import TERMINAL, Scripts, record_to_dict, rq_time
+from worker.state import TERMINAL, record_to_dict
 from worker.store import make_store
 
 RQ_FUNC = "worker.loop.rq_entry"   # what `rq info`/RQ tools show; only latentd workers run it
@@ -38,7 +39,7 @@ class JobClient:
         self.redis = redis
         self.settings = settings
         self.queue = settings.queue_name
-        self.scripts = Scripts(redis)
+        self.jobs = JobStore(redis, self.queue, settings.result_ttl_s)
         self.store = make_store(redis, settings)
 
     # --- writes -------------------------------------------------------------------------------
@@ -69,14 +70,8 @@ class JobClient:
                   "attempt": 0, "compute_s": 0, "done": 0}
         if callback_url:
             fields["callback"] = callback_url
-        argv = [int(self.settings.queue_cap), job_id, spec.owner]
-        for k, v in fields.items():
-            argv += [k, v]
-        admit_keys = [keys.rq_queue(self.queue), keys.rq_job(job_id), keys.job(job_id), keys.RQ_QUEUES,
-                      keys.wait(self.queue, spec.owner), keys.owners(self.queue)]
         for tries in (1, 2):
-            # One round trip: EVALSHA straight in the pipeline (redis-py's Script in a pipeline
-            # would first ask SCRIPT EXISTS); after a Redis restart, load it and go again.
+            # One round trip (admit_on); after a Redis restart, load the script and go again.
             pipe = self.redis.pipeline(transaction=False)
             if watch is not None:
                 pipe.zadd(keys.watch(job_id), {watch[0]: int(watch[1])})
@@ -89,14 +84,14 @@ class JobClient:
                 pipe.hset(keys.init_image(job_id), mapping=init)
                 pipe.expire(keys.init_image(job_id), int(self.settings.result_ttl_s))
             job.save(pipeline=pipe)
-            pipe.evalsha(self.scripts.admit.sha, len(admit_keys), *admit_keys, *argv)
+            self.jobs.admit_on(pipe, job_id, spec.owner, self.settings.queue_cap, fields)
             try:
                 depth = pipe.execute()[-1]
                 break
             except NoScriptError:
                 if tries == 2:
                     raise
-                self.redis.script_load(self.scripts.admit.script)
+                self.jobs.load_admit()
         if depth == -1:
             if init:
                 self.redis.delete(keys.init_image(job_id))
@@ -108,11 +103,8 @@ class JobClient:
         now and its worker drops it at its next step. A terminal job is returned unchanged."""
         if not _ID.match(job_id or ""):
             return None
-        res = self.scripts.finish(
-            keys=[keys.job(job_id)],
-            args=[job_id, owner, "", "canceled",
-                  json.dumps({"code": "canceled", "message": "canceled by the owner"}),
-                  repr(time.time()), int(self.settings.result_ttl_s), rq_time()])
+        res = self.jobs.finish(job_id, "canceled", {"code": "canceled", "message": "canceled by the owner"},
+                               owner=owner)
         if res is None:
             return None
         return self.get(job_id, owner)

@@ -3,10 +3,45 @@
 RQ's own keys (rq:queue:<q>, rq:job:<id>, rq:wip:<q>) are spelled here too, so that our Lua
 scripts can touch them atomically alongside ours; tests/test_worker_keys.py checks that they
 still match what RQ computes. Everything of ours lives under `latentd:`.
+
+Each key is a template in TEMPLATES; the Python functions below format it, and `lua_prelude()`
+turns the same templates into Lua functions (k_job(id), k_wait(queue, owner), ...) that the
+scripts of worker/state.py and worker/webhooks.py start with, so no script spells a key name.
+The scripts derive per-job keys from ids they read (a claim pops an id, then touches its record),
+which KEYS cannot name in advance; latentd therefore needs one Redis, not a Cluster.
 """
 from __future__ import annotations
 
+from string import Formatter
+
 P = "latentd"
+
+TEMPLATES = {
+    # RQ's (rq 2.12)
+    "rq_queue": "rq:queue:{queue}",
+    "rq_job": "rq:job:{job_id}",
+    "rq_started": "rq:wip:{queue}",
+    # ours
+    "job": P + ":job:{job_id}",
+    "image": P + ":img:{job_id}:{k}",
+    "init_image": P + ":init:{job_id}",
+    "leases": P + ":{queue}:leases",
+    "wait": P + ":{queue}:wait:{owner}",
+    "owners": P + ":{queue}:owners",
+    "workers": P + ":{queue}:workers",
+    "worker": P + ":worker:{name}",
+    "inbox": P + ":inbox:{name}",
+    "done_channel": P + ":done:{job_id}",
+    "events": P + ":events:{job_id}",
+    "watch": P + ":watch:{job_id}",
+    "recent": P + ":recent:{owner}",
+    "webhook": P + ":webhook:{job_id}",
+    "ratelimit": P + ":ratelimit:{owner}",
+}
+
+
+def _key(template: str, /, **parts) -> str:
+    return TEMPLATES[template].format(**parts)
 
 # --- RQ's keys (rq 2.12) ------------------------------------------------------------------------
 RQ_QUEUES = "rq:queues"                        # set of queue keys (rq info lists these)
@@ -14,84 +49,84 @@ RQ_QUEUES = "rq:queues"                        # set of queue keys (rq info list
 
 def rq_queue(queue: str) -> str:
     """RQ's queue list of job ids (FIFO: RPUSH at submit, LPOP by workers)."""
-    return f"rq:queue:{queue}"
+    return _key("rq_queue", queue=queue)
 
 
 def rq_job(job_id: str) -> str:
     """RQ's job hash (status, origin, data = JSON of func/args, timestamps)."""
-    return f"rq:job:{job_id}"
+    return _key("rq_job", job_id=job_id)
 
 
 def rq_started(queue: str) -> str:
     """RQ's StartedJobRegistry zset: "<job_id>:<execution_id>" -> expiry. We always write +inf so
     RQ's own cleanup (run by `rq info`) never moves our jobs to its failed registry; our leases
     decide instead."""
-    return f"rq:wip:{queue}"
+    return _key("rq_started", queue=queue)
 
 
 # --- ours ---------------------------------------------------------------------------------------
 def job(job_id: str) -> str:
     """Job record hash (see docs/CONTRACTS.md §2, 'Redis layout')."""
-    return f"{P}:job:{job_id}"
+    return _key("job", job_id=job_id)
 
 
 def image(job_id: str, k: int) -> str:
     """PNG bytes of image k (RedisStore)."""
-    return f"{P}:img:{job_id}:{k}"
+    return _key("image", job_id=job_id, k=k)
 
 
 def init_image(job_id: str) -> str:
     """An edit's inputs while the job needs them: hash {image: PNG, mask: PNG}, written at submit,
     deleted when the job ends (worker/state.py end_job), TTL result_ttl_s as a backstop."""
-    return f"{P}:init:{job_id}"
+    return _key("init_image", job_id=job_id)
 
 
 def leases(queue: str) -> str:
     """zset job_id -> lease expiry (unix s) for every running job; the reaper requeues expired."""
-    return f"{P}:{queue}:leases"
+    return _key("leases", queue=queue)
 
 
 def wait(queue: str, owner: str) -> str:
     """An owner's waiting job ids, FIFO (the same ids are in rq_queue, in arrival order)."""
-    return f"{P}:{queue}:wait:{owner}"
+    return _key("wait", queue=queue, owner=owner)
 
 
 def owners(queue: str) -> str:
     """Owners that have waiting jobs, rotated by each claim: claims take turns across API keys."""
-    return f"{P}:{queue}:owners"
+    return _key("owners", queue=queue)
 
 
 def workers(queue: str) -> str:
     """zset worker name -> heartbeat expiry (unix s)."""
-    return f"{P}:{queue}:workers"
+    return _key("workers", queue=queue)
 
 
 def worker(name: str) -> str:
     """Worker info hash: pid, host, model (JSON of ModelInfo), started_at, state. Has a TTL."""
-    return f"{P}:worker:{name}"
+    return _key("worker", name=name)
 
 
 def inbox(name: str) -> str:
     """A worker's inbox list: ids moved off the queue by a blocking BLMOVE while idle, claimed
     from there; a dead worker's inbox goes back to the queue front (reaper)."""
-    return f"{P}:inbox:{name}"
+    return _key("inbox", name=name)
 
 
 def done_channel(job_id: str) -> str:
     """Pub/sub channel published once when the job reaches a terminal status (wait())."""
-    return f"{P}:done:{job_id}"
+    return _key("done_channel", job_id=job_id)
 
 
 def events(job_id: str) -> str:
     """Redis stream of a job's events (running, progress, preview, image, final status); its
     entry ids are the SSE event ids that Last-Event-ID resumes from (worker/events.py)."""
-    return f"{P}:events:{job_id}"
+    return _key("events", job_id=job_id)
 
 
 def watch(job_id: str) -> str:
     """zset listener id -> preview interval in steps: someone follows this job's events, so its
     worker publishes progress and previews (nobody listening: nothing is published)."""
-    return f"{P}:watch:{job_id}"
+    return _key("watch", job_id=job_id)
 
 
 RECENT_MAX = 50                                # ids kept per owner in recent(owner)
@@ -100,7 +135,7 @@ RECENT_MAX = 50                                # ids kept per owner in recent(ow
 def recent(owner: str) -> str:
     """An owner's most recent job ids, newest first (GET /v1/jobs); ids of expired jobs are
     skipped when read."""
-    return f"{P}:recent:{owner}"
+    return _key("recent", owner=owner)
 
 
 WEBHOOKS_DUE = f"{P}:webhooks:due"            # zset job id -> unix time its delivery is due
@@ -108,4 +143,26 @@ WEBHOOKS_DUE = f"{P}:webhooks:due"            # zset job id -> unix time its del
 
 def webhook(job_id: str) -> str:
     """Hash of one pending webhook delivery: url, attempts, first_at, body, last_error."""
-    return f"{P}:webhook:{job_id}"
+    return _key("webhook", job_id=job_id)
+
+
+def ratelimit(owner: str) -> str:
+    """An owner's token bucket (app/ratelimit.py): hash tokens, ts."""
+    return _key("ratelimit", owner=owner)
+
+
+def lua_prelude() -> str:
+    """Lua functions k_<name>(parts...) for every template, e.g.
+    `local function k_wait(queue, owner) return 'latentd:' .. queue .. ':wait:' .. owner end`,
+    and the fixed keys as K_WEBHOOKS_DUE, K_RQ_QUEUES."""
+    lines = [f"local K_RQ_QUEUES = '{RQ_QUEUES}'", f"local K_WEBHOOKS_DUE = '{WEBHOOKS_DUE}'"]
+    for name, template in TEMPLATES.items():
+        args, parts = [], []
+        for literal, field, _spec, _conv in Formatter().parse(template):
+            if literal:
+                parts.append(f"'{literal}'")
+            if field:
+                args.append(field)
+                parts.append(field)
+        lines.append(f"local function k_{name}({', '.join(args)}) return {' .. '.join(parts)} end")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""`latentd worker`: the long-lived worker process (issues 3, 5, 6).
+"""`latentd worker`: the long-lived worker process.
 
 Loads the pipeline ONCE, never forks. The main loop pulls jobs straight off RQ's queue with our
 own atomic claim (RQ has no batch dequeue, and its worker forks per job), expands a job of n
@@ -6,7 +6,7 @@ images into n requests with seeds S+k, and drives the BatchExecutor: each `itera
 batched U-Net step over every running request. Around it, in this order each tick:
 
   compute  -> events into memory (progress) and an outbox (images, failures); job timeouts.
-  Redis    -> flush the outbox (fenced writes, see worker/state.py), progress + cancel check
+  Redis    -> flush the outbox (fenced writes through worker/jobstore.py), progress + cancel check
               (throttled, one Lua call for all held jobs), claim more work while the executor
               has room, or block briefly on the queue when idle.
 
@@ -17,21 +17,34 @@ separate thread (worker/recovery.py). SIGTERM: stop claiming, finish held work f
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
+import os
 import signal
 import socket
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+from PIL import Image
+
+from worker.cpu import ThreadGovernor
+from model.errors import InvalidRequest
+from model.pipeline import GenerationRequest, load_pipeline
+from model.precision import default_dtype
+from model.preview import fit_for
 from worker import events, keys, metrics
+from worker.executor import BatchExecutor, Failed, Finished, Preview, Progress
+from worker.jobstore import Claim, ImageResult, JobStore, Touch
 from worker.png import encode_image
+from worker.prepare import prepare
 from worker.recovery import REDIS_ERRORS, Heartbeat, connect
 from worker.spec import JobSpec
-from worker.state import Scripts, rq_time
 from worker.store import StoreError, make_store
+from worker.webhooks import Deliverer
 
 log = logging.getLogger("latentd.worker")
 MAX_LIVE = 1000            # unsent progress/preview events kept while Redis is unreachable
@@ -66,16 +79,32 @@ class Held:
         return f"{self.job_id}.{k}.{self.attempt}"
 
 
+@dataclass(frozen=True)
+class PendingImage:
+    """Outbox: an image to store and record (fenced by attempt)."""
+    job_id: str
+    attempt: int
+    k: int
+    data: bytes                            # the encoded file (PNG, JPEG or WebP)
+    meta_json: str
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class PendingFailure:
+    """Outbox: a job to end as failed (fenced by attempt)."""
+    job_id: str
+    attempt: int
+    code: str
+    message: str
+
+
 def parse_rid(rid: str) -> tuple[str, int, int]:
     job_id, k, attempt = rid.split(".")
     return job_id, int(k), int(attempt)
 
 
 def resolve_device(settings) -> tuple[str, object]:
-    import torch
-
-    from model.precision import default_dtype
-
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,7 +122,7 @@ class Worker:
         self.grace_s = settings.worker_grace_s
         self.held: dict[str, Held] = {}
         self._held_lock = threading.Lock()
-        self.outbox: list[tuple] = []
+        self.outbox: list[PendingImage | PendingFailure] = []
         self.live: list[tuple] = []            # (job id, type, data) for the event streams; lossy
         self.preview = None                    # model.preview.LatentRGB once the model is loaded
         self.stopping = False
@@ -112,12 +141,9 @@ class Worker:
         self.stopping = True
 
     def setup(self) -> None:
-        from model.pipeline import load_pipeline
-        from worker.executor import BatchExecutor
-
         s = self.s
         self.redis = connect(s.redis_url)
-        self.scripts = Scripts(self.redis)
+        self.jobs = JobStore(self.redis, s.queue_name, s.result_ttl_s)
         self.store = make_store(self.redis, s)
         self.store.prepare()
         self.q = s.queue_name
@@ -130,8 +156,6 @@ class Worker:
         metrics.MODEL_LOAD.set(time.perf_counter() - t)
         self.model_name = self.pipe.info.name
         self.preview = self.fit_preview()
-        from worker.prepare import prepare
-
         self.hb.set_info(state="warming")                # still not ready: /readyz waits for this
         budget_mb, estimate = prepare(self.pipe, s)      # compile + warm-up, measured memory
         self.new_executor = lambda: BatchExecutor(self.pipe, max_batch=s.worker_max_batch,
@@ -140,14 +164,9 @@ class Worker:
         self.ex = self.new_executor()
         self.governor = None
         if self.device == "cpu":                 # share the cores with whatever else runs here
-            import torch
-
-            from latentd.cpu import ThreadGovernor
             self.governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
         self.metrics_port = metrics.serve(s.worker_metrics_port)
         metrics.STALLED.set_function(lambda: float(time.monotonic() - self.hb.last_progress > stall_s))
-        from worker.webhooks import Deliverer
-
         self.webhooks = Deliverer(s, self.name)
         self.webhooks.start()
         metrics.update_device_memory(self.device)
@@ -166,8 +185,6 @@ class Worker:
     def fit_preview(self):
         """The latent -> RGB map of model/preview.py, fitted once per load; previews are off (and
         the worker still serves) if the VAE cannot be used for the fit."""
-        from model.preview import fit_for
-
         t = time.perf_counter()
         try:
             m = fit_for(self.pipe)
@@ -234,8 +251,6 @@ class Worker:
             self.ex = self.new_executor()
             return
         dt = time.perf_counter() - t
-        from worker.executor import Failed, Finished, Preview, Progress
-
         stepped = 0
         for ev in events:
             job_id, k, attempt = parse_rid(ev.request_id)
@@ -271,7 +286,7 @@ class Worker:
                 "timings": {a: round(float(b), 4) for a, b in (img.timings or {}).items()}}
         h.todo.discard(k)
         h.progress[k] = h.spec.run_steps
-        self.outbox.append(("image", h.job_id, h.attempt, k, png, json.dumps(meta), ev.compute_s))
+        self.outbox.append(PendingImage(h.job_id, h.attempt, k, png, json.dumps(meta), ev.compute_s))
         self.images += 1
         metrics.IMAGES.inc()
         if img.nsfw:
@@ -282,11 +297,6 @@ class Worker:
 
     def previewed(self, h: Held, k: int, ev) -> None:
         """A coarse preview (a PNG of a few cells, model/preview.py) for the job's listeners."""
-        import base64
-        import io
-
-        from PIL import Image
-
         if h.watch is None:
             return
         buf = io.BytesIO()
@@ -305,7 +315,7 @@ class Worker:
         h.ending = True
         for k in h.todo:
             self.ex.cancel(h.rid(k))
-        self.outbox.append(("fail", h.job_id, h.attempt, code, message))
+        self.outbox.append(PendingFailure(h.job_id, h.attempt, code, message))
         metrics.FAILURES.labels(reason=code).inc()
         log.warning("job %s failed: %s: %s", h.job_id, code, message)
 
@@ -350,36 +360,30 @@ class Worker:
 
     def flush(self) -> None:
         """Write pending results in order; a Redis error leaves the rest for the next tick."""
-        ttl = int(self.s.result_ttl_s)
         while self.outbox:
             item = self.outbox[0]
-            now = time.time()
-            if item[0] == "image":
-                _, job_id, attempt, k, png, meta, compute_s = item
+            if isinstance(item, PendingImage):
                 try:
-                    self.store.put(job_id, k, png, ttl)
+                    self.store.put(item.job_id, item.k, item.data, self.jobs.ttl)
                 except StoreError as e:
                     # the image cannot be kept: fail its job (once, clearly) and go on
                     self.outbox = [x for x in self.outbox     # its other images: same fate
-                                   if not (x[0] == "image" and x[1] == job_id and x[2] == attempt)]
-                    h = self.held.get(job_id)
-                    if h is not None and h.attempt == attempt:
-                        self.fail(h, "storage_error", f"could not store image {k}: {e}"[:500])
+                                   if not (isinstance(x, PendingImage) and x.job_id == item.job_id
+                                           and x.attempt == item.attempt)]
+                    h = self.held.get(item.job_id)
+                    if h is not None and h.attempt == item.attempt:
+                        self.fail(h, "storage_error", f"could not store image {item.k}: {e}"[:500])
                     continue
-                res = self.scripts.image(keys=[keys.job(job_id)],
-                                         args=[job_id, attempt, k, meta, repr(float(compute_s)),
-                                               self.held_steps(job_id), repr(now), ttl, rq_time(now)])
-                if res == 2:
-                    self.ended(job_id, "succeeded")
-                elif res == -1:
-                    self.drop(job_id, "not ours any more")
+                res = self.jobs.record_image(item.job_id, item.attempt, item.k, item.meta_json,
+                                             item.compute_s, self.held_steps(item.job_id))
+                if res is ImageResult.SUCCEEDED:
+                    self.ended(item.job_id, "succeeded")
+                elif res is ImageResult.NOT_OURS:
+                    self.drop(item.job_id, "not ours any more")
             else:
-                _, job_id, attempt, code, message = item
-                self.scripts.finish(keys=[keys.job(job_id)],
-                                    args=[job_id, "", attempt, "failed",
-                                          json.dumps({"code": code, "message": message}),
-                                          repr(now), ttl, rq_time(now)])
-                self.ended(job_id, "failed")
+                self.jobs.finish(item.job_id, "failed", {"code": item.code, "message": item.message},
+                                 attempt=item.attempt)
+                self.ended(item.job_id, "failed")
             self.outbox.pop(0)
 
     def flush_live(self) -> None:
@@ -439,16 +443,12 @@ class Worker:
             return
         entries = []
         for h in list(self.held.values()):
-            prog = {f"p:{k}": v for k, v in h.progress.items()} if h.dirty else {}
+            entries.append(Touch(h.job_id, h.attempt,
+                                 {f"p:{k}": v for k, v in h.progress.items()} if h.dirty else {}))
             h.dirty = False
-            entries.append([h.job_id, h.attempt, prog])
         now = time.time()
-        lost = self.scripts.touch(
-            keys=[keys.leases(self.q), keys.workers(self.q)],
-            args=[repr(now + self.s.lease_s), self.name, repr(now + 3 * self.hb.interval),
-                  json.dumps(entries)])
-        for j in lost:
-            self.drop(j.decode(), "canceled or requeued")
+        for j in self.jobs.touch(self.name, self.s.lease_s, 3 * self.hb.interval, entries, now=now):
+            self.drop(j, "canceled or requeued")
         ids = list(self.held)
         self.apply_watch(events.watched(self.redis, ids), ids)
         self.publish_progress(now)
@@ -460,20 +460,15 @@ class Worker:
     def claim_more(self) -> None:
         while self.room() > 0:
             now = time.time()
-            got = self.scripts.claim(
-                keys=[keys.rq_queue(self.q), keys.inbox(self.name), keys.leases(self.q),
-                      keys.rq_started(self.q), keys.owners(self.q)],
-                args=[self.name, repr(now), repr(now + self.s.lease_s), rq_time(now), self.q])
-            if not got:
+            got = self.jobs.claim(self.name, self.s.lease_s, now=now)
+            if got is None:
                 return
-            self.start_job(got[0].decode(), int(got[1]), got[2], set(json.loads(got[3])), now)
+            self.start_job(got, now)
 
-    def start_job(self, job_id: str, attempt: int, spec_json: bytes, done: set[int], now: float) -> None:
-        from model.errors import InvalidRequest
-        from model.pipeline import GenerationRequest
-
+    def start_job(self, c: Claim, now: float) -> None:
+        job_id, attempt, done = c.job_id, c.attempt, c.done
         try:
-            spec = JobSpec.from_json(spec_json)
+            spec = JobSpec.from_json(c.spec_json)
         except ValueError as e:
             spec = None
             err = ("invalid_request", f"unreadable job spec: {e}"[:500])
@@ -524,10 +519,6 @@ class Worker:
     def init_images(self, job_id: str, spec: JobSpec) -> dict | None:
         """{"init_image": PIL, "mask": PIL | None} of an edit, from its stored PNGs (decoded
         once for all n images); None when they are gone."""
-        import io
-
-        from PIL import Image
-
         image, mask = self.redis.hmget(keys.init_image(job_id), "image", "mask")
         if image is None or (spec.kind == "inpaint" and mask is None):
             return None
@@ -545,9 +536,7 @@ class Worker:
         for h in list(self.held.values()):
             try:
                 if not h.ending:
-                    self.scripts.requeue(keys=[keys.job(h.job_id), keys.leases(self.q),
-                                               keys.rq_queue(self.q), keys.rq_started(self.q)],
-                                         args=[h.job_id, h.attempt, self.q])
+                    self.jobs.requeue(h.job_id, h.attempt)
                     metrics.REQUEUED.labels(why="graceful_stop").inc()
                     log.info("job %s handed back to the queue", h.job_id)
             except REDIS_ERRORS:

@@ -13,7 +13,7 @@ import re
 import sys
 import urllib.request
 
-from latentd.settings import Settings
+from config.settings import Settings
 
 _STALLED = re.compile(r"^latentd_worker_stalled (\S+)$", re.M)
 

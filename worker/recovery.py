@@ -22,17 +22,17 @@ heartbeat. So:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
+from dataclasses import astuple
 
 import redis as redis_lib
 
 from worker import keys
-from worker.state import Scripts, rq_time
+from worker.jobstore import JobStore, Touch
 
 log = logging.getLogger("latentd.worker")
 REDIS_ERRORS = (redis_lib.exceptions.ConnectionError, redis_lib.exceptions.TimeoutError,
@@ -43,16 +43,6 @@ def connect(url: str) -> redis_lib.Redis:
     """A client that fails fast (and is retried by our loops) rather than hanging on a dead Redis."""
     return redis_lib.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=3,
                                     health_check_interval=15)
-
-
-def reap(scripts: Scripts, settings, now: float | None = None) -> tuple[int, int, int]:
-    """One reaper pass: (requeued, failed, dead workers)."""
-    q = settings.queue_name
-    now = time.time() if now is None else now
-    res = scripts.reap(keys=[keys.leases(q), keys.rq_queue(q), keys.workers(q)],
-                       args=[repr(now), int(settings.max_attempts), int(settings.result_ttl_s),
-                             rq_time(now), 100, q])
-    return tuple(int(x) for x in res)
 
 
 class Heartbeat(threading.Thread):
@@ -76,7 +66,7 @@ class Heartbeat(threading.Thread):
         self.lost: set[str] = set()      # job ids no longer ours, for the main loop
         self._lock = threading.Lock()
         self.redis = connect(settings.redis_url)
-        self.scripts = Scripts(self.redis)
+        self.jobs = JobStore(self.redis, settings.queue_name, settings.result_ttl_s)
         self.interval = max(0.2, min(settings.lease_s / 3.0, settings.worker_heartbeat_s))
 
     def set_info(self, **fields) -> None:
@@ -101,23 +91,21 @@ class Heartbeat(threading.Thread):
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.worker(self.worker_name), mapping={k: str(v) for k, v in info.items()})
         pipe.expire(keys.worker(self.worker_name), ttl)
-        self.scripts.touch(keys=[keys.leases(s.queue_name), keys.workers(s.queue_name)],
-                           args=[repr(now + s.lease_s), self.worker_name,
-                                 repr(now + 3 * self.interval),
-                                 json.dumps([[j, a, {}] for j, a in held])], client=pipe)
+        self.jobs.touch_on(pipe, self.worker_name, s.lease_s, 3 * self.interval,
+                           [Touch(j, a, {}) for j, a in held], now=now)
         if self.rq_worker is not None:
             self.rq_worker.heartbeat(ttl, pipeline=pipe)
             self.rq_worker.set_state("busy" if info["state"] == "busy" else "idle", pipeline=pipe)
-        lost = pipe.execute()[2]            # hset, expire, touch, (rq heartbeat)
+        lost = JobStore.lost_ids(pipe.execute()[2])     # hset, expire, touch, (rq heartbeat)
         if self.connected_since is None:
             self.connected_since = time.monotonic()
             self.register_rq_worker()
         if lost:
             with self._lock:
-                self.lost.update(x.decode() for x in lost)
+                self.lost.update(lost)
         if time.monotonic() >= self.next_reap and self.may_reap():
             self.next_reap = time.monotonic() + s.reap_interval_s
-            requeued, failed, dead = reap(self.scripts, s, now)
+            requeued, failed, dead = astuple(self.jobs.reap(s.max_attempts, now=now))
             if requeued or failed or dead:
                 log.warning("reaper: requeued %d job(s), failed %d, cleared %d dead worker(s)",
                             requeued, failed, dead)

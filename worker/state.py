@@ -4,8 +4,8 @@ Why Lua: after a lease expires, a job can be re-run by another worker while the 
 not dead) one is still writing. Every write a worker makes is *fenced* by the attempt number it
 got when it claimed the job: a write from an older attempt, or to a job no longer `running`, is
 refused. So a job ends exactly once (the first terminal transition wins), and each image is
-recorded exactly once (the first `img:<k>` write wins). Torch-free: the API's JobClient uses the
-admit/cancel/read side.
+recorded exactly once (the first `img:<k>` write wins). Callers go through worker/jobstore.py,
+which builds each script's KEYS and ARGV; torch-free.
 
 Record (hash keys.job(id)); times are unix seconds as strings:
   id owner queue spec(JSON) n steps status created_at started_at finished_at attempt worker
@@ -31,49 +31,51 @@ def rq_time(t: float | None = None) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-# Shared Lua: end a job (caller has checked that it may). Removes the lease and the RQ started
-# entry, mirrors the status into RQ's job hash, sets the TTLs, publishes once.
+# Every script starts with keys.lua_prelude() (k_job(id), k_wait(queue, owner), ...): key names
+# live in worker/keys.py only. Shared Lua: fair-queue bookkeeping, and end_job (the caller has
+# checked that it may): removes the lease and the RQ started entry, mirrors the status into RQ's
+# job hash, sets the TTLs, publishes once.
 _FAIR = r"""
 local function unwait(queue, owner, id)
-  local w = 'latentd:' .. queue .. ':wait:' .. owner
+  local w = k_wait(queue, owner)
   redis.call('LREM', w, 0, id)
-  if redis.call('LLEN', w) == 0 then redis.call('LREM', 'latentd:' .. queue .. ':owners', 0, owner) end
+  if redis.call('LLEN', w) == 0 then redis.call('LREM', k_owners(queue), 0, owner) end
 end
 local function rewait_front(queue, owner, id)
-  local w = 'latentd:' .. queue .. ':wait:' .. owner
+  local w = k_wait(queue, owner)
   if redis.call('LPUSH', w, id) == 1 then
-    redis.call('LPUSH', 'latentd:' .. queue .. ':owners', owner)
+    redis.call('LPUSH', k_owners(queue), owner)
   end
-  redis.call('LPUSH', 'rq:queue:' .. queue, id)
+  redis.call('LPUSH', k_rq_queue(queue), id)
 end
 """
 
 _END = _FAIR + r"""
 local function end_job(id, queue, status, err, now, ttl, iso)
-  local rec = 'latentd:job:' .. id
+  local rec = k_job(id)
   local exe = redis.call('HGET', rec, 'execution')
-  redis.call('LREM', 'rq:queue:' .. queue, 0, id)
+  redis.call('LREM', k_rq_queue(queue), 0, id)
   unwait(queue, redis.call('HGET', rec, 'owner') or '', id)
   redis.call('HSET', rec, 'status', status, 'finished_at', now)
   if err ~= '' then redis.call('HSET', rec, 'error', err) end
-  redis.call('ZREM', 'latentd:' .. queue .. ':leases', id)
-  if exe and exe ~= '' then redis.call('ZREM', 'rq:wip:' .. queue, exe) end
+  redis.call('ZREM', k_leases(queue), id)
+  if exe and exe ~= '' then redis.call('ZREM', k_rq_started(queue), exe) end
   local rqs = ({succeeded='finished', failed='failed', canceled='canceled'})[status]
-  redis.call('HSET', 'rq:job:' .. id, 'status', rqs, 'ended_at', iso)
+  redis.call('HSET', k_rq_job(id), 'status', rqs, 'ended_at', iso)
   redis.call('EXPIRE', rec, ttl)
-  redis.call('EXPIRE', 'rq:job:' .. id, ttl)
-  redis.call('DEL', 'latentd:init:' .. id)   -- an edit's init image: not needed any more
-  redis.call('PUBLISH', 'latentd:done:' .. id, status)
+  redis.call('EXPIRE', k_rq_job(id), ttl)
+  redis.call('DEL', k_init_image(id))   -- an edit's init image: not needed any more
+  redis.call('PUBLISH', k_done_channel(id), status)
   -- the final event of the job's event stream (worker/events.py), in the same transition
-  local ev = 'latentd:events:' .. id
+  local ev = k_events(id)
   redis.call('XADD', ev, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', status)
   redis.call('EXPIRE', ev, ttl)
   -- a webhook delivery is state in Redis from the moment the job ends (worker/webhooks.py)
   local cb = redis.call('HGET', rec, 'callback')
-  if cb and cb ~= '' and redis.call('EXISTS', 'latentd:webhook:' .. id) == 0 then
-    redis.call('HSET', 'latentd:webhook:' .. id, 'url', cb, 'attempts', 0, 'first_at', now)
-    redis.call('EXPIRE', 'latentd:webhook:' .. id, ttl)
-    redis.call('ZADD', 'latentd:webhooks:due', now, id)
+  if cb and cb ~= '' and redis.call('EXISTS', k_webhook(id)) == 0 then
+    redis.call('HSET', k_webhook(id), 'url', cb, 'attempts', 0, 'first_at', now)
+    redis.call('EXPIRE', k_webhook(id), ttl)
+    redis.call('ZADD', K_WEBHOOKS_DUE, now, id)
   end
 end
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
@@ -112,11 +114,11 @@ CLAIM = _FAIR + r"""
 for i = 1, 1000 do
   local id = redis.call('LPOP', KEYS[2])
   if id then
-    unwait(ARGV[5], redis.call('HGET', 'latentd:job:' .. id, 'owner') or '', id)
+    unwait(ARGV[5], redis.call('HGET', k_job(id), 'owner') or '', id)
   else
     local owner = redis.call('LMOVE', KEYS[5], KEYS[5], 'LEFT', 'RIGHT')
     if owner then
-      local w = 'latentd:' .. ARGV[5] .. ':wait:' .. owner
+      local w = k_wait(ARGV[5], owner)
       id = redis.call('LPOP', w)
       if redis.call('LLEN', w) == 0 then redis.call('LREM', KEYS[5], 0, owner) end
       if id then redis.call('LREM', KEYS[1], 1, id) else id = '' end
@@ -125,7 +127,7 @@ for i = 1, 1000 do
       if not id then return false end
     end
   end
-  local rec = 'latentd:job:' .. id
+  local rec = k_job(id)
   if id ~= '' and redis.call('HGET', rec, 'status') == 'queued' then
     local attempt = redis.call('HINCRBY', rec, 'attempt', 1)
     local exe = id .. ':' .. ARGV[1] .. '.' .. attempt
@@ -133,7 +135,7 @@ for i = 1, 1000 do
     redis.call('HSETNX', rec, 'started_at', ARGV[2])
     redis.call('ZADD', KEYS[3], ARGV[3], id)
     redis.call('ZADD', KEYS[4], '+inf', exe)
-    redis.call('HSET', 'rq:job:' .. id, 'status', 'started', 'started_at', ARGV[4],
+    redis.call('HSET', k_rq_job(id), 'status', 'started', 'started_at', ARGV[4],
                'worker_name', ARGV[1], 'last_heartbeat', ARGV[4])
     local n = tonumber(redis.call('HGET', rec, 'n'))
     local done = {}
@@ -153,7 +155,7 @@ TOUCH = r"""
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 local lost = {}
 for _, e in ipairs(cjson.decode(ARGV[4])) do
-  local rec = 'latentd:job:' .. e[1]
+  local rec = k_job(e[1])
   local r = redis.call('HMGET', rec, 'status', 'attempt')
   if r[1] == 'running' and r[2] == tostring(e[2]) then
     redis.call('ZADD', KEYS[1], 'XX', ARGV[1], e[1])
@@ -173,8 +175,8 @@ IMAGE = _END + r"""
 local r = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'n', 'queue')
 if r[1] ~= 'running' or r[2] ~= ARGV[2] then return -1 end
 if redis.call('HSETNX', KEYS[1], 'img:' .. ARGV[3], ARGV[4]) == 0 then return 0 end
-redis.call('XADD', 'latentd:events:' .. ARGV[1], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'image', 'data', ARGV[4])
-redis.call('EXPIRE', 'latentd:events:' .. ARGV[1], ARGV[8])
+redis.call('XADD', k_events(ARGV[1]), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'image', 'data', ARGV[4])
+redis.call('EXPIRE', k_events(ARGV[1]), ARGV[8])
 redis.call('HSET', KEYS[1], 'p:' .. ARGV[3], ARGV[6])
 redis.call('HINCRBYFLOAT', KEYS[1], 'compute_s', ARGV[5])
 if redis.call('HINCRBY', KEYS[1], 'done', 1) >= tonumber(r[3]) then
@@ -190,7 +192,7 @@ REAP = _END + r"""
 local requeued, failed = 0, 0
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[5]))
 for _, id in ipairs(ids) do
-  local rec = 'latentd:job:' .. id
+  local rec = k_job(id)
   local r = redis.call('HMGET', rec, 'status', 'attempt', 'execution', 'worker', 'graceful', 'owner')
   redis.call('ZREM', KEYS[1], id)
   if r[1] == 'running' then
@@ -200,9 +202,9 @@ for _, id in ipairs(ids) do
       end_job(id, ARGV[6], 'failed', err, ARGV[1], ARGV[3], ARGV[4])
       failed = failed + 1
     else
-      if r[3] then redis.call('ZREM', 'rq:wip:' .. ARGV[6], r[3]) end
+      if r[3] then redis.call('ZREM', k_rq_started(ARGV[6]), r[3]) end
       redis.call('HSET', rec, 'status', 'queued', 'execution', '', 'lost_worker', r[4] or '')
-      redis.call('HSET', 'rq:job:' .. id, 'status', 'queued')
+      redis.call('HSET', k_rq_job(id), 'status', 'queued')
       rewait_front(ARGV[6], r[6] or '', id)
       requeued = requeued + 1
     end
@@ -210,7 +212,7 @@ for _, id in ipairs(ids) do
 end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, 100)
 for _, name in ipairs(dead) do
-  local inbox = 'latentd:inbox:' .. name
+  local inbox = k_inbox(name)
   while redis.call('LMOVE', inbox, KEYS[2], 'RIGHT', 'LEFT') do end
   redis.call('ZREM', KEYS[3], name)
 end
@@ -226,23 +228,10 @@ if r[3] then redis.call('ZREM', KEYS[4], r[3]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'graceful', 1)
 redis.call('HSET', KEYS[1], 'status', 'queued', 'execution', '')
-redis.call('HSET', 'rq:job:' .. ARGV[1], 'status', 'queued')
+redis.call('HSET', k_rq_job(ARGV[1]), 'status', 'queued')
 rewait_front(ARGV[3], r[4] or '', ARGV[1])
 return 1
 """
-
-
-class Scripts:
-    """The scripts registered on one Redis client (EVALSHA, reloaded on NOSCRIPT after a restart)."""
-
-    def __init__(self, redis):
-        self.admit = redis.register_script(ADMIT)
-        self.finish = redis.register_script(FINISH)
-        self.claim = redis.register_script(CLAIM)
-        self.touch = redis.register_script(TOUCH)
-        self.image = redis.register_script(IMAGE)
-        self.reap = redis.register_script(REAP)
-        self.requeue = redis.register_script(REQUEUE)
 
 
 def _s(v) -> str:

@@ -141,7 +141,7 @@ CLAIM = r"""
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
 if #ids == 0 then return false end
 local id = ids[1]
-local h = 'latentd:webhook:' .. id
+local h = k_webhook(id)
 redis.call('ZADD', KEYS[1], ARGV[2], id)
 if redis.call('EXISTS', h) == 0 then
   redis.call('ZREM', KEYS[1], id)
@@ -183,14 +183,14 @@ class Deliverer:
     """Delivery threads for one worker process (they share the work of every worker via Redis)."""
 
     def __init__(self, settings, name: str):
-        from worker import metrics             # here: the API imports this module, not its metrics
+        from worker import metrics  # here: the API imports this module, not its metrics
         from worker.recovery import connect
 
         self.metrics = metrics
         self.s = settings
         self.name = name
         self.redis = connect(settings.redis_url)
-        self.claim = self.redis.register_script(CLAIM)
+        self.claim = self.redis.register_script(keys.lua_prelude() + CLAIM)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._opener = urllib.request.build_opener(_NoRedirect)
