@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from model.info import BUNDLED  # noqa: E402
 from model.training import data, evaluate  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def clip_scores(clip, tok, images, captions) -> list[float]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "shapes"))
+    ap.add_argument("--model", default=BUNDLED)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5])
     ap.add_argument("--subset", type=int, default=None, help="only this many captions (CI)")

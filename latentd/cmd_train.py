@@ -30,7 +30,9 @@ def run(args) -> int:
     from model.training import recipe
 
     torch.set_num_threads(args.threads)
-    out = args.resume or args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
+    from model.info import BUNDLED
+
+    out = args.resume or args.out or BUNDLED
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

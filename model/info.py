@@ -20,6 +20,11 @@ from model.errors import InvalidRequest, ModelLoadError
 from model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
                            KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS, Resolved, resolve)
 
+# The model latentd ships (trained by `latentd train-shapes`), used wherever no model is named.
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+OVERRIDES = "latentd.json"
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -88,12 +93,14 @@ class ModelInfo:
         return d
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str | os.PathLike) -> dict:
+    """A model's JSON config as a dict; ModelLoadError naming the file when it is missing or bad.
+    Every config of a model folder is read through here (model/loader.py too)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing") from None
+        raise ModelLoadError(f"{path}: file not found") from None
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(data, dict):
@@ -101,13 +108,29 @@ def _read_json(path: str) -> dict:
     return data
 
 
-def _maybe_json(path: str) -> dict | None:
-    return _read_json(path) if os.path.isfile(path) else None
+def maybe_json(path: str | os.PathLike) -> dict | None:
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def overrides_for(source: str | os.PathLike) -> dict:
+    """The latentd.json of a model folder, or the one beside a single-file checkpoint ({} if none)."""
+    source = os.fspath(source)
+    folder = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else source
+    return maybe_json(os.path.join(folder, OVERRIDES)) or {}
+
+
+def check_prediction_type(pred: str | None) -> str:
+    """A scheduler config's prediction_type (None: epsilon), or ModelLoadError if unsupported."""
+    pred = pred or "epsilon"
+    if pred not in PREDICTION_TYPES:
+        raise ModelLoadError(f"scheduler prediction_type {pred!r} is not supported "
+                             f"({' | '.join(PREDICTION_TYPES)})")
+    return pred
 
 
 def classifier_heads(folder: str | os.PathLike) -> dict[str, tuple[str, ...]] | None:
     """Head -> labels of the classifier in <folder>/classifier/config.json, None without one."""
-    cfg = _maybe_json(os.path.join(os.fspath(folder), "classifier", "config.json"))
+    cfg = maybe_json(os.path.join(os.fspath(folder), "classifier", "config.json"))
     if cfg is None:
         return None
     heads = cfg.get("heads")
@@ -121,7 +144,7 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
     overridden by a `latentd.json` next to it). Raises ModelLoadError on missing/corrupt configs."""
     folder = os.fspath(folder)
     if os.path.isfile(folder):
-        over = _maybe_json(os.path.join(os.path.dirname(folder), "latentd.json")) or {}
+        over = overrides_for(folder)
         base = dict(name=os.path.splitext(os.path.basename(folder))[0], sample_size=64,
                     vae_factor=8, n_down=3, latent_channels=4,
                     unet_in_channels=int(over.get("unet_in_channels", 4)), prediction_type="epsilon",
@@ -129,11 +152,11 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
         return _build(base, over)
     if not os.path.isdir(folder):
         raise ModelLoadError(f"{folder}: no such model folder or file")
-    unet = _read_json(os.path.join(folder, "unet", "config.json"))
-    vae = _read_json(os.path.join(folder, "vae", "config.json"))
-    sched = _maybe_json(os.path.join(folder, "scheduler", "scheduler_config.json")) or {}
-    index = _maybe_json(os.path.join(folder, "model_index.json")) or {}
-    over = _maybe_json(os.path.join(folder, "latentd.json")) or {}
+    unet = read_json(os.path.join(folder, "unet", "config.json"))
+    vae = read_json(os.path.join(folder, "vae", "config.json"))
+    sched = maybe_json(os.path.join(folder, "scheduler", "scheduler_config.json")) or {}
+    index = maybe_json(os.path.join(folder, "model_index.json")) or {}
+    over = overrides_for(folder)
     safety_entry = index.get("safety_checker", None)
     has_safety = (os.path.isfile(os.path.join(folder, "safety_checker", "config.json"))
                   and not (isinstance(safety_entry, list) and None in safety_entry))
@@ -157,7 +180,7 @@ def info_from_configs(unet: dict, vae: dict, scheduler: dict, *, has_safety: boo
         n_down=len(unet_blocks) - 1,
         latent_channels=int(unet.get("out_channels", 4)),
         unet_in_channels=int(unet.get("in_channels", 4)),
-        prediction_type=scheduler.get("prediction_type") or "epsilon",
+        prediction_type=check_prediction_type(scheduler.get("prediction_type")),
         num_train_timesteps=int(scheduler.get("num_train_timesteps") or 1000),
         has_safety=bool(has_safety),
     )
@@ -170,9 +193,6 @@ def _build(base: dict, over: dict) -> ModelInfo:
     multiple = f * 2 ** base["n_down"]
     max_side = int(over.get("max_side", 4 * native))
     sizes = tuple((int(w), int(h)) for w, h in over.get("sizes", []))
-    if base["prediction_type"] not in ("epsilon", "v_prediction"):
-        raise ModelLoadError(f"scheduler prediction_type {base['prediction_type']!r} is not "
-                             "supported (epsilon | v_prediction)")
     known = {"name", "sizes", "unet_in_channels", "max_pixels", "max_side", "max_steps", "default_steps",
              "default_sampler", "default_guidance", "default_karras"}
     info = ModelInfo(

@@ -21,9 +21,8 @@ problem raises ModelLoadError naming the file and, for weight mismatches, the ke
 """
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from model.config import UNetConfig, VAEConfig
 from model.convert_single_file import (convert_text_encoder, convert_unet, convert_vae, infer_unet_config,
                                        infer_vae_config)
 from model.errors import ModelLoadError
+from model.info import ModelInfo, classifier_heads, info_from_configs, maybe_json, overrides_for, read_json
 from model.unet import UNet
 from model.vae import AutoencoderKL
 from model.weights import (PICKLE_SUFFIXES, VAE_DIFFUSERS_RENAMES, check_state, load_into, read_safetensors,
@@ -58,15 +58,17 @@ class Components:
     scheduler_config: dict                    # scheduler/scheduler_config.json
     model_index: dict                         # model_index.json ({} for a single file without one)
     name: str
+    info: ModelInfo                           # what the model allows (model/info.py), from the same configs
+    folder: Path | None = None                # the model folder (None: a single-file checkpoint)
 
 
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+def _info(unet_cfg: UNetConfig, vae_cfg: VAEConfig, scheduler: dict, safety_state, name: str,
+          source: Path, folder: Path | None) -> ModelInfo:
+    """The ModelInfo of what was loaded: the configs as read, latentd.json beside the weights, and
+    the classifier's heads (model folders only)."""
+    info = info_from_configs(unet_cfg.to_diffusers(), vae_cfg.to_diffusers(), scheduler,
+                             has_safety=safety_state is not None, name=name, overrides=overrides_for(source))
+    return replace(info, classifier=classifier_heads(folder)) if folder is not None else info
 
 
 def find_weights(folder: Path, names=DIFFUSERS_WEIGHTS) -> Path:
@@ -218,10 +220,6 @@ def resolve(source: str | Path) -> Path:
     raise ModelLoadError(f"{source}: model not found (neither a folder, a .safetensors file, nor a hub id)")
 
 
-def _optional_json(path: Path) -> dict | None:
-    return read_json(path) if path.is_file() else None
-
-
 def _safety(folder: Path, want: bool):
     if not want or not (folder / "safety_checker").is_dir():
         return None, None
@@ -238,15 +236,16 @@ def load_components(source, device="cpu", dtype=torch.float32, config_dir=None, 
     unet, unet_cfg = load_unet(path / "unet", device, dtype)
     vae, vae_cfg = load_vae(path / "vae", device, dtype)
     safety_state, safety_cfg = _safety(path, safety)
+    scheduler = read_json(path / "scheduler" / "scheduler_config.json")
+    name = str(source) if not Path(str(source)).exists() else path.name
     return Components(
         unet=unet, unet_config=unet_cfg, vae=vae, vae_config=vae_cfg,
         text_encoder=load_text_encoder(path / "text_encoder", device, dtype),
         tokenizer=load_tokenizer(path / "tokenizer"),
         safety_state=safety_state, safety_config=safety_cfg,
-        feature_extractor_config=_optional_json(path / "feature_extractor" / "preprocessor_config.json"),
-        scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
-        model_index=_optional_json(path / "model_index.json") or {},
-        name=str(source) if not Path(str(source)).exists() else path.name)
+        feature_extractor_config=maybe_json(path / "feature_extractor" / "preprocessor_config.json"),
+        scheduler_config=scheduler, model_index=maybe_json(path / "model_index.json") or {}, name=name,
+        info=_info(unet_cfg, vae_cfg, scheduler, safety_state, name, path, path), folder=path)
 
 
 def _load_single_file(path: Path, device, dtype, config_dir, safety: bool) -> Components:
@@ -276,9 +275,10 @@ def _load_single_file(path: Path, device, dtype, config_dir, safety: bool) -> Co
     del state
     text_encoder = _text_encoder_from_state(cdir / "text_encoder", text_state, path, device, dtype)
     safety_state, safety_cfg = _safety(cdir, safety)
+    scheduler = read_json(cdir / "scheduler" / "scheduler_config.json")
     return Components(
         unet=unet, unet_config=ucfg, vae=vae, vae_config=vcfg, text_encoder=text_encoder,
         tokenizer=load_tokenizer(cdir / "tokenizer"), safety_state=safety_state, safety_config=safety_cfg,
-        feature_extractor_config=_optional_json(cdir / "feature_extractor" / "preprocessor_config.json"),
-        scheduler_config=read_json(cdir / "scheduler" / "scheduler_config.json"),
-        model_index=_optional_json(cdir / "model_index.json") or {}, name=path.stem)
+        feature_extractor_config=maybe_json(cdir / "feature_extractor" / "preprocessor_config.json"),
+        scheduler_config=scheduler, model_index=maybe_json(cdir / "model_index.json") or {}, name=path.stem,
+        info=_info(ucfg, vcfg, scheduler, safety_state, path.stem, path, None))

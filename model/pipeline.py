@@ -17,7 +17,6 @@ Latent diffusion (Rombach et al. 2022): the chain runs on z; x = D(z / scaling_f
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from PIL import Image
 from model.edit import EditState, Encoder, blend, overlay, start_edit
 from model.errors import ModelLoadError
 from model.guidance import guide
-from model.info import ModelInfo, check_request, info_from_configs
+from model.info import BUNDLED, ModelInfo, check_request
 from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Resolved,
                            start_step)
 from model.precision import check_dtype, parse_dtype, to_device, vae_dtype
@@ -38,7 +37,6 @@ from model.schedule import NoiseSchedule, schedule_from_config
 from model.text import Conditioning, TextEncoder
 from model.tiling import DEFAULT_TILE, decode as vae_decode
 
-BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
 
 
 @dataclass(frozen=True)
@@ -396,26 +394,14 @@ def load_pipeline(source: str | os.PathLike | None = None, device: str = "cpu",
     from model.safety import build_safety_checker
 
     c = load_components(source, device=device, dtype=dtype, config_dir=config_dir, safety=safety)
-    overrides = {}
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    if os.path.isfile(os.path.join(folder, "latentd.json")):
-        try:
-            with open(os.path.join(folder, "latentd.json"), encoding="utf-8") as f:
-                overrides = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{folder}/latentd.json: not readable JSON ({e})") from None
-    info = info_from_configs(c.unet_config.to_diffusers(), c.vae_config.to_diffusers(), c.scheduler_config,
-                             has_safety=c.safety_state is not None, name=c.name, overrides=overrides)
     vae = c.vae.to(vae_dtype(dtype, c.vae_config.force_upcast))   # SD's VAE overflows in float16
     checker = None
     if safety and c.safety_state is not None:
         checker = build_safety_checker(c.safety_config, c.safety_state, c.feature_extractor_config,
                                        source=c.name, device=device, dtype=dtype)
     from model.classifier import load_classifier
-    classifier = load_classifier(os.path.join(folder, "classifier"), device) if os.path.isdir(source) else None
-    if classifier is not None:
-        info = dataclasses.replace(info, classifier=dict(classifier.cfg.heads))
+    classifier = load_classifier(c.folder / "classifier", device) if c.info.classifier else None
     return Pipeline(unet=c.unet.eval().requires_grad_(False), vae=vae.eval().requires_grad_(False),
                     text=TextEncoder(c.tokenizer, c.text_encoder.eval().requires_grad_(False)),
-                    schedule=schedule_from_config(c.scheduler_config), info=info,
+                    schedule=schedule_from_config(c.scheduler_config), info=c.info,
                     safety=checker, device=device, dtype=dtype, classifier=classifier)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from model.errors import ModelLoadError
+from model.info import check_prediction_type
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,7 @@ def betas_from_config(cfg: dict) -> torch.Tensor:
 
 def schedule_from_config(cfg: dict) -> NoiseSchedule:
     """NoiseSchedule from a diffusers `scheduler_config.json` dict."""
-    pred = cfg.get("prediction_type") or "epsilon"
-    if pred not in ("epsilon", "v_prediction"):
-        raise ModelLoadError(f"scheduler prediction_type {pred!r} is not supported (epsilon | v_prediction)")
+    pred = check_prediction_type(cfg.get("prediction_type"))
     if cfg.get("rescale_betas_zero_snr"):
         raise ModelLoadError("scheduler rescale_betas_zero_snr=true is not supported")
     betas = betas_from_config(cfg)

@@ -12,18 +12,10 @@ from PIL import Image
 
 from model.errors import InvalidRequest
 from model.pipeline import GenerationRequest, load_pipeline
+from tests.diffusers_ref import PROMPT, check, ours, reference
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-PROMPT = "a red cat and the dog"
-SCHEDULERS = {
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler",
-                 {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -58,44 +50,16 @@ def mask_image(size: int = 64) -> Image.Image:
     return Image.fromarray(a)
 
 
-def _reference(cls, folder, sampler, guidance, seed, steps=10, overlay=False, **call):
-    """diffusers' image; overlay: with the init image pasted back outside the mask
-    (VaeImageProcessor.apply_overlay, as latentd's inpainting output is)."""
-    ref = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    name, kw = SCHEDULERS[sampler]
-    ref.scheduler = getattr(diffusers, name).from_config(ref.scheduler.config, **kw)
-    ref.set_progress_bar_config(disable=True)
-    out = ref(PROMPT, num_inference_steps=steps, guidance_scale=guidance,
-              generator=torch.Generator("cpu").manual_seed(seed), **call)
-    img = out.images[0]
-    if overlay:
-        img = ref.image_processor.apply_overlay(call["mask_image"], call["image"], img)
-    return np.asarray(img).astype(np.int16)
-
-
-def _ours(p, **kw):
-    img = p.generate([GenerationRequest(PROMPT, steps=10, **kw)])[0].image
-    return np.asarray(img).astype(np.int16)
-
-
-def _check(got, want, what):
-    diff = int(np.abs(got - want).max())
-    print(f"{what}: max pixel diff {diff}/255")
-    assert got.shape == want.shape == (64, 64, 3)
-    assert want.std() > 5, "reference image is flat; the comparison would be vacuous"
-    assert diff <= 2, what
-
-
 IMG2IMG = [(s, st) for s in ("euler_a", "dpmpp_2m") for st in (0.5, 0.8)]
 
 
 @pytest.mark.parametrize("sampler,strength", IMG2IMG, ids=[f"{s}-{st}" for s, st in IMG2IMG])
 def test_img2img_matches_diffusers(pipe, tiny_model, sampler, strength):
-    want = _reference(diffusers.StableDiffusionImg2ImgPipeline, tiny_model, sampler, 7.5, seed=3,
-                      image=init_image(), strength=strength)
-    got = _ours(pipe, sampler=sampler, karras=sampler == "dpmpp_2m", guidance_scale=7.5, seed=3,
+    want = reference(tiny_model, sampler, 7.5, seed=3, pipeline="StableDiffusionImg2ImgPipeline",
+                     image=init_image(), strength=strength)
+    got = ours(pipe, sampler=sampler, karras=sampler == "dpmpp_2m", guidance_scale=7.5, seed=3,
                 init_image=init_image(), strength=strength)
-    _check(got, want, f"img2img {sampler} strength {strength}")
+    check(got, want, f"img2img {sampler} strength {strength}")
 
 
 INPAINT = [("4ch", "euler_a", 1.0), ("4ch", "dpmpp_2m", 0.7), ("9ch", "euler", 1.0), ("9ch", "dpmpp_2m", 0.6)]
@@ -106,11 +70,11 @@ def test_inpaint_matches_diffusers(request, unet, sampler, strength):
     folder = request.getfixturevalue("tiny_model" if unet == "4ch" else "tiny_model_inpaint")
     p = request.getfixturevalue("pipe" if unet == "4ch" else "pipe9")
     assert p.info.inpaint_unet == (unet == "9ch") and p.info.latent_channels == 4
-    want = _reference(diffusers.StableDiffusionInpaintPipeline, folder, sampler, 7.5, seed=5, overlay=True,
-                      image=init_image(), mask_image=mask_image(), strength=strength, height=64, width=64)
-    got = _ours(p, sampler=sampler, karras=sampler == "dpmpp_2m", guidance_scale=7.5, seed=5,
+    want = reference(folder, sampler, 7.5, seed=5, pipeline="StableDiffusionInpaintPipeline", overlay=True,
+                     image=init_image(), mask_image=mask_image(), strength=strength, height=64, width=64)
+    got = ours(p, sampler=sampler, karras=sampler == "dpmpp_2m", guidance_scale=7.5, seed=5,
                 init_image=init_image(), mask=mask_image(), strength=strength)
-    _check(got, want, f"inpaint {unet} {sampler} strength {strength}")
+    check(got, want, f"inpaint {unet} {sampler} strength {strength}")
 
 
 def test_4ch_inpaint_keeps_the_unmasked_latents(pipe):
