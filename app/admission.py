@@ -15,12 +15,10 @@ from app.errors import ApiError
 from app.ratelimit import RateLimiter
 from app.schemas import ImagesGenerationRequest, invalid, to_job_params
 from model.errors import InvalidRequest, ModelLoadError
-from model.info import ModelInfo, read_model_info
+from model.info import BUNDLED, ModelInfo, read_model_info
 from worker import webhooks
 from worker.client import QueueFull
 from worker.spec import JobSpec
-
-BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
 
 
 def info_from_dict(d: dict) -> ModelInfo:
@@ -131,7 +129,7 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
                        f"rate limit exceeded ({limiter.rate:g} images/s, burst {limiter.burst}); "
                        f"retry in {wait:.2f} s", headers={"Retry-After": limiter.retry_after(wait)})
     try:
-        spec = JobSpec(owner=owner, **params.model_dump())
+        spec = JobSpec(owner=owner, model=req.model, **params.to_dict())
     except ValidationError as e:   # our bounds are tighter than the spec's; kept as a safety net
         err = e.errors()[0]
         field = ".".join(str(p) for p in err.get("loc", ())) or "body"

@@ -107,6 +107,7 @@ class KeyStore:
 
 
 def bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), else None."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")

@@ -13,12 +13,12 @@ from contextlib import asynccontextmanager
 import redis as redis_lib
 from fastapi import FastAPI
 
-from app import auth, errors, signing
+from app import auth, handlers, signing
 from app.admission import ModelSource
 from app.metrics import MetricsMiddleware
 from app.ratelimit import RateLimiter
 from app.routes import edits, images, jobs, playground, system
-from latentd.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 from worker import webhooks
 from worker.client import JobClient
 
@@ -59,7 +59,7 @@ class BreakerPool(redis_lib.ConnectionPool):
     """A circuit breaker in front of the pool. Handlers call Redis inline on the event loop, so
     with a Redis that hangs (frozen, partitioned) every request would block the whole loop for a
     socket timeout in turn: 20 waiting status reads = /healthz stalled for 60 s. After a Redis
-    error (errors.redis_down_handler calls trip()) connections are refused at once, so requests
+    error (handlers.redis_down_handler calls trip()) connections are refused at once, so requests
     get their 503 without touching Redis, and a background PING closes the breaker again."""
 
     def __init__(self, *args, **kwargs):
@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     st.secret = signing.secret_bytes(settings)
     st.limiter = RateLimiter(st.redis, settings.rate_limit_per_s, settings.rate_limit_burst)
     st.models = ModelSource(settings, st.jobs)
-    errors.install(app)
+    handlers.install(app)
     for r in (images.router, edits.router, jobs.router, system.router, playground.router):
         app.include_router(r)
     if not settings.metrics_port:
@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(errors.BodyLimitMiddleware, limit=settings.max_body_bytes,
+    app.add_middleware(handlers.BodyLimitMiddleware, limit=settings.max_body_bytes,
                        large_limit=settings.max_edit_body_bytes, large_paths=edits.UPLOAD_PATHS)
     app.add_middleware(MetricsMiddleware)
     log.info("latentd API: auth %s, %d key(s), model %s", "on" if st.keys is not None else "OFF",

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import ApiError, error_from
 from model.errors import InvalidRequest
-from model.request import MAX_N, MAX_SEED, Limits, resolve
+from model.request import KINDS, MAX_N, MAX_SEED, OUTPUT_FORMATS, Limits, Resolved, resolve
 
-OutputFormat = Literal["png", "jpeg", "webp"]
+OutputFormat = Literal[OUTPUT_FORMATS]
 
 
 class ImagesGenerationRequest(BaseModel):
@@ -88,7 +88,7 @@ def parse_edit_form(fields: dict) -> ImagesEditForm:
     try:
         return ImagesEditForm.model_validate(fields)
     except ValidationError as e:
-        raise error_from(e.errors(include_url=False), ("body",)) from None
+        raise error_from(e.errors(include_url=False), ("body",), ImagesEditForm) from None
 
 
 def parse_generation_request(body: bytes, cls: type[BaseModel] = ImagesGenerationRequest):
@@ -99,7 +99,7 @@ def parse_generation_request(body: bytes, cls: type[BaseModel] = ImagesGeneratio
     try:
         return cls.model_validate_json(body)
     except ValidationError as e:
-        raise error_from(e.errors(include_url=False), ("body",)) from None
+        raise error_from(e.errors(include_url=False), ("body",), cls) from None
 
 
 # OpenAPI for routes that read the body themselves (the hot path skips FastAPI's body machinery)
@@ -128,35 +128,13 @@ JOB_BODY = {"requestBody": {"required": True, "content": {
     "security": [{"HTTPBearer": []}]}
 
 
-class JobParams(BaseModel):
-    """A validated request, resolved against the model (defaults filled in)."""
-
-    prompt: str
-    negative_prompt: str
-    n: int
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    sampler: str
-    karras: bool
-    seed: int
-    model: str | None      # None: whatever model the workers serve
-    kind: Literal["text", "img2img", "inpaint"] = "text"
-    strength: float | None = None
-    output_format: OutputFormat = "png"
-    output_compression: int | None = None
-    classifier_targets: tuple[tuple[str, str], ...] = ()
-    classifier_scale: float = 0.0
-
-
 def invalid(e: InvalidRequest) -> ApiError:
     """The 422 for a request the resolver refused: names the field and the allowed range."""
     return ApiError(422, "invalid_value", str(e), e.field, e.allowed)
 
 
 def to_job_params(req, info, settings, image_size: tuple[int, int] | None = None,
-                  mask_size: tuple[int, int] | None = None) -> JobParams:
+                  mask_size: tuple[int, int] | None = None) -> Resolved:
     """Resolve `req` (a generation, job or edit request) with model.request.resolve: deployment
     and model bounds checked, defaults filled in, a seed drawn if none was given."""
     if req.prompt == "" and not getattr(req, "classifier_guidance", None):
@@ -174,9 +152,7 @@ def to_job_params(req, info, settings, image_size: tuple[int, int] | None = None
                     limits=Limits.from_settings(settings))
     except InvalidRequest as e:
         raise invalid(e) from None
-    d = r.to_dict()
-    d.pop("eta")
-    return JobParams(model=req.model, **d)
+    return r
 
 
 # --- responses --------------------------------------------------------------------------------
@@ -247,7 +223,7 @@ class Timings(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["text", "img2img", "inpaint"] = "text"
+    kind: Literal[KINDS] = "text"
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     queue_position: int | None = None
     progress: Progress

@@ -17,8 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from model.classifier_spec import MAX_SCALE as MAX_CLASSIFIER_SCALE
-from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_N, MAX_PROMPT_CHARS,
-                           MAX_SEED, Limits, resolve, start_step)
+from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, KINDS, MAX_N, MAX_PROMPT_CHARS,
+                           MAX_SEED, OUTPUT_FORMATS, Limits, resolve, start_step)
 
 SPEC_VERSION = 1
 
@@ -43,9 +43,9 @@ class JobSpec(BaseModel):
     model: str | None = Field(default=None, max_length=512)
     owner: str = Field(min_length=1, max_length=200)
     timeout_s: float | None = Field(default=None, gt=0, le=86400)     # None: worker default
-    kind: Literal["text", "img2img", "inpaint"] = "text"
+    kind: Literal[KINDS] = "text"
     strength: float | None = Field(default=None, gt=0.0, le=1.0)      # edits only
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: Literal[OUTPUT_FORMATS] = "png"
     output_compression: StrictInt | None = Field(default=None, ge=0, le=100)
     # classifier guidance (model/classifier_spec.py): ((head, label), ...) and its scale
     classifier_targets: tuple[tuple[str, str], ...] = Field(default=(), max_length=8)

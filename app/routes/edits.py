@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
 from app.admission import admit
-from app.deps import owner_of_request
+from app.deps import owner_of
 from app.errors import ApiError
 from app.routes.images import sync_result
 from app.routes.jobs import ERRORS
@@ -82,7 +82,7 @@ async def read_edit_form(request: Request) -> tuple[ImagesEditForm, bytes, bytes
                         504: {"model": ErrorResponse}})
 async def edit(request: Request):
     st = request.app.state
-    owner = owner_of_request(request)
+    owner = owner_of(request)
     req, image, mask = await read_edit_form(request)
     # decoding and checking the uploads is CPU work: off the event loop
     job_id, spec = await anyio.to_thread.run_sync(admit, st, req, owner, "edits", image, mask)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from app import openai_stream
 from app.admission import admit
-from app.deps import owner_of_request
+from app.deps import owner_of
 from app.errors import ApiError, error_body
 from app.routes.jobs import ERRORS, image_url, links
 from app.schemas import GENERATION_BODY, ErrorResponse, ImagesResponse, parse_generation_request
@@ -40,7 +40,7 @@ def _wait_limiter(st) -> anyio.CapacityLimiter:
                         504: {"model": ErrorResponse}})
 async def generate(request: Request):
     st = request.app.state
-    owner = owner_of_request(request)
+    owner = owner_of(request)
     body = parse_generation_request(await request.body())
     if body.stream:
         return await openai_stream.respond(request, body, owner)

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import signing
 from app.admission import admit
-from app.deps import CredsDep, JobsDep, OwnerDep, owner_of, owner_of_request
+from app.auth import bearer
+from app.deps import JobsDep, OwnerDep, TokenDep, owner_of
 from app.errors import ApiError, too_large
 from app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
 from app.schemas import (JOB_BODY, ErrorResponse, JobCreated, JobList, JobRequest, JobStatus,
@@ -87,7 +88,7 @@ async def submit_job(request: Request):
     from app.routes.edits import is_multipart, read_edit_form
 
     st = request.app.state
-    owner = owner_of_request(request)
+    owner = owner_of(request)
     if is_multipart(request):
         body, image, mask = await read_edit_form(request)
     else:
@@ -172,14 +173,14 @@ async def job_events(request: Request, job_id: str, owner: OwnerDep, jobs: JobsD
 @router.get("/{job_id}/images/{k}", response_class=Response,
             responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **ERRORS,
                        403: {"model": ErrorResponse}})
-async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, creds: CredsDep,
+async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, _token: TokenDep,
               o: Annotated[str | None, Query(max_length=200, description="owner (signed URLs)")] = None,
               exp: Annotated[str | None, Query(max_length=20, description="expiry (signed URLs)")] = None,
               sig: Annotated[str | None, Query(max_length=100, description="signature (signed URLs)")] = None):
     """The image (PNG, or the job's output_format) with an Authorization header, or with a valid
     signature (no header needed)."""
-    if creds is not None or (o is None and exp is None and sig is None):
-        owner = owner_of(request, creds)
+    if bearer(request.headers.get("authorization")) is not None or (o is None and exp is None and sig is None):
+        owner = owner_of(request)
     elif signing.verify(request.app.state.secret, o, job_id, k, exp, sig):
         owner = o
     else:

@@ -7,7 +7,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import metrics
-from app.deps import CredsDep, JobsDep, OwnerDep
+from app.auth import bearer
+from app.deps import JobsDep, OwnerDep, TokenDep
 from app.errors import ApiError
 from app.schemas import ErrorResponse, Health, ModelList
 
@@ -42,9 +43,10 @@ def readyz(request: Request, jobs: JobsDep):
     return {"status": "ready", "redis": True, "workers": workers}
 
 
-def metrics_route(request: Request, jobs: JobsDep, creds: CredsDep):
+def metrics_route(request: Request, jobs: JobsDep, _token: TokenDep):
     token = request.app.state.settings.metrics_token
-    if token and (creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode())):
+    sent = bearer(request.headers.get("authorization"))
+    if token and (sent is None or not hmac.compare_digest(sent.encode(), token.encode())):
         raise ApiError(401, "invalid_metrics_token", "/metrics needs 'Authorization: Bearer <token>'",
                        "Authorization", headers={"WWW-Authenticate": "Bearer"})
     return Response(metrics.render(jobs), media_type="text/plain; version=0.0.4; charset=utf-8")
