@@ -7,7 +7,8 @@
 2. Captions with the model's default CFG, with and without classifier guidance toward the
    caption's own attributes: accuracy on all three.
 
-    python bench/classifier_guidance.py [--seeds 8] [--scales 0 1 2 5 10 20] [--json out.json]
+    python bench/classifier_guidance.py [--seeds 8] [--scales 0 1 2 5 10 20] [--attributes shape]
+                                        [--cfg-scales 0 2 5] [--json out.json]
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+
+from model.info import BUNDLED  # noqa: E402
 
 
 def geometry(image) -> tuple[float, float, float]:
@@ -45,10 +48,11 @@ def diversity(images) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "shapes"))
+    ap.add_argument("--model", default=BUNDLED)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 5, 10, 20])
-    ap.add_argument("--cfg-scales", type=float, nargs="+", default=[0, 2, 5])
+    ap.add_argument("--cfg-scales", type=float, nargs="*", default=[0, 2, 5])
+    ap.add_argument("--attributes", nargs="*", default=None, help="heads to guide (default: all)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -68,6 +72,8 @@ def main(argv=None) -> dict:
           f"load {os.getloadavg()[0]:.2f}")
     print(f"{'attribute':>10} {'scale':>6} {'accuracy':>9} {'centre sd':>10} {'size sd':>8} {'pixel dist':>10}")
     for attr, labels in heads.items():
+        if args.attributes is not None and attr not in args.attributes:
+            continue
         for scale in args.scales:
             acc, divs = [], []
             for label in labels:

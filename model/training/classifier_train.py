@@ -1,7 +1,8 @@
 """Noise-aware classifier of the shapes model (model/classifier.py), trained on the frozen VAE's
-latents noised to every timestep, as Dhariwal & Nichol 2021 (§4, App. D) train theirs:
+latents noised to every timestep, as Dhariwal & Nichol 2021 (§4, App. D) train theirs, with t
+drawn towards low noise (sample_t):
 
-  x ~ data, z0 = E(x) * scale,  t ~ U{0..999},  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
+  x ~ data, z0 = E(x) * scale,  t = floor(1000 u^2),  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps,
   loss = sum over heads (color, shape, background) of CE(p_phi(. | z_t, t), y_head).
 
 At large t the latent carries almost no information, so accuracy falls to chance there; the
@@ -31,30 +32,52 @@ def _targets(b: data.Batch) -> dict[str, torch.Tensor]:
     return {"color": b.color, "shape": b.shape, "background": b.background}
 
 
+@torch.no_grad()
+def encode_set(vae, scale: float, n: int, gen: torch.Generator, bf16: bool = True, chunk: int = 256):
+    """n fresh images through the frozen encoder: z0 (n, 4, 16, 16) and their labels {head: (n,)}.
+    Encoding once and re-noising every step is ~10x cheaper than encoding per step; the posterior
+    sample is drawn once per image, which the fresh (t, eps) of every step more than makes up for."""
+    zs, ys = [], {h: [] for h in HEADS}
+    for i in range(0, n, chunk):
+        b = data.sample(min(chunk, n - i), gen)
+        zs.append(encode_latents(vae, b.images, scale, gen, bf16=bf16))
+        for h, y in _targets(b).items():
+            ys[h].append(y)
+    return torch.cat(zs), {h: torch.cat(v) for h, v in ys.items()}
+
+
+def sample_t(n: int, gen: torch.Generator, power: float) -> torch.Tensor:
+    """(n,) timesteps t = floor(T * u^power), u ~ U(0, 1): every t has mass, low t more of it
+    (density ~ t^(1/power - 1)). A uniform t spends most steps where z_t holds next to nothing
+    about the small shape (chance above t ~ 700) and leaves the classifier under-trained where
+    it can be right and where its gradient shapes the sample; power 2 took the shape head from
+    57 % to 98 % at t = 0 and from 56 % to 80 % at t = 300 in the same 1,000 steps."""
+    return (torch.rand(n, generator=gen) ** power * T).long().clamp(max=T - 1)
+
+
 def train_classifier(vae, scale: float, steps: int, batch: int, seed: int, log=print, lr: float = 2e-3,
-                     bf16: bool = True, reuse: int = 4) -> LatentClassifier:
-    """batch latents per step, from batch // reuse fresh images each noised to `reuse` timesteps
-    (the VAE encoder costs more than the classifier; one image at several noise levels is still
-    a fair sample of (z_t, t))."""
+                     bf16: bool = True, images: int = 32768, t_power: float = 2.0) -> LatentClassifier:
+    """`images` latents encoded once; each step draws `batch` of them, each at a fresh t and eps."""
     torch.manual_seed(seed)
     clf = LatentClassifier(make_config()).train()
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.01)
     abar = alphas_cumprod()
     gen = torch.Generator().manual_seed(seed + 11)
-    warm = max(1, steps // 20)
     t0 = time.time()
+    z_all, y_all = encode_set(vae, scale, images, gen, bf16=bf16)          # (N, 4, 16, 16)
+    log(f"classifier: {images} latents encoded in {time.time() - t0:.0f}s")
+    warm = max(1, steps // 20)
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        b = data.sample(max(1, batch // reuse), gen)
-        z0 = encode_latents(vae, b.images, scale, gen, bf16=bf16).repeat(reuse, 1, 1, 1)   # (B, 4, 16, 16)
-        t = torch.randint(0, T, (z0.shape[0],), generator=gen)
+        idx = torch.randint(0, z_all.shape[0], (batch,), generator=gen)
+        z0 = z_all[idx]
+        t = sample_t(batch, gen, t_power)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = clf(zt, t)
-        ys = {h: y.repeat(reuse) for h, y in _targets(b).items()}
-        loss = sum(F.cross_entropy(logits[h].float(), ys[h]) for h in HEADS)
+        loss = sum(F.cross_entropy(logits[h].float(), y_all[h][idx]) for h in HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -66,14 +66,15 @@ class Plan:
     safety_steps: int = 150
     safety_batch: int = 96
     safety_generated_seeds: int = 8  # generated images per caption for the safety concept fit
-    classifier_steps: int = 2000
+    classifier_steps: int = 4000
     classifier_batch: int = 256
+    classifier_images: int = 32768  # latents encoded once, re-noised at every step
 
 
 QUICK = Plan(clip_steps=3, clip_batch=16, vae_steps=3, vae_batch=4,
              unet=UNetTrainConfig(steps=4, batch=4, warmup=1), checkpoint_every=2, eval_every=4, eval_subset=3,
              vae_gate_n=8, safety_pos=16, safety_neg=64, safety_steps=2, safety_batch=6, safety_generated_seeds=1,
-             classifier_steps=2, classifier_batch=8)
+             classifier_steps=2, classifier_batch=8, classifier_images=16)
 STAGES = ("tokenizer", "clip", "vae", "unet", "safety", "classifier")
 
 
@@ -246,7 +247,8 @@ def stage_classifier(r: Run) -> dict:
     t0 = time.time()
     vae, vcfg = load_vae(os.path.join(r.out, "vae"))
     clf = classifier_train.train_classifier(vae, vcfg.scaling_factor, r.plan.classifier_steps,
-                                            r.plan.classifier_batch, r.seed, log=r.log)
+                                            r.plan.classifier_batch, r.seed, log=r.log,
+                                            images=r.plan.classifier_images)
     acc = classifier_train.accuracy_by_t(clf, vae, vcfg.scaling_factor, n=64 if r.plan is QUICK else 512)
     save_classifier(clf, os.path.join(r.out, "classifier"), extra={"accuracy_by_t": acc})
     r.log(f"classifier accuracy by t: {acc}")
