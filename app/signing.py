@@ -12,8 +12,9 @@ import hmac
 import time
 from urllib.parse import quote
 
+from config import secrets
+
 DEV_SECRET = "latentd-dev-insecure-signing-secret"   # used only when LATENTD_ENV=dev
-MIN_SECRET_LEN = 16
 
 
 def _mac(secret: bytes, owner: str, job_id: str, k: int, exp: int) -> str:
@@ -47,14 +48,10 @@ def secret_problem(settings) -> str | None:
     s = settings.signing_secret
     if not s:
         return "LATENTD_SIGNING_SECRET is not set (needed to sign image URLs)"
-    if len(s) < MIN_SECRET_LEN or s == DEV_SECRET:
-        return f"LATENTD_SIGNING_SECRET is too weak (at least {MIN_SECRET_LEN} characters, not the dev default)"
+    if secrets.weak(s, DEV_SECRET):
+        return f"LATENTD_SIGNING_SECRET is too weak (at least {secrets.MIN_LEN} characters, not the dev default)"
     return None
 
 
 def secret_bytes(settings) -> bytes:
-    if settings.signing_secret:
-        return settings.signing_secret.encode()
-    if settings.env == "dev":
-        return DEV_SECRET.encode()
-    raise RuntimeError(secret_problem(settings))
+    return secrets.secret_bytes(settings.signing_secret, settings.env, DEV_SECRET, secret_problem(settings))

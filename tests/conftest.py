@@ -32,6 +32,26 @@ def tiny_model_inpaint(tmp_path_factory):
                         in_channels=9)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module on tiny models: fast and steady on a shared 2-core CPU
+    (two OpenMP threads make the tiny model far slower; bit-identity holds with 2 as well)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_model, one_thread):
+    """The tiny SD1 model loaded once per module, safety checker on, one thread."""
+    from model.pipeline import load_pipeline
+
+    return load_pipeline(str(tiny_model), safety=True)
+
+
 @pytest.fixture
 def redis_server():
     """A real redis-server on a free port with deploy/redis.conf (AOF), data in a temp dir;

@@ -20,17 +20,8 @@ SEEN: list[int] = []
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model):
-    import torch
-
-    from model.pipeline import load_pipeline
-    # One thread: on this shared 2-core machine two OpenMP threads make the tiny model ~30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield load_pipeline(str(tiny_model), safety=True)
-    finally:
-        torch.set_num_threads(threads)
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")

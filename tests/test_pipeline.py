@@ -17,16 +17,8 @@ from model.pipeline import GenerationRequest, load_pipeline
 from tests.diffusers_ref import check, ours, reference
 
 diffusers = pytest.importorskip("diffusers")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: fast and steady on a shared CPU (bit-identity holds with 2 as well)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model):

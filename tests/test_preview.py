@@ -5,23 +5,10 @@ change a single pixel of the final image."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from model.preview import PREVIEW_CELLS, _synthetic_images, fit_for
 from worker.executor import BatchExecutor, Finished, Preview
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tiny_model):
-    from model.pipeline import load_pipeline
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield load_pipeline(str(tiny_model), safety=True)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def R(prompt="a red circle", **kw):

@@ -33,6 +33,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+from config import secrets
 from worker import keys
 from worker.state import record_to_dict
 
@@ -42,7 +43,6 @@ ID_HEADER = "Latentd-Webhook-Id"
 TIMESTAMP_HEADER = "Latentd-Webhook-Timestamp"
 SIGNATURE_HEADER = "Latentd-Webhook-Signature"
 DEV_SECRET = "latentd-dev-insecure-webhook-secret"    # used only when LATENTD_ENV=dev
-MIN_SECRET_LEN = 16
 TOLERANCE_S = 300                                      # verify(): older timestamps are replays
 MAX_URL_CHARS = 2048
 THREADS = 2                                            # delivery threads per worker
@@ -105,18 +105,15 @@ def secret_problem(settings) -> str | None:
     s = settings.webhook_secret
     if not settings.webhook_allow.strip():
         return None
-    if len(s) < MIN_SECRET_LEN or s == DEV_SECRET:
-        return (f"LATENTD_WEBHOOK_SECRET must be set (at least {MIN_SECRET_LEN} characters) when "
+    if secrets.weak(s, DEV_SECRET):
+        return (f"LATENTD_WEBHOOK_SECRET must be set (at least {secrets.MIN_LEN} characters) when "
                 "LATENTD_WEBHOOK_ALLOW is")
     return None
 
 
 def secret_bytes(settings) -> bytes:
-    if settings.webhook_secret:
-        return settings.webhook_secret.encode()
-    if settings.env == "dev":
-        return DEV_SECRET.encode()
-    raise RuntimeError(secret_problem(settings) or "LATENTD_WEBHOOK_SECRET is not set")
+    return secrets.secret_bytes(settings.webhook_secret, settings.env, DEV_SECRET,
+                                secret_problem(settings) or "LATENTD_WEBHOOK_SECRET is not set")
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
