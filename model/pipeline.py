@@ -110,11 +110,16 @@ class RequestState:
 def _rowwise_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward that computes a 2-D input (B, K) one row at a time: BLAS picks different
     kernels (gemv vs gemm, blockings) for different B, so a row's result would depend on how many
-    rows share the call. (B, L, K) inputs (attention, projections) are batch-invariant already."""
+    rows share the call. (B, L, K) inputs (attention, projections) are batch-invariant already.
+    Equal rows are computed once: these inputs are functions of the timestep, and a batch holds
+    each timestep at least twice (the conditional and unconditional rows of classifier-free
+    guidance), often more (requests that started together)."""
     if x.dim() != 2 or x.shape[0] == 1:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    return torch.cat([torch.nn.functional.linear(x[i:i + 1], self.weight, self.bias)
-                      for i in range(x.shape[0])])
+    uniq, inverse = torch.unique(x, dim=0, return_inverse=True)         # (U, K), (B,)
+    out = torch.cat([torch.nn.functional.linear(uniq[i:i + 1], self.weight, self.bias)
+                     for i in range(uniq.shape[0])])                     # (U, N), each row alone
+    return out[inverse]                                                  # (B, N)
 
 
 def make_batch_invariant(module: torch.nn.Module) -> torch.nn.Module:
