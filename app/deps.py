@@ -2,7 +2,7 @@
 create_app), so these are cheap lookups that never block the event loop.
 
 The owner of a request (the API key's name) is resolved in one place, `owner_of`, from the
-Authorization header (`auth.bearer`); `OwnerDep` is the same function as a dependency, with the
+Authorization header (`token_of`, through `auth.bearer`); `OwnerDep` is the same function as a dependency, with the
 HTTPBearer scheme declared so that the OpenAPI document shows the key."""
 from __future__ import annotations
 
@@ -18,13 +18,18 @@ from worker.client import JobClient
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `latentd keys create NAME`")
 
 
+def token_of(request: Request) -> str | None:
+    """The bearer token the request carries, None without one."""
+    return bearer(request.headers.get("authorization"))
+
+
 def owner_of(request: Request) -> str:
     """The key's name, ANONYMOUS with auth off; 401 for a missing or unknown key."""
     keys = request.app.state.keys
     if keys is None:
         return ANONYMOUS
     hdr = {"WWW-Authenticate": "Bearer"}
-    token = bearer(request.headers.get("authorization"))
+    token = token_of(request)
     if token is None:
         raise ApiError(401, "missing_api_key", "missing API key: send 'Authorization: Bearer <key>'",
                        "Authorization", "Bearer <key>", headers=hdr)

@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
               pytest.mark.usefixtures("one_thread")]
 
+
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
     return load_pipeline(tiny_model, safety=False)

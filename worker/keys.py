@@ -12,6 +12,7 @@ which KEYS cannot name in advance; latentd therefore needs one Redis, not a Clus
 """
 from __future__ import annotations
 
+from functools import cache
 from string import Formatter
 
 P = "latentd"
@@ -151,6 +152,7 @@ def ratelimit(owner: str) -> str:
     return _key("ratelimit", owner=owner)
 
 
+@cache
 def lua_prelude() -> str:
     """Lua functions k_<name>(parts...) for every template, e.g.
     `local function k_wait(queue, owner) return 'latentd:' .. queue .. ':wait:' .. owner end`,

@@ -16,8 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import signing
 from app.admission import admit
-from app.auth import bearer
-from app.deps import JobsDep, OwnerDep, TokenDep, owner_of
+from app.deps import JobsDep, OwnerDep, TokenDep, owner_of, token_of
 from app.errors import ApiError, too_large
 from app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
 from app.schemas import (JOB_BODY, ErrorResponse, JobCreated, JobList, JobRequest, JobStatus,
@@ -179,7 +178,7 @@ async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, _token
               sig: Annotated[str | None, Query(max_length=100, description="signature (signed URLs)")] = None):
     """The image (PNG, or the job's output_format) with an Authorization header, or with a valid
     signature (no header needed)."""
-    if bearer(request.headers.get("authorization")) is not None or (o is None and exp is None and sig is None):
+    if token_of(request) is not None or (o is None and exp is None and sig is None):
         owner = owner_of(request)
     elif signing.verify(request.app.state.secret, o, job_id, k, exp, sig):
         owner = o

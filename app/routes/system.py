@@ -7,8 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import metrics
-from app.auth import bearer
-from app.deps import JobsDep, OwnerDep, TokenDep
+from app.deps import JobsDep, OwnerDep, TokenDep, token_of
 from app.errors import ApiError
 from app.schemas import ErrorResponse, Health, ModelList
 
@@ -45,7 +44,7 @@ def readyz(request: Request, jobs: JobsDep):
 
 def metrics_route(request: Request, jobs: JobsDep, _token: TokenDep):
     token = request.app.state.settings.metrics_token
-    sent = bearer(request.headers.get("authorization"))
+    sent = token_of(request)
     if token and (sent is None or not hmac.compare_digest(sent.encode(), token.encode())):
         raise ApiError(401, "invalid_metrics_token", "/metrics needs 'Authorization: Bearer <token>'",
                        "Authorization", headers={"WWW-Authenticate": "Bearer"})
