@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -166,6 +167,9 @@ def test_worker_metrics(shared):
                  'latentd_worker_device_memory_bytes{device="cpu"}'):
         assert name in m, name
     assert m["latentd_worker_model_load_seconds"] > 0
+    # on the CPU: the engine's threads (worker/cpu.py governor) and time spent yielding cores
+    assert 1 <= m["latentd_worker_threads"] <= (os.cpu_count() or 1)
+    assert m["latentd_worker_throttled_seconds_total"] >= 0
 
 
 def test_sigterm_finishes_or_hands_back(stack):

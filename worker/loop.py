@@ -164,7 +164,8 @@ class Worker:
         self.ex = self.new_executor()
         self.governor = None
         if self.device == "cpu":                 # share the cores with whatever else runs here
-            self.governor = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
+            self.governor = ThreadGovernor(torch.get_num_threads(), self.set_threads)
+        metrics.THREADS.set(torch.get_num_threads())
         self.metrics_port = metrics.serve(s.worker_metrics_port)
         metrics.STALLED.set_function(lambda: float(time.monotonic() - self.hb.last_progress > stall_s))
         self.webhooks = Deliverer(s, self.name)
@@ -181,6 +182,12 @@ class Worker:
                          device=self.device, max_batch=s.worker_max_batch, **where)
         log.info("worker %s ready: model %s on %s in %.1fs", self.name, self.model_name,
                  self.device, time.perf_counter() - t)
+
+    def set_threads(self, n: int) -> None:
+        """The governor's decision: other processes keep cores busy (or let them go)."""
+        log.info("engine threads %d -> %d (cores busy with other processes)", torch.get_num_threads(), n)
+        torch.set_num_threads(n)
+        metrics.THREADS.set(n)
 
     def fit_preview(self):
         """The latent -> RGB map of model/preview.py, fitted once per load; previews are off (and
@@ -251,6 +258,8 @@ class Worker:
             self.ex = self.new_executor()
             return
         dt = time.perf_counter() - t
+        if self.governor is not None and self.governor.threads < self.governor.max:
+            metrics.THROTTLED.inc(dt)
         stepped = 0
         for ev in events:
             job_id, k, attempt = parse_rid(ev.request_id)

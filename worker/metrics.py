@@ -35,6 +35,11 @@ DEVICE_MEMORY = Gauge("latentd_worker_device_memory_bytes",
                       "Device memory in use (CUDA allocated; on the CPU: peak process RSS)", ["device"])
 COMPUTE = Counter("latentd_worker_compute_seconds_total",
                   "Compute seconds (each request's share of batched calls) per API key name", ["key"])
+THREADS = Gauge("latentd_worker_threads",
+                "Intra-op CPU threads the engine uses now (worker/cpu.py gives busy neighbours theirs)")
+THROTTLED = Counter("latentd_worker_throttled_seconds_total",
+                    "Seconds of engine iterations run on fewer threads than the usable cores, "
+                    "because other processes kept cores busy")
 REDIS_ERRORS = Counter("latentd_worker_redis_errors_total", "Redis connection errors survived")
 STALLED = Gauge("latentd_worker_stalled",
                 "1 while the main loop has made no progress for longer than its stall limit")
