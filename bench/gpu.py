@@ -267,7 +267,7 @@ class Bench:
                          peak_gb=None if peak is None else peak - resident,
                          note="StableDiffusionPipeline, SDPA" + ratio)
         finally:
-            del dp
+            dp = None           # free diffusers' weights before the next section
 
     def compile(self, mode: str, batches) -> None:
         from model import compile as compiling
