@@ -20,8 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._stack import pct  # noqa: E402
-from tests.api_proc import ALICE, KEYS, ApiProc  # noqa: E402
-from tests.services import RedisServer, WorkerProc  # noqa: E402
+from tests.api_proc import ALICE, service_stack  # noqa: E402
 
 
 def main() -> int:
@@ -41,12 +40,9 @@ def main() -> int:
                                  variant="sd1", safety=True, seed=0))
     import httpx
 
-    redis_srv = RedisServer().start()
-    api = worker = None
-    try:
-        api = ApiProc(redis_srv.url, api_keys=KEYS, model=model, rate_limit_per_s=1000,
-                      rate_limit_burst=1000).start()
-        worker = WorkerProc(redis_srv.url, model).start().wait_ready(300)
+    # the rate limiter on (so its check is on the measured path) but far above what one client sends
+    with service_stack(model, api_settings={"rate_limit_per_s": 1000, "rate_limit_burst": 1000}) as stack:
+        api = stack["api"]
         body = {"prompt": "a red circle", "size": a.size, "steps": a.steps, "seed": 1,
                 "response_format": a.format}
         e2e, engine, over, queued, run_extra, api_side = [], [], [], [], [], []
@@ -85,12 +81,6 @@ def main() -> int:
               f"API side (HTTP, admission, wake-up, response) {ms(pct(api_side, 50))}")
         print(f"  for scale: GET /healthz round trip p50 {ms(pct(floor, 50))}  p95 {ms(pct(floor, 95))}")
         return 0
-    finally:
-        if worker:
-            worker.stop()
-        if api:
-            api.stop()
-        redis_srv.stop()
 
 
 if __name__ == "__main__":

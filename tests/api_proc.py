@@ -125,16 +125,17 @@ def open_png(data: bytes):
 
 
 @contextlib.contextmanager
-def service_stack(model: str, **worker_settings):
+def service_stack(model: str, api_settings: dict | None = None, **worker_settings):
     """A whole service on loopback: a fresh redis-server, the API (keys alice and bob, no rate
-    limit) and one ready `latentd worker` on `model`; all stopped on exit.
-    Yields {"api": ApiProc, "worker": WorkerProc, "redis": RedisServer}."""
+    limit unless api_settings set one) and one ready `latentd worker` on `model`; all stopped on
+    exit. Yields {"api": ApiProc, "worker": WorkerProc, "redis": RedisServer}."""
     from tests.services import RedisServer, WorkerProc
 
     redis_srv = RedisServer().start()
     api = worker = None
     try:
-        api = ApiProc(redis_srv.url, api_keys=KEYS, model=str(model), rate_limit_per_s=0).start()
+        api = ApiProc(redis_srv.url, api_keys=KEYS, model=str(model),
+                      **{"rate_limit_per_s": 0, **(api_settings or {})}).start()
         worker = WorkerProc(redis_srv.url, str(model), **worker_settings).start().wait_ready(180)
         yield {"api": api, "worker": worker, "redis": redis_srv}
     finally:
