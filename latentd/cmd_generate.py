@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from model.request import SAMPLERS
+from model.request import DEFAULT_STRENGTH, SAMPLERS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="inpainting mask, same size as --init-image: grayscale (white = repaint) or "
                         "RGBA (transparent = repaint)")
     p.add_argument("--strength", type=float, default=None, metavar="S",
-                   help="edits: 0 < S <= 1, how much of the schedule runs (default: 0.8 img2img, "
-                        "1.0 inpainting)")
+                   help="edits: 0 < S <= 1, how much of the schedule runs (default: "
+                        f"{DEFAULT_STRENGTH['img2img']} img2img, {DEFAULT_STRENGTH['inpaint']} inpainting)")
     p.add_argument("--classify", default=None, metavar="ATTR=LABEL,...",
                    help="classifier guidance toward these labels of the model's classifier, e.g. "
                         "color=red,shape=triangle (the bundled model: color, shape, background)")
