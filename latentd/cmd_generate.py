@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from model.classifier_spec import DEFAULT_SCALE
 from model.request import DEFAULT_STRENGTH, SAMPLERS
 
 
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="classifier guidance toward these labels of the model's classifier, e.g. "
                         "color=red,shape=triangle (the bundled model: color, shape, background)")
     p.add_argument("--classifier-scale", type=float, default=None, metavar="S",
-                   help="classifier guidance scale (default 1; needs --classify)")
+                   help=f"classifier guidance scale (default {DEFAULT_SCALE:g}; needs --classify)")
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
