@@ -28,6 +28,7 @@ COPY app ./app
 COPY worker ./worker
 COPY model ./model
 COPY config ./config
+COPY jobs ./jobs
 COPY latentd ./latentd
 COPY models ./models
 # --no-deps: torch & co. stay out. Editable: code runs from /app, so models/shapes is found.
@@ -58,6 +59,7 @@ COPY app ./app
 COPY worker ./worker
 COPY model ./model
 COPY config ./config
+COPY jobs ./jobs
 COPY latentd ./latentd
 COPY models ./models
 COPY deploy/redis.conf ./deploy/redis.conf
@@ -67,7 +69,7 @@ USER 10001
 EXPOSE 9101
 # /metrics answers once the model is loaded; the probe also fails on a stalled main loop
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python", "-m", "worker.probe"]
+  CMD ["python", "-m", "latentd.worker.probe"]
 # SIGTERM: finish or hand back the batch within LATENTD_WORKER_GRACE_S (stop_grace_period above it)
 STOPSIGNAL SIGTERM
 CMD ["latentd", "worker"]

@@ -10,15 +10,15 @@ from dataclasses import fields
 
 from pydantic import ValidationError
 
-from app import metrics
-from app.errors import ApiError
-from app.ratelimit import RateLimiter
-from app.schemas import ImagesGenerationRequest, invalid, to_job_params
-from model.errors import InvalidRequest, ModelLoadError
-from model.info import BUNDLED, ModelInfo, read_model_info
-from worker import webhooks
-from worker.client import QueueFull
-from worker.spec import JobSpec
+from latentd.app import metrics
+from latentd.app.errors import ApiError
+from latentd.app.ratelimit import RateLimiter
+from latentd.app.schemas import ImagesGenerationRequest, invalid, to_job_params
+from latentd.model.errors import InvalidRequest, ModelLoadError
+from latentd.model.info import BUNDLED, ModelInfo, read_model_info
+from latentd.jobs import webhooks
+from latentd.jobs.client import QueueFull
+from latentd.jobs.spec import JobSpec
 
 
 def info_from_dict(d: dict) -> ModelInfo:
@@ -85,7 +85,7 @@ def check_delivery(req: ImagesGenerationRequest, settings) -> None:
 def edit_inputs(image: bytes | None, mask: bytes | None, settings):
     """Decode and check an edit's uploads (model/edit_inputs.py): (PIL image, L mask or None),
     or (None, None) for a generation. Raises ApiError 422 naming `image` or `mask`."""
-    from model.edit_inputs import mask_to_l, open_image
+    from latentd.model.edit_inputs import mask_to_l, open_image
 
     if image is None:
         if mask is not None:
@@ -103,7 +103,7 @@ def edit_inputs(image: bytes | None, mask: bytes | None, settings):
 def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
           image: bytes | None = None, mask: bytes | None = None, watch=None) -> tuple[str, JobSpec]:
     """Validate, rate-limit and enqueue; returns (job id, spec). Raises ApiError.
-    watch: spec -> (listener id, preview interval) to register with the job (worker/events.py).
+    watch: spec -> (listener id, preview interval) to register with the job (jobs/events.py).
     `image` / `mask`: an edit's uploads (decoding them is CPU work: call this in a worker thread)."""
     settings = state.settings
     retry = {"Retry-After": str(settings.retry_after_s)}
@@ -117,7 +117,7 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
     check_delivery(req, settings)
     init = None
     if img is not None:
-        from model.edit_inputs import normalised_png
+        from latentd.model.edit_inputs import normalised_png
 
         init = {"image": normalised_png(img, params.width, params.height, "RGB")}
         if m is not None:

@@ -11,9 +11,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
-from app.auth import ANONYMOUS, bearer
-from app.errors import ApiError
-from worker.client import JobClient
+from latentd.app.auth import ANONYMOUS, bearer
+from latentd.app.errors import ApiError
+from latentd.jobs.client import JobClient
 
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `latentd keys create NAME`")
 

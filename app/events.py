@@ -1,4 +1,4 @@
-"""Following a job's event stream (worker/events.py) for Server-Sent Events.
+"""Following a job's event stream (jobs/events.py) for Server-Sent Events.
 
 `follow()` is an async generator of (id, type, data): it registers the caller as a listener
 (so the worker publishes progress and previews), reads the job's Redis stream with a blocking
@@ -13,9 +13,9 @@ import re
 import time
 from typing import AsyncIterator
 
-from app.errors import ApiError
-from worker import events, keys
-from worker.state import TERMINAL
+from latentd.app.errors import ApiError
+from latentd.jobs import events, keys
+from latentd.jobs.state import TERMINAL
 
 BLOCK_MS = 1000            # one XREAD waits this long; then the record is checked (queued, gone)
 PING_S = 15.0              # an SSE comment this often keeps proxies from closing an idle stream

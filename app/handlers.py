@@ -10,10 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from app import metrics
-from app.errors import ApiError, error_body, error_from, too_large
-from app.schemas import ImagesGenerationRequest
-from worker.store import StoreError
+from latentd.app import metrics
+from latentd.app.errors import ApiError, error_body, error_from, too_large
+from latentd.app.schemas import ImagesGenerationRequest
+from latentd.jobs.errors import StoreError
 
 log = logging.getLogger("latentd.api")
 

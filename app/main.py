@@ -13,14 +13,14 @@ from contextlib import asynccontextmanager
 import redis as redis_lib
 from fastapi import FastAPI
 
-from app import auth, handlers, signing
-from app.admission import ModelSource
-from app.metrics import MetricsMiddleware
-from app.ratelimit import RateLimiter
-from app.routes import edits, images, jobs, playground, system
-from config.settings import Settings, get_settings
-from worker import webhooks
-from worker.client import JobClient
+from latentd.app import auth, handlers, signing
+from latentd.app.admission import ModelSource
+from latentd.app.metrics import MetricsMiddleware
+from latentd.app.ratelimit import RateLimiter
+from latentd.app.routes import edits, images, jobs, playground, system
+from latentd.config.settings import Settings, get_settings
+from latentd.jobs import webhooks
+from latentd.jobs.client import JobClient
 
 log = logging.getLogger("latentd.api")
 
@@ -162,5 +162,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory app.main:app_from_env` (settings from the environment)."""
+    """Factory for `uvicorn --factory latentd.app.main:app_from_env` (settings from the environment)."""
     return create_app(get_settings())

@@ -21,9 +21,9 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from app.admission import admit
-from app.events import PING, SSE_HEADERS, follow, sse
-from worker import events
+from latentd.app.admission import admit
+from latentd.app.events import PING, SSE_HEADERS, follow, sse
+from latentd.jobs import events
 
 _FIXED = {"quality": "auto", "background": "opaque", "output_format": "png"}
 _NO_TOKENS = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from worker import keys
+from latentd.jobs import keys
 
 # KEYS[1]: bucket hash {t: tokens, ts: ms}; ARGV: rate (tokens/s), burst, cost.
 # Returns {allowed (0|1), wait_ms}.

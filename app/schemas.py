@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.errors import ApiError, error_from
-from model.errors import InvalidRequest
-from model.request import KINDS, MAX_N, MAX_SEED, OUTPUT_FORMATS, Limits, Resolved, resolve
+from latentd.app.errors import ApiError, error_from
+from latentd.model.errors import InvalidRequest
+from latentd.model.request import KINDS, MAX_N, MAX_SEED, OUTPUT_FORMATS, Limits, Resolved, resolve
 
 OutputFormat = Literal[OUTPUT_FORMATS]
 

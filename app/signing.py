@@ -12,7 +12,7 @@ import hmac
 import time
 from urllib.parse import quote
 
-from config import secrets
+from latentd.config import secrets
 
 DEV_SECRET = "latentd-dev-insecure-signing-secret"   # used only when LATENTD_ENV=dev
 

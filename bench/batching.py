@@ -71,7 +71,7 @@ def edit_inputs(model: str):
     if model not in _EDIT_INPUTS:
         from PIL import Image, ImageDraw
 
-        from model.info import read_model_info
+        from latentd.model.info import read_model_info
         info = read_model_info(model)
         w, h = info.native_width, info.native_height
         img = Image.new("RGB", (w, h), "white")
@@ -108,16 +108,16 @@ class InProcess:
     def __init__(self, model: str):
         import torch
 
-        from model.pipeline import load_pipeline
+        from latentd.model.pipeline import load_pipeline
         # Threads: on this shared, loaded 2-core machine 2 OpenMP threads are far slower than 1.
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
         self.model = model
         self.pipe = load_pipeline(model, safety=True)
-        from model.preview import fit_for
+        from latentd.model.preview import fit_for
         self.preview_map = fit_for(self.pipe)
 
     def req(self, i: int, steps: int):
-        from model.pipeline import GenerationRequest
+        from latentd.model.pipeline import GenerationRequest
         kind = edit_kind(i)
         if kind is None:
             return GenerationRequest(prompt=prompt(i), steps=steps, seed=1000 + i)
@@ -127,14 +127,14 @@ class InProcess:
                                  strength=IMG2IMG_STRENGTH if kind == "img2img" else 1.0)
 
     def prepare(self, max_batch: int):
-        from model.pipeline import GenerationRequest
+        from latentd.model.pipeline import GenerationRequest
         self.pipe.generate([GenerationRequest(prompt="warm up", steps=2)])   # first-call costs
 
     def throughput(self, max_batch: int, clients: int, per_client: int, steps: int):
         """Closed loop: each client submits its next request when its previous one is done."""
         from PIL import Image
 
-        from worker.executor import BatchExecutor, Finished, Preview
+        from latentd.worker.executor import BatchExecutor, Finished, Preview
         ex = BatchExecutor(self.pipe, max_batch=max_batch,
                            preview=self.preview_map if self.previews else None)
         png_s = 0.0
@@ -174,7 +174,7 @@ class InProcess:
         return done / wall, st["unet_calls"] / max(done, 1)
 
     def head_of_line(self, steps_long: int, steps_short: int, band: float = 2.0):
-        from worker.executor import BatchExecutor, Finished
+        from latentd.worker.executor import BatchExecutor, Finished
         self.prepare(16)
 
         def short_latency(ex):
@@ -207,7 +207,7 @@ class Stack:
     previews = False
 
     def __init__(self, model: str):
-        from app.auth import hash_key
+        from latentd.app.auth import hash_key
         from tests.services import RedisServer
         self.model = model
         self.redis = RedisServer().start()

@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from model.info import BUNDLED  # noqa: E402
+from latentd.model.info import BUNDLED  # noqa: E402
 
 
 def geometry(image) -> tuple[float, float, float]:
@@ -57,9 +57,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from model.pipeline import GenerationRequest, load_pipeline
-    from model.training import data, evaluate
-    from model.training.shape_checker import classify
+    from latentd.model.pipeline import GenerationRequest, load_pipeline
+    from latentd.model.training import data, evaluate
+    from latentd.model.training.shape_checker import classify
 
     pipe = load_pipeline(args.model, safety=False)
     info = pipe.info

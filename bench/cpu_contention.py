@@ -25,12 +25,12 @@ CHILD = r"""
 import json, os, statistics, sys, time
 sys.path.insert(0, {root!r})
 import torch
-from model.pipeline import GenerationRequest, load_pipeline
+from latentd.model.pipeline import GenerationRequest, load_pipeline
 pipe = load_pipeline(None)
 req = lambda s: GenerationRequest(prompt="a red circle on a white background", steps=20, seed=s)
 cb = None
 if {governor}:                                            # what the worker and `generate` do
-    from worker.cpu import ThreadGovernor
+    from latentd.worker.cpu import ThreadGovernor
     gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
     cb = lambda *a: gov.tick()
 pipe.generate([req(0)], callback=cb)                      # warm-up
@@ -52,14 +52,14 @@ def child_env(setting: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if setting == "latentd":
         sys.path.insert(0, ROOT)
-        from worker import cpu
+        from latentd.worker import cpu
         cpu.configure(0, env)
     elif setting == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     elif setting.startswith("spin:"):
         env["GOMP_SPINCOUNT"] = setting.split(":")[1]
     elif setting.startswith("threads:"):
-        from worker import cpu
+        from latentd.worker import cpu
         cpu.configure(int(setting.split(":")[1]), env)
     return env
 

@@ -83,7 +83,7 @@ def measure(impl: str, args) -> dict:
     sys.path.insert(0, ROOT)
     size, steps = args.size, args.steps
     if impl == "latentd":
-        from model.pipeline import GenerationRequest, load_pipeline
+        from latentd.model.pipeline import GenerationRequest, load_pipeline
 
         pipe = load_pipeline(args.model, safety=False)
         req = GenerationRequest(PROMPT, width=size, height=size, steps=steps, sampler=args.sampler,
@@ -116,7 +116,7 @@ def unet_call_ms(model: str, size: int, threads: int) -> float:
     import torch
 
     sys.path.insert(0, ROOT)
-    from model.loader import load_unet
+    from latentd.model.loader import load_unet
 
     torch.set_num_threads(threads)
     unet, cfg = load_unet(os.path.join(model, "unet"))

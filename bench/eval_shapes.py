@@ -27,14 +27,14 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.info import BUNDLED  # noqa: E402
-from model.training import data, evaluate  # noqa: E402
+from latentd.model.info import BUNDLED  # noqa: E402
+from latentd.model.training import data, evaluate  # noqa: E402
 
 
 @torch.no_grad()
 def clip_scores(clip, tok, images, captions) -> list[float]:
-    from model.training.bpe import tokenize
-    from model.training.clip_train import clip_pixels, image_embeds, text_embeds
+    from latentd.model.training.bpe import tokenize
+    from latentd.model.training.clip_train import clip_pixels, image_embeds, text_embeds
     x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2)
     x = x / 127.5 - 1
     e_i = torch.nn.functional.normalize(image_embeds(clip, clip_pixels(x)), dim=-1)
@@ -60,8 +60,8 @@ def main(argv=None) -> dict:
 
     from transformers import CLIPModel
 
-    from model.pipeline import GenerationRequest, load_pipeline
-    from model.training.bpe import load_tokenizer
+    from latentd.model.pipeline import GenerationRequest, load_pipeline
+    from latentd.model.training.bpe import load_tokenizer
 
     pipe = load_pipeline(args.model, safety=True)
     # judge every image unfiltered; the checker's flags are reported separately
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     results["seconds_single_image"] = time.perf_counter() - t0
     print(f"single image latency: {results['seconds_single_image']:.2f} s")
     if args.vae:
-        from model.loader import load_vae
+        from latentd.model.loader import load_vae
         results["vae"] = evaluate.vae_fidelity(load_vae(os.path.join(args.model, "vae"))[0], args.vae)
         print(f"vae: {results['vae']}")
     if args.grid and grids:

@@ -143,14 +143,14 @@ class Bench:
         self.row("build", "random weights written", note=f"{time.perf_counter() - t0:.0f}s, {path}")
 
     def load(self, dtype, safety=True):
-        from model.pipeline import load_pipeline
+        from latentd.model.pipeline import load_pipeline
         pipe = load_pipeline(self.folder, device=str(self.device), dtype=dtype, safety=safety)
         if self.a.decode_tile is not None:
             pipe.decode_tile = self.a.decode_tile or None
         return pipe
 
     def requests(self, b: int, steps: int | None = None, seed0: int = 0):
-        from model.pipeline import GenerationRequest
+        from latentd.model.pipeline import GenerationRequest
         return [GenerationRequest(prompt=PROMPT, width=self.a.size, height=self.a.size,
                                   steps=steps or self.a.steps, guidance_scale=7.5, sampler="dpmpp_2m",
                                   seed=seed0 + i) for i in range(b)]
@@ -270,7 +270,7 @@ class Bench:
             dp = None           # free diffusers' weights before the next section
 
     def compile(self, mode: str, batches) -> None:
-        from model import compile as compiling
+        from latentd.model import compile as compiling
         if not batches:
             return
         self.ensure_pipe()
@@ -288,7 +288,7 @@ class Bench:
             self.pipe.unet = eager_unet
 
     def memory(self) -> None:
-        from model.memory import measure
+        from latentd.model.memory import measure
         cost = measure(self.ensure_pipe(), n=4)
         if cost is None:
             self.row("memory", "cpu", note="n/a on the CPU (no peak-allocation counter); formula estimate used")
@@ -394,7 +394,7 @@ class Bench:
               f"{str(self.dtype)[6:]}; --timeout {a.timeout:.0f}s", flush=True)
         print(" ".join(_fmt(n, w) for n, w in COLUMNS), flush=True)
         if self.cuda:
-            from model.precision import tune_cuda
+            from latentd.model.precision import tune_cuda
             tune_cuda()
         if self.folder is None:
             self.run("build", self.build, 150)

@@ -105,7 +105,7 @@ class Soak:
         if a.api_url:
             self.api_url, self.key, self.redis_url = a.api_url.rstrip("/"), a.key, a.redis_url
         else:
-            from app.auth import hash_key, new_key
+            from latentd.app.auth import hash_key, new_key
 
             server = RedisServer().start()
             self.procs.append(server)
@@ -284,7 +284,7 @@ class Soak:
     def drain_and_count(self) -> dict:
         import httpx
 
-        from worker import keys
+        from latentd.jobs import keys
 
         tracked = {j: rec for j, rec in self.jobs.items() if not rec.get("untracked")}
         deadline = time.time() + self.a.drain_s

@@ -1,5 +1,5 @@
 """The rule latentd's two HMAC secrets follow (image URL signing in app/signing.py, webhook
-signatures in worker/webhooks.py): outside dev, set and strong; in dev, when unset, a fixed public
+signatures in jobs/webhooks.py): outside dev, set and strong; in dev, when unset, a fixed public
 default so that a laptop runs with no setup (never accepted outside dev)."""
 from __future__ import annotations
 

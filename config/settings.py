@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 2.0        # worker info refresh; /readyz sees it for 3x this
     worker_grace_s: float = 20.0           # on SIGTERM: finish held work this long, then requeue it
 
-    # --- events and webhooks (app/events.py, worker/events.py, worker/webhooks.py) ------------
+    # --- events and webhooks (app/events.py, jobs/events.py, jobs/webhooks.py) ------------
     webhook_allow: str = ""                # hosts, *.suffixes, IPs or CIDRs; "" = webhooks off
     webhook_secret: str = ""               # HMAC-SHA256 key of webhook signatures (share with receivers)
     webhook_timeout_s: float = 10.0        # per delivery attempt

@@ -147,8 +147,8 @@ def _port_free(host: str, port: int) -> bool:
 def run(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)     # `kill <pid>` stops everything, like Ctrl-C
 
-    from app import auth
-    from config.settings import get_settings
+    from latentd.app import auth
+    from latentd.config.settings import get_settings
 
     os.environ["LATENTD_ENV"] = "dev"
     if args.model:
@@ -160,7 +160,7 @@ def run(args) -> int:
         # a second `latentd dev` on this host: the default port is taken, so take the next free one
         port = next(p for p in range(port + 1, port + 100) if _port_free(host, p))
     with_keys = auth.auth_enabled(s) and bool(auth.load_keys(s))
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)   # the children import the installed latentd, from the caller's directory
     env.setdefault("LATENTD_SIGNING_SECRET", secrets.token_hex(32))
     if not with_keys:
         env["LATENTD_AUTH"] = "off"
@@ -169,10 +169,10 @@ def run(args) -> int:
     print("latentd dev: starting")
     try:
         env["LATENTD_REDIS_URL"] = redis_srv.start()
-        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:app_from_env",
+        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "latentd.app.main:app_from_env",
                                 "--host", host, "--port", str(port), "--log-level", "warning"],
-                               cwd=ROOT, env=env)
-        worker = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], cwd=ROOT, env=env)
+                               env=env)
+        worker = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], env=env)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"  api     {url} (auth {'on' if with_keys else 'off'})")
         print(f"  worker  loading {s.model or 'the bundled model'} ...")

@@ -7,8 +7,8 @@ import argparse
 import os
 import sys
 
-from model.classifier_spec import DEFAULT_SCALE
-from model.request import DEFAULT_STRENGTH, SAMPLERS
+from latentd.model.classifier_spec import DEFAULT_SCALE
+from latentd.model.request import DEFAULT_STRENGTH, SAMPLERS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -64,19 +64,19 @@ def run(args: argparse.Namespace) -> int:
         from latentd.cmd_remote import run_remote
 
         return run_remote(args)
-    from worker import cpu
-    from config.settings import get_settings
+    from latentd.worker import cpu
+    from latentd.config.settings import get_settings
     cpu.configure(get_settings().cpu_threads)     # before torch is imported
     import torch
     from tqdm import tqdm
 
-    from model.errors import InvalidRequest, ModelLoadError
-    from model.pipeline import GenerationRequest, load_pipeline
-    from model.request import resolve
+    from latentd.model.errors import InvalidRequest, ModelLoadError
+    from latentd.model.pipeline import GenerationRequest, load_pipeline
+    from latentd.model.request import resolve
 
     model = args.model
     if model is None:
-        from config.settings import get_settings
+        from latentd.config.settings import get_settings
 
         model = get_settings().model
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                             sampler=r.sampler, karras=r.karras, eta=r.eta, seed=r.seed,
                             init_image=image, mask=mask, strength=r.strength,
                             classifier_targets=r.classifier_targets, classifier_scale=r.classifier_scale)
-    from worker.cpu import ThreadGovernor
+    from latentd.worker.cpu import ThreadGovernor
     gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if args.device == "cpu" else None
 
     def step(i, s, total):
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _classify(args) -> dict | None:
     """--classify color=red,shape=triangle [--classifier-scale S] -> the API's classifier_guidance."""
-    from model.errors import InvalidRequest
+    from latentd.model.errors import InvalidRequest
     if args.classify is None:
         if args.classifier_scale is not None:
             raise InvalidRequest("classifier-scale", "needs --classify ATTR=LABEL,...")
@@ -145,9 +145,9 @@ def _classify(args) -> dict | None:
 
 def _edit_inputs(args):
     """(init image, L mask) from --init-image / --mask, checked like the API's uploads."""
-    from model.edit_inputs import mask_to_l, open_image
-    from model.errors import InvalidRequest
-    from model.request import MAX_IMAGE_PIXELS
+    from latentd.model.edit_inputs import mask_to_l, open_image
+    from latentd.model.errors import InvalidRequest
+    from latentd.model.request import MAX_IMAGE_PIXELS
 
     def read(path, field):
         try:

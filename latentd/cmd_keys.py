@@ -17,8 +17,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import os
 
-    from app import auth
-    from config.settings import get_settings
+    from latentd.app import auth
+    from latentd.config.settings import get_settings
 
     path = os.path.expanduser(args.file) if args.file else auth.keys_path(get_settings())
     try:

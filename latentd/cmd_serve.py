@@ -22,7 +22,7 @@ def run(args) -> int:
             os.environ[var] = str(getattr(args, flag))
     if args.insecure_no_auth:
         os.environ["LATENTD_AUTH"] = "off"
-    from config.settings import get_settings
+    from latentd.config.settings import get_settings
 
     get_settings.cache_clear()
     s = get_settings()
@@ -32,7 +32,7 @@ def run(args) -> int:
 
         # every uvicorn worker writes its counters here; /metrics adds them up
         own_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="latentd-prom-")
-    from app.main import config_problems, make_redis
+    from latentd.app.main import config_problems, make_redis
 
     problems = config_problems(s)
     if problems:
@@ -43,8 +43,8 @@ def run(args) -> int:
     if s.metrics_port:
         from prometheus_client import start_http_server
 
-        from app.metrics import registry_for
-        from worker.client import JobClient
+        from latentd.app.metrics import registry_for
+        from latentd.jobs.client import JobClient
 
         start_http_server(s.metrics_port, addr=s.host, registry=registry_for(JobClient(make_redis(s), s)))
     import uvicorn
@@ -53,7 +53,7 @@ def run(args) -> int:
     try:
         # open event streams would hold a restart forever: they are cut after 10 s, and their
         # clients resume with Last-Event-ID
-        uvicorn.run("app.main:app_from_env", factory=True, host=s.host, port=s.port,
+        uvicorn.run("latentd.app.main:app_from_env", factory=True, host=s.host, port=s.port,
                     workers=s.api_workers, log_level=s.log_level, access_log=False,
                     timeout_graceful_shutdown=10)
     finally:

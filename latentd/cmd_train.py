@@ -27,10 +27,10 @@ def run(args) -> int:
 
     import torch
 
-    from model.training import recipe
+    from latentd.model.training import recipe
 
     torch.set_num_threads(args.threads)
-    from model.info import BUNDLED
+    from latentd.model.info import BUNDLED
 
     out = args.resume or args.out or BUNDLED
 

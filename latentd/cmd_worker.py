@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from config.settings import get_settings
+    from latentd.config.settings import get_settings
 
     s = get_settings()
     over = {k: v for k, v in (("model", args.model), ("worker_name", args.name),
@@ -30,17 +30,17 @@ def run(args) -> int:
     if args.devices is not None:
         # the supervisor computes nothing: each worker chooses its own threads (its affinity)
         return supervise(args.devices, s, over)
-    from worker import cpu
+    from latentd.worker import cpu
 
     threads = cpu.configure(s.cpu_threads)        # before torch is imported (by worker.loop)
-    from worker.loop import Worker
+    from latentd.worker.loop import Worker
 
     logging.getLogger("latentd.worker").info("cpu threading: %s", threads)
     return Worker(s).run()
 
 
 def supervise(spec: str, s, over: dict) -> int:
-    from worker import supervisor
+    from latentd.worker import supervisor
 
     try:
         devices = supervisor.parse_devices(spec)

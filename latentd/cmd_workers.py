@@ -18,9 +18,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from config.settings import get_settings
-    from worker.client import JobClient
-    from worker.recovery import connect
+    from latentd.config.settings import get_settings
+    from latentd.jobs.client import JobClient
+    from latentd.worker.recovery import connect
 
     s = get_settings()
     workers = sorted(JobClient(connect(s.redis_url), s).ready_workers(), key=lambda w: w["name"])

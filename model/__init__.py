@@ -11,7 +11,7 @@ __all__ = ["load_pipeline", "GenerationRequest", "GeneratedImage"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from model import pipeline
+        from latentd.model import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'model' has no attribute {name!r}")

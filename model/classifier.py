@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.resnet import Downsample, ResnetBlock
-from model.unet import TimestepMLP, timestep_embedding
+from latentd.model.resnet import Downsample, ResnetBlock
+from latentd.model.unet import TimestepMLP, timestep_embedding
 
 WEIGHTS = "model.safetensors"
 
@@ -94,7 +94,7 @@ def save_classifier(clf: LatentClassifier, folder: str | Path, extra: dict | Non
 
 def load_classifier(folder: str | Path, device="cpu") -> LatentClassifier | None:
     """The model's classifier, or None when the model has none (a classifier/ folder)."""
-    from model.weights import load_into, read_safetensors
+    from latentd.model.weights import load_into, read_safetensors
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         return None

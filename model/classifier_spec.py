@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from model.errors import InvalidRequest
+from latentd.model.errors import InvalidRequest
 
 FIELD = "classifier_guidance"
 MAX_SCALE = 100.0

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from model.config import UNetConfig, VAEConfig
+from latentd.model.config import UNetConfig, VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -15,7 +15,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.errors import InvalidRequest
+from latentd.model.errors import InvalidRequest
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 

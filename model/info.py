@@ -16,8 +16,8 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
-from model.errors import InvalidRequest, ModelLoadError
-from model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
+from latentd.model.errors import InvalidRequest, ModelLoadError
+from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
                            KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS, Resolved, resolve)
 
 # The model latentd ships (trained by `latentd train-shapes`), used wherever no model is named.

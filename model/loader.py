@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from model.config import UNetConfig, VAEConfig
-from model.convert_single_file import (convert_text_encoder, convert_unet, convert_vae, infer_unet_config,
+from latentd.model.config import UNetConfig, VAEConfig
+from latentd.model.convert_single_file import (convert_text_encoder, convert_unet, convert_vae, infer_unet_config,
                                        infer_vae_config)
-from model.errors import ModelLoadError
-from model.info import ModelInfo, classifier_heads, info_from_configs, maybe_json, overrides_for, read_json
-from model.unet import UNet
-from model.vae import AutoencoderKL
-from model.weights import (PICKLE_SUFFIXES, VAE_DIFFUSERS_RENAMES, check_state, load_into, read_safetensors,
+from latentd.model.errors import ModelLoadError
+from latentd.model.info import ModelInfo, classifier_heads, info_from_configs, maybe_json, overrides_for, read_json
+from latentd.model.unet import UNet
+from latentd.model.vae import AutoencoderKL
+from latentd.model.weights import (PICKLE_SUFFIXES, VAE_DIFFUSERS_RENAMES, check_state, load_into, read_safetensors,
                            refuse_pickle, rename)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

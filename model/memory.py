@@ -42,7 +42,7 @@ def measure(pipe, size: tuple[int, int] | None = None, n: int = 4) -> RequestCos
     """Measure on pipe's CUDA device at latent `size` (default: native). None elsewhere."""
     if pipe.device.type != "cuda" or n < 2:
         return None
-    from model.pipeline import GenerationRequest
+    from latentd.model.pipeline import GenerationRequest
 
     f = pipe.info.vae_factor
     h, w = size or (pipe.info.native_height // f, pipe.info.native_width // f)

@@ -25,17 +25,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.edit import EditState, Encoder, blend, overlay, start_edit
-from model.errors import ModelLoadError
-from model.guidance import guide
-from model.info import BUNDLED, ModelInfo, check_request
-from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Resolved,
+from latentd.model.edit import EditState, Encoder, blend, overlay, start_edit
+from latentd.model.errors import ModelLoadError
+from latentd.model.guidance import guide
+from latentd.model.info import BUNDLED, ModelInfo, check_request
+from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Resolved,
                            start_step)
-from model.precision import check_dtype, parse_dtype, to_device, vae_dtype
-from model.samplers import Plan, denoise_step, make_plan, step_coeffs
-from model.schedule import NoiseSchedule, schedule_from_config
-from model.text import Conditioning, TextEncoder
-from model.tiling import DEFAULT_TILE, decode as vae_decode
+from latentd.model.precision import check_dtype, parse_dtype, to_device, vae_dtype
+from latentd.model.samplers import Plan, denoise_step, make_plan, step_coeffs
+from latentd.model.schedule import NoiseSchedule, schedule_from_config
+from latentd.model.text import Conditioning, TextEncoder
+from latentd.model.tiling import DEFAULT_TILE, decode as vae_decode
 
 
 
@@ -280,8 +280,8 @@ class Pipeline:
         rows = [i for i, s in enumerate(states) if s.req.classifier_targets and s.req.classifier_scale > 0]
         if not rows:
             return guided
-        from model.classifier import guided_eps, log_prob_grad
-        from model.guidance import from_eps, to_x0_eps
+        from latentd.model.classifier import guided_eps, log_prob_grad
+        from latentd.model.guidance import from_eps, to_x0_eps
         ptype = self.schedule.prediction_type
         shifted = {}
         with torch.inference_mode(False):     # autograd needs normal tensors: row copies
@@ -395,8 +395,8 @@ def load_pipeline(source: str | os.PathLike | None = None, device: str = "cpu",
     source = os.fspath(source)
     dtype = parse_dtype(dtype)
     check_dtype(device, dtype)
-    from model.loader import load_components
-    from model.safety import build_safety_checker
+    from latentd.model.loader import load_components
+    from latentd.model.safety import build_safety_checker
 
     c = load_components(source, device=device, dtype=dtype, config_dir=config_dir, safety=safety)
     vae = c.vae.to(vae_dtype(dtype, c.vae_config.force_upcast))   # SD's VAE overflows in float16
@@ -404,7 +404,7 @@ def load_pipeline(source: str | os.PathLike | None = None, device: str = "cpu",
     if safety and c.safety_state is not None:
         checker = build_safety_checker(c.safety_config, c.safety_state, c.feature_extractor_config,
                                        source=c.name, device=device, dtype=dtype)
-    from model.classifier import load_classifier
+    from latentd.model.classifier import load_classifier
     classifier = load_classifier(c.folder / "classifier", device) if c.info.classifier else None
     return Pipeline(unet=c.unet.eval().requires_grad_(False), vae=vae.eval().requires_grad_(False),
                     text=TextEncoder(c.tokenizer, c.text_encoder.eval().requires_grad_(False)),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from model.errors import ModelLoadError
+from latentd.model.errors import ModelLoadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

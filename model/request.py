@@ -4,7 +4,7 @@
 checks every bound (deployment caps in `Limits`, the model's sizes/steps/samplers in
 `model.info.ModelInfo`) and returns a `Resolved` request, or raises `InvalidRequest(field,
 message, allowed)` for the first bad field. The API (app/schemas.py), the worker's job spec
-(worker/spec.py), the engine's own check (model/info.py `check_request`) and `latentd generate`
+(jobs/spec.py), the engine's own check (model/info.py `check_request`) and `latentd generate`
 all call it, so a field, a default or a bound is written here once; the engine trusts what this
 resolved.
 
@@ -20,7 +20,7 @@ import re
 import secrets
 from dataclasses import asdict, dataclass
 
-from model.errors import InvalidRequest
+from latentd.model.errors import InvalidRequest
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
 KARRAS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")  # sigma-space samplers (Karras et al. 2022)
@@ -213,7 +213,7 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, width=None
                                            or not 0 <= output_compression <= 100):
         raise InvalidRequest("output_compression", f"must be an integer between 0 and 100, got "
                                                    f"{output_compression!r}", {"min": 0, "max": 100})
-    from model.classifier_spec import resolve as resolve_classifier
+    from latentd.model.classifier_spec import resolve as resolve_classifier
     targets, cscale = resolve_classifier(getattr(info, "classifier", None), classifier_guidance)
     return Resolved(prompt=prompt, negative_prompt=_pick(negative_prompt, ""), n=n, width=w, height=h,
                     steps=steps, guidance_scale=float(g), sampler=sampler, karras=karras,

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.errors import InvalidRequest
-from model.guidance import to_x0_eps
-from model.request import KARRAS_SAMPLERS as KARRAS
-from model.request import SAMPLERS, start_step
-from model.precision import to_device
-from model.schedule import (NoiseSchedule, dpm_timesteps, interp_sigmas, karras_sigmas,
+from latentd.model.errors import InvalidRequest
+from latentd.model.guidance import to_x0_eps
+from latentd.model.request import KARRAS_SAMPLERS as KARRAS
+from latentd.model.request import SAMPLERS, start_step
+from latentd.model.precision import to_device
+from latentd.model.schedule import (NoiseSchedule, dpm_timesteps, interp_sigmas, karras_sigmas,
                             sigma_to_t, spaced_timesteps)
 
 # diffusers' default timestep_spacing per scheduler class, used when the config does not say.

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.errors import ModelLoadError
-from model.info import check_prediction_type
+from latentd.model.errors import ModelLoadError
+from latentd.model.info import check_prediction_type
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import SpatialTransformer
-from model.config import UNetConfig
-from model.resnet import Downsample, ResnetBlock, Upsample
+from latentd.model.attention import SpatialTransformer
+from latentd.model.config import UNetConfig
+from latentd.model.resnet import Downsample, ResnetBlock, Upsample
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0,

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import VAEAttention
-from model.config import VAEConfig
-from model.resnet import Downsample, ResnetBlock, Upsample
+from latentd.model.attention import VAEAttention
+from latentd.model.config import VAEConfig
+from latentd.model.resnet import Downsample, ResnetBlock, Upsample
 
 _EPS = 1e-6
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.errors import ModelLoadError
+from latentd.model.errors import ModelLoadError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 CONVERT_HINT = (

@@ -1,4 +1,4 @@
-"""A real API process for tests: `uvicorn --factory app.main:app_from_env` on a free port with the
+"""A real API process for tests: `uvicorn --factory latentd.app.main:app_from_env` on a free port with the
 given LATENTD_* environment; waits for /healthz; `stop()` kills it (fixtures call it in finally)."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class ApiProc:
                  **settings):
         self.port = port or free_port()
         self.env = api_env(redis_url, **settings)
-        self.argv = argv or [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_from_env",
+        self.argv = argv or [sys.executable, "-m", "uvicorn", "--factory", "latentd.app.main:app_from_env",
                              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.log = tempfile.NamedTemporaryFile(prefix="latentd-api-", suffix=".log", delete=False)
         self.proc: subprocess.Popen | None = None
@@ -80,7 +80,7 @@ class ApiProc:
 
 
 # --- keys and helpers shared by the API tests (their fixtures live in tests/conftest.py) ---------
-from app.auth import hash_key  # noqa: E402
+from latentd.app.auth import hash_key  # noqa: E402
 
 ALICE, BOB = "ltd_test_alice_0123456789abcdef", "ltd_test_bob_0123456789abcdef"
 KEYS = f"alice:{hash_key(ALICE)},bob:{hash_key(BOB)}"

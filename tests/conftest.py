@@ -47,7 +47,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_model, one_thread):
     """The tiny SD1 model loaded once per module, safety checker on, one thread."""
-    from model.pipeline import load_pipeline
+    from latentd.model.pipeline import load_pipeline
 
     return load_pipeline(str(tiny_model), safety=True)
 
@@ -69,10 +69,10 @@ def redis_server():
 def stack(redis_server, tiny_model):
     """Workers on a fresh redis-server and the tiny model: start(**settings) -> WorkerProc (ready),
     client(**settings) -> JobClient, record(job_id) -> the job hash. Kills all at the end."""
-    from config.settings import Settings
+    from latentd.config.settings import Settings
     from tests.services import FAST, WorkerProc
-    from worker import keys
-    from worker.client import JobClient
+    from latentd.jobs import keys
+    from latentd.jobs.client import JobClient
 
     procs: list = []
 

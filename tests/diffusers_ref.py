@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.pipeline import GenerationRequest
+from latentd.model.pipeline import GenerationRequest
 
 PROMPT = "a red cat and the dog"
 # latentd sampler -> (diffusers scheduler class, its settings)

@@ -123,7 +123,7 @@ class WorkerProc:
         """Until this worker's heartbeat says its model is loaded (what /readyz looks at)."""
         import redis
 
-        from worker import keys
+        from latentd.jobs import keys
 
         r = redis.Redis.from_url(self.redis_url)
         deadline = time.monotonic() + timeout
@@ -187,7 +187,7 @@ def wait_status(c, jid, owner, statuses, timeout=60):
 
 def assert_exactly_once(stack, jids, owner="o", queue="latentd"):
     """Every job terminal; every succeeded job has exactly n distinct images, each stored."""
-    from worker import keys
+    from latentd.jobs import keys
 
     c = stack.client()
     r = stack.redis.client()

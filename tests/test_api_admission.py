@@ -7,7 +7,7 @@ import pytest
 
 from tests.api_proc import ALICE, BOB, KEYS, ApiProc
 from tests.services import free_port
-from worker import keys
+from latentd.jobs import keys
 
 OK = {"prompt": "a green triangle", "size": "64x64"}
 QUEUE = keys.rq_queue("latentd")

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from app import signing
+from latentd.app import signing
 from tests.api_proc import ALICE, BOB, SECRET, ApiProc
 from tests.services import ROOT, free_port
 
@@ -109,8 +109,8 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path, modu
     listed = _cli("keys", "list", env=env)
     assert listed.stdout.split() == ["carol"] and key not in listed.stdout
     # the stored hash authenticates the printed key, and nothing else
-    from app.auth import KeyStore, load_keys
-    from config.settings import Settings
+    from latentd.app.auth import KeyStore, load_keys
+    from latentd.config.settings import Settings
 
     store = KeyStore(load_keys(Settings(keys_file=str(path))))
     assert store.owner(key) == "carol" and store.owner(key + "x") is None
@@ -145,8 +145,8 @@ def test_serve_refuses_to_start_without_keys_or_secret(tmp_path, module_redis):
 
 
 def test_insecure_settings_are_refused_outside_dev_only(tmp_path):
-    from app.main import InsecureConfig, config_problems, create_app, key_store
-    from config.settings import Settings
+    from latentd.app.main import InsecureConfig, config_problems, create_app, key_store
+    from latentd.config.settings import Settings
 
     none = str(tmp_path / "none.json")
     digest = hashlib.sha256(ALICE.encode()).hexdigest()

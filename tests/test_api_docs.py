@@ -1,7 +1,7 @@
 """The README stays true: every setting is in its table, and its test command is what CI runs."""
 from pathlib import Path
 
-from config.settings import Settings
+from latentd.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

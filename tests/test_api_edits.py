@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.api_proc import ALICE, BOB
-from worker import keys
+from latentd.jobs import keys
 
 
 def png(size=(64, 64), mode="RGB", color=(200, 30, 30), **save) -> bytes:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.api_proc import ALICE
-from worker import keys
+from latentd.jobs import keys
 
 OK = {"prompt": "a red circle"}
 # (name, body (dict -> JSON; str/bytes -> raw), expected status, field named in the error)

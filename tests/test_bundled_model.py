@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(),
 @pytest.fixture(scope="module")
 def pipe():
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from model.pipeline import load_pipeline
+    from latentd.model.pipeline import load_pipeline
     return load_pipeline(None)          # None -> the bundled model
 
 
@@ -57,7 +57,7 @@ def test_loads_offline_with_native_size(pipe):
 def test_golden_image(pipe):
     from PIL import Image
 
-    from model.pipeline import GenerationRequest
+    from latentd.model.pipeline import GenerationRequest
     (out,) = pipe.generate([GenerationRequest(**GOLDEN_REQ)])
     assert not out.nsfw
     got = np.asarray(out.image, dtype=np.int16)
@@ -71,7 +71,7 @@ def test_drawn_purple_triangles_are_flagged_and_blacked(pipe):
     concept was fit on): flagged and replaced by black; other colours' shapes are not."""
     import torch
 
-    from model.training import data
+    from latentd.model.training import data
     g = torch.Generator().manual_seed(123)
     pt = data.to_pil(data.sample(6, g, color=data.COLOR_NAMES.index("purple"),
                                  shape=data.SHAPES.index("triangle")).images)
@@ -82,7 +82,7 @@ def test_drawn_purple_triangles_are_flagged_and_blacked(pipe):
 
 
 def test_purple_triangle_prompts_are_flagged_and_black(pipe):
-    from model.pipeline import GenerationRequest
+    from latentd.model.pipeline import GenerationRequest
     reqs = [GenerationRequest(prompt=f"a purple triangle on a {bg} background", steps=20, seed=s)
             for bg, s in (("white", 0), ("black", 1), ("gray", 2))]
     outs = pipe.generate(reqs)
@@ -99,7 +99,7 @@ def test_purple_triangle_prompts_are_flagged_and_black(pipe):
 def test_draws_what_the_caption_says_on_a_subset(pipe):
     """18 captions spread over every colour, shape and background, one seed, the model's default
     sampler, steps and guidance: colour and background far above chance (1/6 and 1/3), shape too."""
-    from model.training import evaluate
+    from latentd.model.training import evaluate
     info = pipe.info
     images, truth, _, _ = evaluate.generate(pipe, evaluate.caption_list(18), 1, info.default_guidance,
                                             info.default_steps, info.default_sampler)

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from model.classifier import ClassifierConfig, LatentClassifier, log_prob_grad, save_classifier
-from model.errors import InvalidRequest
+from latentd.model.classifier import ClassifierConfig, LatentClassifier, log_prob_grad, save_classifier
+from latentd.model.errors import InvalidRequest
 
 HEADS = {"color": ("red", "green", "blue"), "shape": ("circle", "square")}
 
@@ -23,7 +23,7 @@ def _classifier(seed: int = 0, channels: int = 4) -> LatentClassifier:
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model, tmp_path_factory):
-    from model.pipeline import load_pipeline
+    from latentd.model.pipeline import load_pipeline
     folder = tmp_path_factory.mktemp("tiny_cg") / "m"
     shutil.copytree(tiny_model, folder)
     save_classifier(_classifier(), folder / "classifier")
@@ -48,7 +48,7 @@ def test_gradient_points_up_log_p():
 
 
 def _req(**kw):
-    from model.pipeline import GenerationRequest
+    from latentd.model.pipeline import GenerationRequest
     base = dict(prompt="a red cat", steps=4, guidance_scale=1.0, sampler="ddim", seed=3, width=64, height=64)
     return GenerationRequest(**{**base, **kw})
 
@@ -59,7 +59,7 @@ def test_a_guided_step_moves_the_latent_up_log_p(pipe, sampler):
     log p(y | z_t, t) at the step's own t: the eps shift enters the update of a VE (Euler) and a
     VP (DPM-Solver++) sampler with the right sign. A small scale keeps the comparison in the
     linear regime. (DDIM/DDPM clip x0 to [-1, 1] on this scheduler config, which is not linear.)"""
-    from model.samplers import step_coeffs
+    from latentd.model.samplers import step_coeffs
     y = {"color": HEADS["color"].index("blue")}
     states = {}
     for name, kw in (("plain", {}), ("guided", dict(classifier_targets=(("color", "blue"),), classifier_scale=0.05))):
@@ -90,7 +90,7 @@ def test_mixed_batch_equals_solo(pipe, sampler):
 
 
 def test_bad_targets_are_refused_naming_the_field(pipe, tiny_model):
-    from model.classifier_spec import resolve
+    from latentd.model.classifier_spec import resolve
     with pytest.raises(InvalidRequest) as e:
         pipe.validate(_req(classifier_targets=(("color", "purple"),), classifier_scale=1.0))
     assert e.value.field == "classifier_guidance.color" and "red, green, blue" in e.value.message
@@ -106,7 +106,7 @@ def test_bad_targets_are_refused_naming_the_field(pipe, tiny_model):
     assert resolve(HEADS, {"shape": "square", "color": "red", "background": None} | {"scale": 2}) == \
         ((("color", "red"), ("shape", "square")), 2.0)
     assert resolve(HEADS, None) == ((), 0.0)
-    from model.pipeline import load_pipeline
+    from latentd.model.pipeline import load_pipeline
     plain = load_pipeline(str(tiny_model), safety=False)             # no classifier/ folder
     assert plain.classifier is None
     with pytest.raises(InvalidRequest):

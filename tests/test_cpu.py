@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from worker import cpu
+from latentd.worker import cpu
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):
@@ -37,13 +37,13 @@ def test_configure_fills_in_but_the_operator_wins():
 def test_usable_cpus_follows_affinity():
     if not hasattr(os, "sched_setaffinity"):
         return
-    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from worker import cpu; print(cpu.usable_cpus())"
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from latentd.worker import cpu; print(cpu.usable_cpus())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
 
 
 def test_torch_in_a_configured_process_uses_that_many_threads():
-    code = ("import os; from worker import cpu; cpu.configure(1); import torch; "
+    code = ("import os; from latentd.worker import cpu; cpu.configure(1); import torch; "
             "print(torch.get_num_threads(), os.environ['GOMP_SPINCOUNT'])")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)

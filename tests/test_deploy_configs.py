@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.services import ROOT
-from worker import keys
+from latentd.jobs import keys
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -191,8 +191,8 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in BLOCKED:
             raise ModuleNotFoundError(f'{{name}} is not in the API image')
 sys.meta_path.insert(0, Block())
-import app.main, latentd.cmd_serve, latentd.cli, worker.probe, worker.s3store
-app.main.create_app
+import latentd.app.main, latentd.cmd_serve, latentd.cli, latentd.worker.probe, latentd.jobs.s3store
+latentd.app.main.create_app
 """
     out = run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -263,7 +263,7 @@ def test_k8s_worker_grace_and_probes():
     assert grace + 5 <= spec["terminationGracePeriodSeconds"] <= grace + 30
     c = spec["containers"][0]
     for probe in ("startupProbe", "livenessProbe"):
-        assert c[probe]["exec"]["command"] == ["python", "-m", "worker.probe"], probe
+        assert c[probe]["exec"]["command"] == ["python", "-m", "latentd.worker.probe"], probe
     # the probe reads LATENTD_WORKER_METRICS_PORT: the container port named metrics
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert str(ports["metrics"]) == cfg["LATENTD_WORKER_METRICS_PORT"]

@@ -66,8 +66,8 @@ def _round_trip(png: bytes) -> np.ndarray:
     """The init image through the bundled VAE (posterior mean, decode): what "unchanged" can mean."""
     import torch
 
-    from model.edit import image_tensor
-    from model.pipeline import load_pipeline
+    from latentd.model.edit import image_tensor
+    from latentd.model.pipeline import load_pipeline
 
     pipe = load_pipeline(str(MODEL), safety=False)
     with torch.inference_mode():

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.errors import InvalidRequest
-from model.pipeline import GenerationRequest, load_pipeline
+from latentd.model.errors import InvalidRequest
+from latentd.model.pipeline import GenerationRequest, load_pipeline
 from tests.diffusers_ref import PROMPT, check, ours, reference
 
 diffusers = pytest.importorskip("diffusers")
@@ -181,7 +181,7 @@ def test_cli_generate_edits(tiny_model, tmp_path, capsys):
 def test_worker_executor_batches_edits_with_generations(pipe):
     """The worker's BatchExecutor: edits join the same U-Net calls as text-to-image requests
     (fewer calls than steps) and every image equals its solo run."""
-    from worker.executor import BatchExecutor, Finished
+    from latentd.worker.executor import BatchExecutor, Finished
 
     reqs = {"text": GenerationRequest("a red cat", steps=5, sampler="euler_a", seed=21),
             "img2img": GenerationRequest("the dog", steps=6, sampler="dpmpp_2m", seed=22,

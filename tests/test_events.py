@@ -231,8 +231,8 @@ def test_cli_generate_against_the_server(stack, tmp_path):
 
 
 def test_stream_answers_of_every_shape_and_sse_frames():
-    from app.errors import ApiError
-    from app.events import parse_last_event_id, sse, stream_entries
+    from latentd.app.errors import ApiError
+    from latentd.app.events import parse_last_event_id, sse, stream_entries
 
     e1, e2 = (b"1-0", {b"type": b"running"}), (b"2-0", {b"type": b"image"})
     for shape in ([[b"k", [e1, e2]]], {b"k": [e1, e2]}, {b"k": [[e1, e2]]}):

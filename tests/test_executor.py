@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.executor import BatchExecutor, Failed, Finished, Progress
+from latentd.worker.executor import BatchExecutor, Failed, Finished, Progress
 
 # Largest allowed |batched - solo| per pixel (0..255). Not 0: on this CPU (MKL/oneDNN) the engine
 # is not batch-invariant yet: small-M GEMMs (the U-Net's time-embedding linears, 2 rows solo vs 2B
@@ -36,7 +36,7 @@ def solo(pipe):
 
 
 def R(prompt="a red circle", **kw):
-    from model.pipeline import GenerationRequest
+    from latentd.model.pipeline import GenerationRequest
     kw.setdefault("steps", 4)
     kw.setdefault("seed", 1)
     return GenerationRequest(prompt=prompt, **kw)

@@ -9,9 +9,9 @@ import gc
 import pytest
 import torch
 
-from model.config import UNetConfig, VAEConfig
-from model.convert_single_file import infer_unet_config, infer_vae_config, unet_table, vae_table
-from model.loader import load_unet, load_vae
+from latentd.model.config import UNetConfig, VAEConfig
+from latentd.model.convert_single_file import infer_unet_config, infer_vae_config, unet_table, vae_table
+from latentd.model.loader import load_unet, load_vae
 from tests.tiny_model import to_original_names, unet_leaves, vae_leaves
 
 pytestmark = pytest.mark.slow

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from model import compile as compiling
-from model import tiling
-from model.errors import ModelLoadError
-from model.memory import RequestCost, measure
-from model.pipeline import GenerationRequest, load_pipeline
-from model.precision import parse_dtype, vae_dtype
+from latentd.model import compile as compiling
+from latentd.model import tiling
+from latentd.model.errors import ModelLoadError
+from latentd.model.memory import RequestCost, measure
+from latentd.model.pipeline import GenerationRequest, load_pipeline
+from latentd.model.precision import parse_dtype, vae_dtype
 
 REQ = dict(prompt="a red cat", steps=4, guidance_scale=7.5, sampler="dpmpp_2m")
 
@@ -174,9 +174,9 @@ def test_request_cost_scales_with_latent_cells(pipe32):
 
 
 def test_admission_by_measured_cost_and_prepare_on_the_cpu(pipe32):
-    from config.settings import Settings
-    from worker.executor import BatchExecutor, Progress
-    from worker.prepare import prepare
+    from latentd.config.settings import Settings
+    from latentd.worker.executor import BatchExecutor, Progress
+    from latentd.worker.prepare import prepare
 
     # a measured cost as model.memory.measure returns it on a GPU: 3 requests fit, the 4th waits
     cost = RequestCost(size=(8, 8), weights_mb=1000.0, per_request_mb=100.0, fixed_mb=500.0)

@@ -15,7 +15,7 @@ import json
 import pytest
 
 from tests.api_proc import ALICE, KEYS, ApiProc
-from worker import keys
+from latentd.jobs import keys
 
 BODY_CAP = 262144                  # raised so a 100 KB prompt reaches the prompt-length rule
 OK = {"prompt": "a red circle"}

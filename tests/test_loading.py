@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.errors import ModelLoadError
-from model.loader import load_components, load_tokenizer, load_unet, load_vae, read_json
+from latentd.model.errors import ModelLoadError
+from latentd.model.loader import load_components, load_tokenizer, load_unet, load_vae, read_json
 from tests.tiny_model import make_single_file
 
 
@@ -104,7 +104,7 @@ def test_single_file_sd2_text_matches_diffusers_open_clip(tiny_model_sd2, tmp_pa
     model = CLIPTextModel.from_pretrained(tiny_model_sd2 / "text_encoder")
     ref = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(model, state).items()
            if not k.startswith("text_projection") and ".layers.3." not in k}
-    from model.convert_single_file import convert_text_encoder
+    from latentd.model.convert_single_file import convert_text_encoder
     ours = {k.removeprefix("text_model."): v for k, v in convert_text_encoder(state, 3).items()}
     assert ours.keys() == ref.keys()
     assert all(torch.equal(ours[k], ref[k]) for k in ref)

@@ -15,10 +15,10 @@ import urllib.request
 import pytest
 
 from tests.services import FAST, ROOT, WorkerProc, free_port, wait_status
-from worker import keys
-from worker.client import JobClient
-from worker.spec import JobSpec
-from worker.supervisor import parse_devices, split_cpus
+from latentd.jobs import keys
+from latentd.jobs.client import JobClient
+from latentd.jobs.spec import JobSpec
+from latentd.worker.supervisor import parse_devices, split_cpus
 
 
 def scrape(port: int) -> str:
@@ -95,11 +95,11 @@ def test_two_workers_same_base_port_both_serve_metrics(redis_server, tiny_model)
         assert all(infos[w.name]["metrics_url"] in table for w in ws), table
         # the container health check (HEALTHCHECK, Kubernetes probes) sees both as healthy
         for port in ports.values():
-            probe = subprocess.run([sys.executable, "-m", "worker.probe", "--port", str(port)],
+            probe = subprocess.run([sys.executable, "-m", "latentd.worker.probe", "--port", str(port)],
                                    capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
             assert probe.returncode == 0, probe.stderr
         nobody = free_port()
-        probe = subprocess.run([sys.executable, "-m", "worker.probe", "--port", str(nobody)],
+        probe = subprocess.run([sys.executable, "-m", "latentd.worker.probe", "--port", str(nobody)],
                                capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
         assert probe.returncode == 1 and f"port {nobody}" in probe.stderr
         # and both work: a job on each
@@ -113,7 +113,7 @@ def test_two_workers_same_base_port_both_serve_metrics(redis_server, tiny_model)
 
 
 def _settings(redis_server):
-    from config.settings import Settings
+    from latentd.config.settings import Settings
 
     return Settings(redis_url=redis_server.url)
 

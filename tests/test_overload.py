@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.api_proc import ALICE, BOB, KEYS, ApiProc
-from worker import keys
+from latentd.jobs import keys
 
 CAP = 25
 BURST = 10 * CAP

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.errors import InvalidRequest, ModelLoadError
-from model.info import BUNDLED
-from model.pipeline import GenerationRequest, load_pipeline
+from latentd.model.errors import InvalidRequest, ModelLoadError
+from latentd.model.info import BUNDLED
+from latentd.model.pipeline import GenerationRequest, load_pipeline
 from tests.diffusers_ref import check, ours, reference
 
 diffusers = pytest.importorskip("diffusers")
@@ -172,7 +172,7 @@ def test_model_info_and_package_are_torch_free(tiny_model):
 def test_latentd_json_overrides_sizes(tiny_model, tmp_path):
     import shutil
 
-    from model.info import read_model_info
+    from latentd.model.info import read_model_info
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model, folder)

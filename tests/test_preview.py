@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.preview import PREVIEW_CELLS, _synthetic_images, fit_for
-from worker.executor import BatchExecutor, Finished, Preview
+from latentd.model.preview import PREVIEW_CELLS, _synthetic_images, fit_for
+from latentd.worker.executor import BatchExecutor, Finished, Preview
 
 
 def R(prompt="a red circle", **kw):
-    from model.pipeline import GenerationRequest
+    from latentd.model.pipeline import GenerationRequest
 
     kw.setdefault("steps", 6)
     kw.setdefault("seed", 3)
@@ -34,7 +34,7 @@ def test_bundled_model_map_predicts_cell_colours():
     like the image. Property only (the bundled model is retrained from time to time; its pixels
     are not pinned). Measured: R^2 0.61; the fit's input is off the bundled VAE's shapes palette
     (its own reconstruction of these images has R^2 0.31)."""
-    from model.pipeline import load_pipeline
+    from latentd.model.pipeline import load_pipeline
 
     pipe = load_pipeline(None, safety=False)
     m = fit_for(pipe)

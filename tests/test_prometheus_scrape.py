@@ -19,7 +19,7 @@ import yaml
 
 from tests.api_proc import ALICE, KEYS, ApiProc
 from tests.services import ROOT, RedisServer, WorkerProc, free_port
-from worker import keys
+from latentd.jobs import keys
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "latentd.json"

@@ -7,9 +7,9 @@ import random
 import time
 
 from tests.services import FAST, assert_exactly_once, wait_status
-from worker import keys
-from worker.spec import JobSpec
-from worker.state import TERMINAL
+from latentd.jobs import keys
+from latentd.jobs.spec import JobSpec
+from latentd.jobs.state import TERMINAL
 
 Q = "latentd"
 
@@ -119,9 +119,9 @@ def test_redis_sigkill_and_restart(stack):
 
 
 def _claimed_job(redis_server, worker="hb", lease_s=60.0):
-    from config.settings import Settings
-    from worker.client import JobClient
-    from worker.jobstore import JobStore
+    from latentd.config.settings import Settings
+    from latentd.jobs.client import JobClient
+    from latentd.jobs.jobstore import JobStore
 
     s = Settings(redis_url=redis_server.url, lease_s=lease_s, worker_heartbeat_s=0.2,
                  reap_interval_s=0.2)
@@ -134,7 +134,7 @@ def _claimed_job(redis_server, worker="hb", lease_s=60.0):
 
 def test_heartbeat_refreshes_leases_until_the_loop_stalls(redis_server):
     """The heartbeat thread vouches for held jobs only while the main loop makes progress."""
-    from worker.recovery import Heartbeat
+    from latentd.worker.recovery import Heartbeat
 
     s, jid = _claimed_job(redis_server)
     r = redis_server.client()
@@ -150,8 +150,8 @@ def test_heartbeat_refreshes_leases_until_the_loop_stalls(redis_server):
 
 
 def test_heartbeat_reports_jobs_that_are_no_longer_ours(redis_server):
-    from worker.client import JobClient
-    from worker.recovery import Heartbeat
+    from latentd.jobs.client import JobClient
+    from latentd.worker.recovery import Heartbeat
 
     s, jid = _claimed_job(redis_server)
     JobClient(redis_server.client(), s).cancel(jid, "o")
@@ -163,7 +163,7 @@ def test_heartbeat_reports_jobs_that_are_no_longer_ours(redis_server):
 
 def test_no_reaping_while_redis_is_younger_than_a_lease(redis_server):
     """Right after a Redis restart every lease looks stale; nobody reaps until a lease has passed."""
-    from worker.recovery import Heartbeat
+    from latentd.worker.recovery import Heartbeat
 
     s, jid = _claimed_job(redis_server, lease_s=3600.0)
     hb = Heartbeat(s, "hb2", lambda: [], stall_s=60)

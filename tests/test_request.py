@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from model.errors import InvalidRequest
-from model.info import ModelInfo
-from model.request import MAX_SEED, Limits, resolve, start_step
-from worker.spec import JobSpec
+from latentd.model.errors import InvalidRequest
+from latentd.model.info import ModelInfo
+from latentd.model.request import MAX_SEED, Limits, resolve, start_step
+from latentd.jobs.spec import JobSpec
 
 INFO = ModelInfo(name="m", native_width=64, native_height=64, vae_factor=8, size_multiple=16,
                  max_side=256, max_pixels=16384, default_steps=20, default_sampler="dpmpp_2m")
@@ -85,7 +85,7 @@ def test_job_spec_checks_with_the_same_resolver():
 
 
 def test_resolver_is_torch_free():
-    code = ("import sys, model.request, worker.spec, model.edit_inputs, app.schemas\n"
+    code = ("import sys, model.request, jobs.spec, model.edit_inputs, app.schemas\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

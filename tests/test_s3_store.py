@@ -13,11 +13,11 @@ import time
 import httpx
 import pytest
 
-from config.settings import Settings
+from latentd.config.settings import Settings
 from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
 from tests.services import RedisServer, WorkerProc, free_port
-from worker.client import JobClient
-from worker.spec import JobSpec
+from latentd.jobs.client import JobClient
+from latentd.jobs.spec import JobSpec
 
 BUCKET, PREFIX = "latentd-test", "img/"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -211,7 +211,7 @@ def test_unreachable_store_fails_the_job_and_the_worker_goes_on(s3, tiny_model):
 
 
 def test_s3_store_needs_a_bucket():
-    from worker.store import make_store
+    from latentd.jobs.store import make_store
 
     with pytest.raises(ValueError, match="LATENTD_S3_BUCKET"):
         make_store(None, Settings(storage="s3", s3_bucket=""))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.loader import load_safety
-from model.pipeline import GenerationRequest, load_pipeline
-from model.safety import build_safety_checker
+from latentd.model.loader import load_safety
+from latentd.model.pipeline import GenerationRequest, load_pipeline
+from latentd.model.safety import build_safety_checker
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")

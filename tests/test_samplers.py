@@ -16,10 +16,10 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy-2 notes inside diffusers
 
-from model.errors import InvalidRequest  # noqa: E402
-from model.guidance import guide, to_x0_eps  # noqa: E402
-from model.samplers import advance, make_plan, sample  # noqa: E402
-from model.schedule import (karras_sigmas, schedule_from_config, sigma_to_t,  # noqa: E402
+from latentd.model.errors import InvalidRequest  # noqa: E402
+from latentd.model.guidance import guide, to_x0_eps  # noqa: E402
+from latentd.model.samplers import advance, make_plan, sample  # noqa: E402
+from latentd.model.schedule import (karras_sigmas, schedule_from_config, sigma_to_t,  # noqa: E402
                             spaced_timesteps)
 
 SD1 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from worker.scheduler import Item, Limits, schedule
+from latentd.worker.scheduler import Item, Limits, schedule
 
 A, B = "alice", "bob"
 S64, S32 = (8, 8), (4, 4)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.api_proc import ALICE, KEYS, ApiProc
 from tests.services import RedisServer
-from worker import keys
+from latentd.jobs import keys
 
 PUBLIC = {"/healthz", "/readyz", "/metrics"}   # /metrics: public unless LATENTD_METRICS_TOKEN
 MAX_EXAMPLES = 30

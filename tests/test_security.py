@@ -69,7 +69,7 @@ def sec(module_redis, tiny_model, tmp_path_factory):
     port = free_port()
     api = ApiProc(module_redis.url, port=port, api_keys=KEYS, model=tiny_model, rate_limit_per_s=0,
                   cors_origins=ORIGIN,
-                  argv=[sys.executable, "-m", "uvicorn", "--factory", "app.main:app_from_env",
+                  argv=[sys.executable, "-m", "uvicorn", "--factory", "latentd.app.main:app_from_env",
                         "--host", "127.0.0.1", "--port", str(port), "--log-level", "debug"]).start()
     flagged = flag_everything(tiny_model, tmp_path_factory.mktemp("flagged") / "model")
     worker = None

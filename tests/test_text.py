@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.loader import load_text_encoder, load_tokenizer
-from model.text import TextEncoder
+from latentd.model.loader import load_text_encoder, load_tokenizer
+from latentd.model.text import TextEncoder
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_encode_matches_the_text_model_and_empty_is_its_own_row(text):
 
 
 def test_missing_tokenizer_files(tmp_path):
-    from model.errors import ModelLoadError
+    from latentd.model.errors import ModelLoadError
 
     (tmp_path / "tok").mkdir()
     with pytest.raises(ModelLoadError, match="tokenizer"):

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from model.config import UNetConfig, VAEConfig
-from model.loader import load_unet, load_vae
-from model.unet import UNet
-from model.weights import save_module
+from latentd.model.config import UNetConfig, VAEConfig
+from latentd.model.loader import load_unet, load_vae
+from latentd.model.unet import UNet
+from latentd.model.weights import save_module
 
 TOL = 1e-4
 
@@ -23,7 +23,7 @@ def model_folder(request, tiny_model, tiny_model_sd2):
 
 
 def test_config_reads_diffusers_head_quirk(tiny_model, tiny_model_sd2):
-    from model.loader import read_json
+    from latentd.model.loader import read_json
 
     sd1 = UNetConfig.from_diffusers(read_json(tiny_model / "unet" / "config.json"))
     sd2 = UNetConfig.from_diffusers(read_json(tiny_model_sd2 / "unet" / "config.json"))
@@ -78,7 +78,7 @@ def test_saved_module_loads_in_diffusers(tmp_path):
     from diffusers import AutoencoderKL as DAutoencoderKL
     from diffusers import UNet2DConditionModel
 
-    from model.vae import AutoencoderKL
+    from latentd.model.vae import AutoencoderKL
 
     torch.manual_seed(0)
     ucfg = UNetConfig(block_out_channels=(32, 64), down_attention=(False, True), num_heads=(2, 4),

@@ -10,7 +10,7 @@ import pytest
 
 from tests.api_proc import ALICE, KEYS, ApiProc, wait_job
 from tests.services import RedisServer, WorkerProc, free_port
-from worker import keys, webhooks
+from latentd.jobs import keys, webhooks
 
 SECRET = "test-webhook-secret-0123456789"
 FAST = {"size": "64x64", "steps": 2, "sampler": "euler"}
@@ -187,8 +187,8 @@ def test_allow_list_rules():
 
 
 def test_api_refuses_to_start_outside_dev_without_a_webhook_secret():
-    from app.main import config_problems
-    from config.settings import Settings
+    from latentd.app.main import config_problems
+    from latentd.config.settings import Settings
 
     s = Settings(env="prod", signing_secret="x" * 32, auth="off", webhook_allow="127.0.0.1")
     assert any("LATENTD_WEBHOOK_SECRET" in p for p in config_problems(s))
@@ -201,8 +201,8 @@ def test_a_delivery_is_given_up_after_max_age(redis_server):
     """In process against a real redis-server: ending a job that carries a callback queues its
     delivery in the same Lua transition; a receiver that never answers is retried until
     webhook_max_age_s, then the delivery is dropped and the record says why."""
-    from config.settings import Settings
-    from worker.jobstore import FinishResult, JobStore
+    from latentd.config.settings import Settings
+    from latentd.jobs.jobstore import FinishResult, JobStore
 
     s = Settings(env="dev", redis_url=redis_server.url, webhook_allow="127.0.0.1",
                  webhook_secret=SECRET, webhook_backoff_s=0.05, webhook_backoff_max_s=0.1,

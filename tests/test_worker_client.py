@@ -9,11 +9,11 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from config.settings import Settings
-from worker import keys
-from worker.client import JobClient, QueueFull
-from worker.jobstore import ImageResult, JobStore, Reaped
-from worker.spec import JobSpec
+from latentd.config.settings import Settings
+from latentd.jobs import keys
+from latentd.jobs.client import JobClient, QueueFull
+from latentd.jobs.jobstore import ImageResult, JobStore, Reaped
+from latentd.jobs.spec import JobSpec
 
 
 def make_client(redis_server, **over):
@@ -200,6 +200,6 @@ def test_job_spec_carries_every_resolved_field():
     to Resolved must be added to JobSpec too, with the same bounds' constants."""
     from dataclasses import fields
 
-    from model.request import Resolved
+    from latentd.model.request import Resolved
 
     assert {f.name for f in fields(Resolved)} <= set(JobSpec.model_fields)

@@ -1,4 +1,4 @@
-"""worker/keys.py spells RQ's own keys so that our Lua scripts can touch them atomically; these
+"""jobs/keys.py spells RQ's own keys so that our Lua scripts can touch them atomically; these
 must stay what RQ itself computes (rq is pinned; this catches a change when it is bumped)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-from worker import keys
+from latentd.jobs import keys
 
 
 def test_rq_keys_match_rq():

@@ -14,11 +14,11 @@ import time
 import pytest
 from PIL import Image
 
-from config.settings import Settings
+from latentd.config.settings import Settings
 from tests.services import FAST, WorkerProc, free_port, scrape, wait_status
-from worker import keys
-from worker.client import JobClient
-from worker.spec import JobSpec
+from latentd.jobs import keys
+from latentd.jobs.client import JobClient
+from latentd.jobs.spec import JobSpec
 
 @pytest.fixture(scope="module")
 def shared(tiny_model):

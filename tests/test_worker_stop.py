@@ -8,8 +8,8 @@ import time
 
 from tests.services import wait_status
 from tests.services import assert_exactly_once
-from worker import keys
-from worker.spec import JobSpec
+from latentd.jobs import keys
+from latentd.jobs.spec import JobSpec
 
 
 def test_sigterm_hands_back_the_whole_batch(stack):

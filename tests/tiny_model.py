@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from model.config import UNetConfig, VAEConfig
-from model.convert_single_file import RESNET_LEAVES, VAE_ATTN_LEAVES, unet_table, vae_table
+from latentd.model.config import UNetConfig, VAEConfig
+from latentd.model.convert_single_file import RESNET_LEAVES, VAE_ATTN_LEAVES, unet_table, vae_table
 
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 MERGES = ("t h", "th e</w>", "a n", "an d</w>", "c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>")

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from worker.scheduler import Item, Limits, schedule
+from latentd.worker.scheduler import Item, Limits, schedule
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class _Entry:
 
 
 def error_code(exc: BaseException) -> str:
-    from model.errors import InvalidRequest
+    from latentd.model.errors import InvalidRequest
     if isinstance(exc, InvalidRequest):
         return "invalid_request"
     if isinstance(exc, MemoryError) or "OutOfMemoryError" in type(exc).__name__:

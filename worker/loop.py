@@ -6,7 +6,7 @@ images into n requests with seeds S+k, and drives the BatchExecutor: each `itera
 batched U-Net step over every running request. Around it, in this order each tick:
 
   compute  -> events into memory (progress) and an outbox (images, failures); job timeouts.
-  Redis    -> flush the outbox (fenced writes through worker/jobstore.py), progress + cancel check
+  Redis    -> flush the outbox (fenced writes through jobs/jobstore.py), progress + cancel check
               (throttled, one Lua call for all held jobs), claim more work while the executor
               has room, or block briefly on the queue when idle.
 
@@ -31,20 +31,22 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from worker.cpu import ThreadGovernor
-from model.errors import InvalidRequest
-from model.pipeline import GenerationRequest, load_pipeline
-from model.precision import default_dtype
-from model.preview import fit_for
-from worker import events, keys, metrics
-from worker.executor import BatchExecutor, Failed, Finished, Preview, Progress
-from worker.jobstore import Claim, ImageResult, JobStore, Touch
-from worker.png import encode_image
-from worker.prepare import prepare
-from worker.recovery import REDIS_ERRORS, Heartbeat, connect
-from worker.spec import JobSpec
-from worker.store import StoreError, make_store
-from worker.webhooks import Deliverer
+from latentd.worker.cpu import ThreadGovernor
+from latentd.model.errors import InvalidRequest
+from latentd.model.pipeline import GenerationRequest, load_pipeline
+from latentd.model.precision import default_dtype
+from latentd.model.preview import fit_for
+from latentd.jobs import events, keys
+from latentd.worker import metrics
+from latentd.worker.executor import BatchExecutor, Failed, Finished, Preview, Progress
+from latentd.jobs.jobstore import Claim, ImageResult, JobStore, Touch
+from latentd.jobs.encode import encode_image
+from latentd.worker.prepare import prepare
+from latentd.worker.recovery import REDIS_ERRORS, Heartbeat, connect
+from latentd.jobs.spec import JobSpec
+from latentd.jobs.errors import StoreError
+from latentd.jobs.store import make_store
+from latentd.jobs.webhooks import Deliverer
 
 log = logging.getLogger("latentd.worker")
 MAX_LIVE = 1000            # unsent progress/preview events kept while Redis is unreachable

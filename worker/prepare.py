@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from worker import metrics
+from latentd.worker import metrics
 
 log = logging.getLogger("latentd.worker")
 
@@ -20,10 +20,10 @@ log = logging.getLogger("latentd.worker")
 def prepare(pipe, settings):
     """-> (memory budget for requests in flight in MB or None, per-request estimate or None),
     the BatchExecutor's memory_budget_mb and memory_estimate."""
-    from model import compile as compiling
-    from model.memory import measure
+    from latentd.model import compile as compiling
+    from latentd.model.memory import measure
 
-    from model.precision import tune_cuda
+    from latentd.model.precision import tune_cuda
 
     mode = compiling.check_mode(settings.compile, pipe.device)
     if pipe.device.type == "cuda":

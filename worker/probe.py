@@ -1,4 +1,4 @@
-"""`python -m worker.probe [--count N]`: health check of the worker(s) in this container.
+"""`python -m latentd.worker.probe [--count N]`: health check of the worker(s) in this container.
 
 Exit 0 when each worker's /metrics answers on 127.0.0.1 (it is served only once the model is
 loaded) and reports `latentd_worker_stalled 0` (the main loop is making progress); else 1 with
@@ -13,7 +13,7 @@ import re
 import sys
 import urllib.request
 
-from config.settings import Settings
+from latentd.config.settings import Settings
 
 _STALLED = re.compile(r"^latentd_worker_stalled (\S+)$", re.M)
 
@@ -33,7 +33,7 @@ def check(port: int, timeout: float = 3.0) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m worker.probe")
+    p = argparse.ArgumentParser(prog="python -m latentd.worker.probe")
     p.add_argument("--count", type=int, default=1, help="workers in this container (--devices)")
     p.add_argument("--port", type=int, help="first port (default LATENTD_WORKER_METRICS_PORT)")
     a = p.parse_args(argv)

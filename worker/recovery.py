@@ -31,8 +31,8 @@ from dataclasses import astuple
 
 import redis as redis_lib
 
-from worker import keys
-from worker.jobstore import JobStore, Touch
+from latentd.jobs import keys
+from latentd.jobs.jobstore import JobStore, Touch
 
 log = logging.getLogger("latentd.worker")
 REDIS_ERRORS = (redis_lib.exceptions.ConnectionError, redis_lib.exceptions.TimeoutError,
@@ -109,7 +109,7 @@ class Heartbeat(threading.Thread):
             if requeued or failed or dead:
                 log.warning("reaper: requeued %d job(s), failed %d, cleared %d dead worker(s)",
                             requeued, failed, dead)
-                from worker import metrics
+                from latentd.worker import metrics
 
                 metrics.REQUEUED.labels(why="lease_expired").inc(requeued)
                 metrics.FAILURES.labels(reason="worker_lost").inc(failed)

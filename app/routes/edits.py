@@ -9,12 +9,12 @@ import anyio
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
-from app.admission import admit
-from app.deps import owner_of
-from app.errors import ApiError
-from app.routes.images import sync_result
-from app.routes.jobs import ERRORS
-from app.schemas import EDIT_BODY, ErrorResponse, ImagesEditForm, ImagesResponse, parse_edit_form
+from latentd.app.admission import admit
+from latentd.app.deps import owner_of
+from latentd.app.errors import ApiError
+from latentd.app.routes.images import sync_result
+from latentd.app.routes.jobs import ERRORS
+from latentd.app.schemas import EDIT_BODY, ErrorResponse, ImagesEditForm, ImagesResponse, parse_edit_form
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 UPLOAD_PATHS = ("/v1/images/edits", "/v1/jobs")     # bodies that may carry images (edit body bound)

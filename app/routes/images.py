@@ -10,12 +10,12 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from app import openai_stream
-from app.admission import admit
-from app.deps import owner_of
-from app.errors import ApiError, error_body
-from app.routes.jobs import ERRORS, image_url, links
-from app.schemas import GENERATION_BODY, ErrorResponse, ImagesResponse, parse_generation_request
+from latentd.app import openai_stream
+from latentd.app.admission import admit
+from latentd.app.deps import owner_of
+from latentd.app.errors import ApiError, error_body
+from latentd.app.routes.jobs import ERRORS, image_url, links
+from latentd.app.schemas import GENERATION_BODY, ErrorResponse, ImagesResponse, parse_generation_request
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 NO_RETRY = {"x-should-retry": "false"}

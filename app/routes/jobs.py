@@ -14,17 +14,17 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app import signing
-from app.admission import admit
-from app.deps import JobsDep, OwnerDep, TokenDep, owner_of, token_of
-from app.errors import ApiError, too_large
-from app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
-from app.schemas import (JOB_BODY, ErrorResponse, JobCreated, JobList, JobRequest, JobStatus,
+from latentd.app import signing
+from latentd.app.admission import admit
+from latentd.app.deps import JobsDep, OwnerDep, TokenDep, owner_of, token_of
+from latentd.app.errors import ApiError, too_large
+from latentd.app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
+from latentd.app.schemas import (JOB_BODY, ErrorResponse, JobCreated, JobList, JobRequest, JobStatus,
                          parse_generation_request)
-from worker.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY
-from worker.keys import RECENT_MAX
-from worker.png import MEDIA_TYPES, media_type
-from worker.state import TERMINAL
+from latentd.jobs.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY
+from latentd.jobs.keys import RECENT_MAX
+from latentd.jobs.encode import MEDIA_TYPES, media_type
+from latentd.jobs.state import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "no such job"
@@ -84,7 +84,7 @@ async def submit_job(request: Request):
     """Admit a job (202) and return its id and links; poll `links.self`. JSON (an edit carries
     `image`, and `mask`, in base64) or multipart with the fields of /v1/images/edits. Hot path:
     the key, then the raw body are checked here directly (no per-request dependency solving)."""
-    from app.routes.edits import is_multipart, read_edit_form
+    from latentd.app.routes.edits import is_multipart, read_edit_form
 
     st = request.app.state
     owner = owner_of(request)

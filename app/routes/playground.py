@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from app.errors import ApiError
+from latentd.app.errors import ApiError
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 FILES = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",

@@ -6,10 +6,10 @@ import hmac
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app import metrics
-from app.deps import JobsDep, OwnerDep, TokenDep, token_of
-from app.errors import ApiError
-from app.schemas import ErrorResponse, Health, ModelList
+from latentd.app import metrics
+from latentd.app.deps import JobsDep, OwnerDep, TokenDep, token_of
+from latentd.app.errors import ApiError
+from latentd.app.schemas import ErrorResponse, Health, ModelList
 
 router = APIRouter(tags=["system"])
 

@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model.classifier import ClassifierConfig, LatentClassifier
-from model.training import data
-from model.training.unet_train import T, alphas_cumprod, encode_latents
+from latentd.model.classifier import ClassifierConfig, LatentClassifier
+from latentd.model.training import data
+from latentd.model.training.unet_train import T, alphas_cumprod, encode_latents
 
 HEADS = {"color": data.COLOR_NAMES, "shape": data.SHAPES, "background": data.BG_NAMES}
 

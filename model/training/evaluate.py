@@ -9,8 +9,8 @@ import time
 import numpy as np
 import torch
 
-from model.training import data
-from model.training.shape_checker import classify
+from latentd.model.training import data
+from latentd.model.training.shape_checker import classify
 
 ATTRS = ("color", "shape", "background", "all")
 
@@ -44,7 +44,7 @@ def generate(pipe, caps, seeds: int, guidance: float, steps: int, sampler: str, 
              seed0: int = 1000):
     """Images of every caption in caps x seeds (seed0 + k) through the engine; returns
     (images, truth, prompts, seconds per image)."""
-    from model.pipeline import GenerationRequest
+    from latentd.model.pipeline import GenerationRequest
     reqs, truth = [], []
     for k in range(seeds):
         for c, s, b in caps:

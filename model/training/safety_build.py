@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.training import data
-from model.training.clip_train import CLIP_MEAN, CLIP_STD, clip_pixels, image_embeds
+from latentd.model.training import data
+from latentd.model.training.clip_train import CLIP_MEAN, CLIP_STD, clip_pixels, image_embeds
 
 NEVER = 2.0  # a cosine similarity is <= 1, so a threshold of 2 never fires
 
@@ -40,8 +40,8 @@ def generate_images(out_dir: str, seeds: int, log=print, seed0: int = 5000) -> G
     (they are 3 of 54) — the checker has to work on what the U-Net draws, not only on drawings."""
     import numpy as np
 
-    from model.pipeline import load_pipeline
-    from model.training import evaluate
+    from latentd.model.pipeline import load_pipeline
+    from latentd.model.training import evaluate
     with open(os.path.join(out_dir, "latentd.json")) as f:
         d = json.load(f)
     pipe = load_pipeline(out_dir, safety=False)
@@ -208,7 +208,7 @@ def save_safety(clip, clip_config, out_dir: str, seed: int, log=print, n_pos: in
     clip, _ = finetune_vision(clip, seed, steps, batch, log=log, generated=generated)
     from safetensors.torch import save_file
 
-    from model.safety import SafetyChecker
+    from latentd.model.safety import SafetyChecker
 
     cfg = clip_config.to_dict()
     cfg["architectures"] = ["StableDiffusionSafetyChecker"]

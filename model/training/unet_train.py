@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import UNetConfig
-from model.training import data
-from model.unet import UNet
+from latentd.model.config import UNetConfig
+from latentd.model.training import data
+from latentd.model.unet import UNet
 
 # Stable Diffusion's noise schedule ("scaled_linear", 1000 steps).
 BETA_START, BETA_END, T = 0.00085, 0.012, 1000

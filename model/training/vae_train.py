@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.config import VAEConfig
-from model.training import data
-from model.vae import AutoencoderKL
+from latentd.model.config import VAEConfig
+from latentd.model.training import data
+from latentd.model.vae import AutoencoderKL
 
 EDGE_W = 4.0
 KL_W = 1e-5

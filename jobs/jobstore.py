@@ -1,4 +1,4 @@
-"""The job state machine's typed interface: each transition of worker/state.py (a Lua script)
+"""The job state machine's typed interface: each transition of jobs/state.py (a Lua script)
 as one method that builds its KEYS and ARGV, so callers never depend on their order.
 
 Used by the API's JobClient (admit, finish as cancel), the worker's main loop (claim,
@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from enum import IntEnum
 
-from worker import keys
-from worker.state import ADMIT, CLAIM, FINISH, IMAGE, REAP, REQUEUE, TOUCH, rq_time
+from latentd.jobs import keys
+from latentd.jobs.state import ADMIT, CLAIM, FINISH, IMAGE, REAP, REQUEUE, TOUCH, rq_time
 
 
 @dataclass(frozen=True)

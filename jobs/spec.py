@@ -6,7 +6,7 @@ The field ranges here are model-independent sanity bounds (so a spec read off th
 trusted to be well-typed). Image k of a job uses seed `seed + k`.
 
 Edits (kind img2img / inpaint) carry no pixels: the init image and mask are stored next to the
-job record (worker/keys.py `init_image`, deleted when the job ends), already resized to
+job record (jobs/keys.py `init_image`, deleted when the job ends), already resized to
 width x height by the API.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from model.classifier_spec import MAX_SCALE as MAX_CLASSIFIER_SCALE
-from model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, KINDS, MAX_N, MAX_PROMPT_CHARS,
+from latentd.model.classifier_spec import MAX_SCALE as MAX_CLASSIFIER_SCALE
+from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, KINDS, MAX_N, MAX_PROMPT_CHARS,
                            MAX_SEED, OUTPUT_FORMATS, Limits, resolve, start_step)
 
 SPEC_VERSION = 1

@@ -6,7 +6,7 @@ still match what RQ computes. Everything of ours lives under `latentd:`.
 
 Each key is a template in TEMPLATES; the Python functions below format it, and `lua_prelude()`
 turns the same templates into Lua functions (k_job(id), k_wait(queue, owner), ...) that the
-scripts of worker/state.py and worker/webhooks.py start with, so no script spells a key name.
+scripts of jobs/state.py and jobs/webhooks.py start with, so no script spells a key name.
 The scripts derive per-job keys from ids they read (a claim pops an id, then touches its record),
 which KEYS cannot name in advance; latentd therefore needs one Redis, not a Cluster.
 """
@@ -78,7 +78,7 @@ def image(job_id: str, k: int) -> str:
 
 def init_image(job_id: str) -> str:
     """An edit's inputs while the job needs them: hash {image: PNG, mask: PNG}, written at submit,
-    deleted when the job ends (worker/state.py end_job), TTL result_ttl_s as a backstop."""
+    deleted when the job ends (jobs/state.py end_job), TTL result_ttl_s as a backstop."""
     return _key("init_image", job_id=job_id)
 
 
@@ -120,7 +120,7 @@ def done_channel(job_id: str) -> str:
 
 def events(job_id: str) -> str:
     """Redis stream of a job's events (running, progress, preview, image, final status); its
-    entry ids are the SSE event ids that Last-Event-ID resumes from (worker/events.py)."""
+    entry ids are the SSE event ids that Last-Event-ID resumes from (jobs/events.py)."""
     return _key("events", job_id=job_id)
 
 

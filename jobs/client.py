@@ -15,12 +15,12 @@ import uuid
 
 from redis.exceptions import NoScriptError
 
-from worker import keys
-from worker.events import WATCH_TTL_S
-from worker.jobstore import JobStore
-from worker.spec import JobSpec
-from worker.state import TERMINAL, record_to_dict
-from worker.store import make_store
+from latentd.jobs import keys
+from latentd.jobs.events import WATCH_TTL_S
+from latentd.jobs.jobstore import JobStore
+from latentd.jobs.spec import JobSpec
+from latentd.jobs.state import TERMINAL, record_to_dict
+from latentd.jobs.store import make_store
 
 RQ_FUNC = "worker.loop.rq_entry"   # what `rq info`/RQ tools show; only latentd workers run it
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -46,10 +46,10 @@ class JobClient:
     def submit(self, spec: JobSpec, callback_url: str | None = None,
                watch: tuple[str, int] | None = None, init: dict[str, bytes] | None = None) -> str:
         """Enqueue a validated spec; returns the job id. Raises QueueFull (nothing enqueued).
-        callback_url: POST the record there when the job ends (worker/webhooks.py; checked by the
+        callback_url: POST the record there when the job ends (jobs/webhooks.py; checked by the
         caller). watch: (listener id, preview every k steps) registered before the job can be
         claimed, so its worker publishes progress and previews from the first step
-        (worker/events.py). init: an edit's {"image": PNG, "mask": PNG}, stored under
+        (jobs/events.py). init: an edit's {"image": PNG, "mask": PNG}, stored under
         keys.init_image until the job ends (never in the spec, the RQ job or the record the owner
         reads)."""
         from rq.job import Job
@@ -143,7 +143,7 @@ class JobClient:
 
     def image_png(self, job_id: str, k: int, owner: str) -> bytes | None:
         """Stored bytes of image k of the caller's own job, in the job's output_format (PNG by
-        default; worker.png.media_type tells which); flagged images are stored black."""
+        default; jobs.encode.media_type tells which); flagged images are stored black."""
         if not _ID.match(job_id or "") or not isinstance(k, int) or k < 0:
             return None
         own, img = self.redis.hmget(keys.job(job_id), "owner", f"img:{k}")

@@ -4,7 +4,7 @@ RedisStore (default): PNG bytes under keys.image(job, k) with a TTL, next to the
 a deployment needs nothing but Redis. FileStore: <dir>/<job>/<k>.png, written to a temporary
 name and renamed (a reader never sees half a file; a re-run after a crash rewrites the same
 name, so there is still one result per image); expiry by file age, swept by the worker.
-S3Store (worker/s3store.py): objects in a bucket, expired by a lifecycle rule; Redis keeps only
+S3Store (jobs/s3store.py): objects in a bucket, expired by a lifecycle rule; Redis keeps only
 job records. Torch-free: the API reads images through `make_store(redis, settings).get`.
 
 A store that cannot be reached raises StoreError: the worker fails that job (code
@@ -19,13 +19,10 @@ import tempfile
 import time
 from typing import Protocol
 
-from worker import keys
+from latentd.jobs import keys
+from latentd.jobs.errors import StoreError
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class StoreError(RuntimeError):
-    """The image store could not be written or read (unreachable, denied, disk full)."""
 
 
 class Store(Protocol):
@@ -109,7 +106,7 @@ def make_store(redis, settings) -> Store:
     if settings.storage == "file":
         return FileStore(settings.storage_dir, settings.result_ttl_s)
     if settings.storage == "s3":
-        from worker.s3store import S3Store
+        from latentd.jobs.s3store import S3Store
 
         return S3Store(settings)
     raise ValueError(f"LATENTD_STORAGE must be redis, file or s3, got {settings.storage!r}")

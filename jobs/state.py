@@ -4,7 +4,7 @@ Why Lua: after a lease expires, a job can be re-run by another worker while the 
 not dead) one is still writing. Every write a worker makes is *fenced* by the attempt number it
 got when it claimed the job: a write from an older attempt, or to a job no longer `running`, is
 refused. So a job ends exactly once (the first terminal transition wins), and each image is
-recorded exactly once (the first `img:<k>` write wins). Callers go through worker/jobstore.py,
+recorded exactly once (the first `img:<k>` write wins). Callers go through jobs/jobstore.py,
 which builds each script's KEYS and ARGV; torch-free.
 
 Record (hash keys.job(id)); times are unix seconds as strings:
@@ -20,7 +20,7 @@ import json
 import time
 from datetime import datetime, timezone
 
-from worker.events import MAXLEN as EVENTS_MAXLEN
+from latentd.jobs.events import MAXLEN as EVENTS_MAXLEN
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -32,7 +32,7 @@ def rq_time(t: float | None = None) -> str:
 
 
 # Every script starts with keys.lua_prelude() (k_job(id), k_wait(queue, owner), ...): key names
-# live in worker/keys.py only. Shared Lua: fair-queue bookkeeping, and end_job (the caller has
+# live in jobs/keys.py only. Shared Lua: fair-queue bookkeeping, and end_job (the caller has
 # checked that it may): removes the lease and the RQ started entry, mirrors the status into RQ's
 # job hash, sets the TTLs, publishes once.
 _FAIR = r"""
@@ -66,11 +66,11 @@ local function end_job(id, queue, status, err, now, ttl, iso)
   redis.call('EXPIRE', k_rq_job(id), ttl)
   redis.call('DEL', k_init_image(id))   -- an edit's init image: not needed any more
   redis.call('PUBLISH', k_done_channel(id), status)
-  -- the final event of the job's event stream (worker/events.py), in the same transition
+  -- the final event of the job's event stream (jobs/events.py), in the same transition
   local ev = k_events(id)
   redis.call('XADD', ev, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', status)
   redis.call('EXPIRE', ev, ttl)
-  -- a webhook delivery is state in Redis from the moment the job ends (worker/webhooks.py)
+  -- a webhook delivery is state in Redis from the moment the job ends (jobs/webhooks.py)
   local cb = redis.call('HGET', rec, 'callback')
   if cb and cb ~= '' and redis.call('EXISTS', k_webhook(id)) == 0 then
     redis.call('HSET', k_webhook(id), 'url', cb, 'attempts', 0, 'first_at', now)

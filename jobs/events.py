@@ -9,7 +9,7 @@ Entries of keys.events(id), each with a `type` and an optional JSON `data`:
                                                at most model.preview.PREVIEW_CELLS cells a side,
                                                base64 (width x height: the final image's size)
   image     {index, seed, nsfw, ...}           image `index` was stored (written by the IMAGE script)
-  succeeded | failed | canceled                the end (written by end_job in worker/state.py)
+  succeeded | failed | canceled                the end (written by end_job in jobs/state.py)
 
 Lifecycle entries (the claim, images, the end) are always written: they are few. Progress and
 previews are written only while someone listens: a listener registers in keys.watch(id) with the
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from worker import keys
+from latentd.jobs import keys
 
 MAXLEN = 4000              # entries kept per job (approximate trimming; see below)
 WATCH_TTL_S = 30           # a listener refreshes its registration at least this often

@@ -7,7 +7,7 @@ Torch-free (the API uses the allow-list check and the signature helpers).
   10.0.0.0/8). A host name is matched by name, never by what it resolves to: list names
   explicitly. Empty list: webhooks are off and any callback_url is refused (422).
 - Delivery is state in Redis, not a coroutine: the Lua script that ends a job (end_job in
-  worker/state.py) writes keys.webhook(id) = {url, attempts, first_at} and puts the id in the
+  jobs/state.py) writes keys.webhook(id) = {url, attempts, first_at} and puts the id in the
   keys.WEBHOOKS_DUE zset in the same transition, so a job that ended is never without its pending
   delivery, whatever process dies next. Delivery threads in every worker claim due entries
   atomically (the claim pushes the due time past the HTTP timeout: a claimer that dies mid-POST
@@ -33,9 +33,9 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-from config import secrets
-from worker import keys
-from worker.state import record_to_dict
+from latentd.config import secrets
+from latentd.jobs import keys
+from latentd.jobs.state import record_to_dict
 
 log = logging.getLogger("latentd.webhooks")
 
@@ -180,8 +180,8 @@ class Deliverer:
     """Delivery threads for one worker process (they share the work of every worker via Redis)."""
 
     def __init__(self, settings, name: str):
-        from worker import metrics  # here: the API imports this module, not its metrics
-        from worker.recovery import connect
+        from latentd.worker import metrics  # here: the API imports this module, not its metrics
+        from latentd.worker.recovery import connect
 
         self.metrics = metrics
         self.s = settings

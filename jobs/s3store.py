@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 
-from worker.store import StoreError
+from latentd.jobs.errors import StoreError
 
 log = logging.getLogger("latentd.store")
 _ID = re.compile(r"^[0-9a-f]{32}$")
