@@ -16,11 +16,12 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # bench/ and devkit/ are repository folders, not part of the installed latentd
 
 from bench._stack import RawClient, pct  # noqa: E402
-from tests.api_proc import ALICE, KEYS, ApiProc, configs_only_model  # noqa: E402
-from tests.services import RedisServer  # noqa: E402
+from devkit.api_proc import ALICE, KEYS, ApiProc, configs_only_model  # noqa: E402
+from devkit.services import RedisServer  # noqa: E402
 
 
 async def load(port: int, clients: int, seconds: float, warmup: float) -> dict:
@@ -61,7 +62,7 @@ def main() -> int:
     port = None
     api = None
     try:
-        from tests.services import free_port
+        from devkit.services import free_port
 
         port = free_port()
         api = ApiProc(redis_srv.url, port=port,

@@ -17,10 +17,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # bench/ and devkit/ are repository folders, not part of the installed latentd
 
 from bench._stack import pct  # noqa: E402
-from tests.api_proc import ALICE, service_stack  # noqa: E402
+from devkit.api_proc import ALICE, service_stack  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +35,7 @@ def main() -> int:
     a = ap.parse_args()
     model = a.model
     if model is None:
-        from tests.tiny_model import make_tiny_sd
+        from devkit.tiny_model import make_tiny_sd
 
         model = str(make_tiny_sd(os.path.join(tempfile.mkdtemp(prefix="latentd-bench-"), "tiny"),
                                  variant="sd1", safety=True, seed=0))

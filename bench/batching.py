@@ -18,7 +18,7 @@ Two setups (the output says which ran):
                      uvicorn; clients are threads POSTing /v1/images/generations (b64_json) over
                      HTTP, so text encoding, VAE decode, safety, PNG and queue traffic all count.
   --setup inprocess  BatchExecutor driven in this process (PNG encoding of each result included).
-Model: the bundled models/shapes if present, else the tiny random SD1 model of tests/tiny_model.py
+Model: the bundled models/shapes if present, else the tiny random SD1 model of devkit/tiny_model.py
 (--model PATH to choose). The machine is shared: keep the sizes modest.
 
     .venv/bin/python bench/batching.py [--setup stack|inprocess] [--steps 20] [--per-client 2]
@@ -39,8 +39,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # bench/ and devkit/ are repository folders, not part of the installed latentd
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -91,12 +91,12 @@ def png_bytes(im) -> bytes:
 def pick_model(path: str | None) -> tuple[str, str]:
     if path:
         return path, f"model at {path}"
-    bundled = ROOT / "models" / "shapes"
+    bundled = Path(ROOT) / "models" / "shapes"
     if (bundled / "model_index.json").exists() or (bundled / "unet").exists():
         return str(bundled), "bundled models/shapes"
-    from tests.tiny_model import make_tiny_sd
+    from devkit.tiny_model import make_tiny_sd
     folder = make_tiny_sd(Path(tempfile.mkdtemp(prefix="latentd-bench-tiny-")), "sd1", True, 0)
-    return str(folder), "tiny random SD1 model (tests/tiny_model.py; models/shapes not present)"
+    return str(folder), "tiny random SD1 model (devkit/tiny_model.py; models/shapes not present)"
 
 
 # --- in process --------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class Stack:
 
     def __init__(self, model: str):
         from latentd.app.auth import hash_key
-        from tests.services import RedisServer
+        from devkit.services import RedisServer
         self.model = model
         self.redis = RedisServer().start()
         self.keys = f"bench:{hash_key(KEY)}"
@@ -218,8 +218,8 @@ class Stack:
     def _start(self, max_batch: int):
         if self.max_batch == max_batch:
             return
-        from tests.api_proc import ApiProc
-        from tests.services import WorkerProc, free_port
+        from devkit.api_proc import ApiProc
+        from devkit.services import WorkerProc, free_port
         if self.worker:
             self.worker.stop()
         self.metrics_port = free_port()

@@ -15,14 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from latentd.model.info import BUNDLED  # noqa: E402
+from latentd.model.info import BUNDLED
 
 
 def geometry(image) -> tuple[float, float, float]:

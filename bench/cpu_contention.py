@@ -20,10 +20,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = r"""
-import json, os, statistics, sys, time
-sys.path.insert(0, {root!r})
+import json, os, statistics, time
 import torch
 from latentd.model.pipeline import GenerationRequest, load_pipeline
 pipe = load_pipeline(None)
@@ -51,7 +49,6 @@ def busy(stop):
 def child_env(setting: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if setting == "latentd":
-        sys.path.insert(0, ROOT)
         from latentd.worker import cpu
         cpu.configure(0, env)
     elif setting == "passive":
@@ -71,7 +68,7 @@ def run(setting: str, neighbours: int, n: int) -> dict:
         p.start()
     try:
         t0 = time.time()
-        code = CHILD.format(root=ROOT, n=n, governor=setting in ("latentd", "governor"))
+        code = CHILD.format(n=n, governor=setting in ("latentd", "governor"))
         out = subprocess.run([sys.executable, "-c", code], env=child_env(setting),
                              capture_output=True, text=True, timeout=1800)
         if out.returncode:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # bench/ and devkit/ are repository folders, not part of the installed latentd
 PROMPT = "a red cat and the dog"
 SCHEDULERS = {  # latentd sampler -> (diffusers class, extra config)
     "ddim": ("DDIMScheduler", {}),
@@ -38,8 +39,7 @@ def build_model(path: str) -> str:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    sys.path.insert(0, ROOT)
-    from tests.tiny_model import SPECIAL, tokenizer_files, write_tokenizer
+    from devkit.tiny_model import SPECIAL, tokenizer_files, write_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -80,7 +80,6 @@ def measure(impl: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, ROOT)
     size, steps = args.size, args.steps
     if impl == "latentd":
         from latentd.model.pipeline import GenerationRequest, load_pipeline
@@ -115,7 +114,6 @@ def measure(impl: str, args) -> dict:
 def unet_call_ms(model: str, size: int, threads: int) -> float:
     import torch
 
-    sys.path.insert(0, ROOT)
     from latentd.model.loader import load_unet
 
     torch.set_num_threads(threads)

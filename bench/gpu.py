@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # bench/ and devkit/ are repository folders, not part of the installed latentd
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -135,7 +135,7 @@ class Bench:
         t0 = time.perf_counter()
         path = Path(tempfile.mkdtemp(prefix="latentd-bench-gpu-")) / ("tiny" if self.a.tiny else "sd15")
         if self.a.tiny:
-            from tests.tiny_model import make_tiny_sd
+            from devkit.tiny_model import make_tiny_sd
             make_tiny_sd(path, "sd1", safety=True, seed=0)
         else:
             build_sd15(path, self.device)
@@ -319,8 +319,8 @@ class Bench:
 
     def service(self) -> None:
         from latentd.cmd_dev import DevRedis
-        from tests.api_proc import ApiProc
-        from tests.services import WorkerProc
+        from devkit.api_proc import ApiProc
+        from devkit.services import WorkerProc
 
         a = self.a
         path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
@@ -433,8 +433,8 @@ def build_sd15(path: Path, device: torch.device) -> None:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tests.test_full_size import SD15_UNET, SD_VAE
-    from tests.tiny_model import SPECIAL, save_sd_folder, scheduler, tokenizer_files, write_tokenizer
+    from devkit.sd15 import SD15_UNET, SD_VAE
+    from devkit.tiny_model import SPECIAL, save_sd_folder, scheduler, tokenizer_files, write_tokenizer
 
     vocab, _ = tokenizer_files()
     ids = dict(bos_token_id=vocab[SPECIAL[0]], eos_token_id=vocab[SPECIAL[1]], pad_token_id=vocab[SPECIAL[1]])

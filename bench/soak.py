@@ -7,7 +7,7 @@ anything was lost or duplicated, so a script can notice).
 
 Stack: by default it starts its own redis-server (deploy/redis.conf, AOF, temp dir), the API under
 uvicorn and two `latentd worker`s on the bundled model models/shapes if present, else the tiny
-random model of tests/tiny_model.py written to a temp dir (--model PATH to choose). With
+random model of devkit/tiny_model.py written to a temp dir (--model PATH to choose). With
 --api-url/--redis-url/--key it uses that API and Redis instead and only starts (and kills) its own
 workers (--workers 0: none, and no kills).
 
@@ -41,8 +41,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # bench/ and devkit/ are repository folders, not part of the installed latentd
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -58,10 +58,10 @@ def pct(xs: list[float], q: float) -> float:
 def pick_model(path: str | None) -> str:
     if path:
         return path
-    bundled = ROOT / "models" / "shapes"
+    bundled = Path(ROOT) / "models" / "shapes"
     if (bundled / "model_index.json").exists() or (bundled / "unet").is_dir():
         return str(bundled)
-    from tests.tiny_model import make_tiny_sd
+    from devkit.tiny_model import make_tiny_sd
 
     print("soak: models/shapes not found; using the tiny random model", flush=True)
     return str(make_tiny_sd(Path(tempfile.mkdtemp(prefix="latentd-soak-model-")) / "tiny", variant="sd1",
@@ -97,8 +97,8 @@ class Soak:
 
     # --- stack ----------------------------------------------------------------------------------
     def start(self):
-        from tests.api_proc import ApiProc
-        from tests.services import RedisServer
+        from devkit.api_proc import ApiProc
+        from devkit.services import RedisServer
 
         a = self.a
         self.model = pick_model(a.model)
@@ -126,7 +126,7 @@ class Soak:
               f"model {self.model}", flush=True)
 
     def new_worker(self):
-        from tests.services import WorkerProc
+        from devkit.services import WorkerProc
 
         a = self.a
         w = WorkerProc(self.redis_url, self.model, lease_s=a.lease_s, reap_interval_s=a.reap_interval_s,

@@ -10,7 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A randomly initialised SD1-style diffusers folder (epsilon, with safety checker), built once."""
-    from tests.tiny_model import make_tiny_sd
+    from devkit.tiny_model import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd1"), variant="sd1", safety=True, seed=0)
 
@@ -18,7 +18,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_sd2(tmp_path_factory):
     """The SD2-style variant: v-prediction, linear projections, head dim instead of head count."""
-    from tests.tiny_model import make_tiny_sd
+    from devkit.tiny_model import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd2"), variant="sd2", safety=True, seed=0)
 
@@ -26,7 +26,7 @@ def tiny_model_sd2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_inpaint(tmp_path_factory):
     """The SD1-style model with a 9-channel inpainting U-Net (no safety checker)."""
-    from tests.tiny_model import make_tiny_sd
+    from devkit.tiny_model import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny_inpaint"), variant="sd1", safety=False, seed=1,
                         in_channels=9)
@@ -56,7 +56,7 @@ def tiny_pipe(tiny_model, one_thread):
 def redis_server():
     """A real redis-server on a free port with deploy/redis.conf (AOF), data in a temp dir;
     killed at the end. `.url`, `.client()`, `.kill()`, `.restart()` (same port and data)."""
-    from tests.services import RedisServer
+    from devkit.services import RedisServer
 
     server = RedisServer().start()
     try:
@@ -70,7 +70,7 @@ def stack(redis_server, tiny_model):
     """Workers on a fresh redis-server and the tiny model: start(**settings) -> WorkerProc (ready),
     client(**settings) -> JobClient, record(job_id) -> the job hash. Kills all at the end."""
     from latentd.config.settings import Settings
-    from tests.services import FAST, WorkerProc
+    from devkit.services import FAST, WorkerProc
     from latentd.jobs import keys
     from latentd.jobs.client import JobClient
 
@@ -103,7 +103,7 @@ def stack(redis_server, tiny_model):
 # database flush it first.
 @pytest.fixture(scope="session")
 def module_redis():
-    from tests.services import RedisServer
+    from devkit.services import RedisServer
 
     server = RedisServer().start()
     try:
@@ -114,8 +114,8 @@ def module_redis():
 
 @pytest.fixture(scope="session")
 def cfg_model():
-    """A folder with only the JSON configs the API validates against (tests/api_proc.py)."""
-    from tests.api_proc import configs_only_model
+    """A folder with only the JSON configs the API validates against (devkit/api_proc.py)."""
+    from devkit.api_proc import configs_only_model
 
     return configs_only_model()
 
@@ -124,7 +124,7 @@ def cfg_model():
 def api(module_redis, cfg_model):
     """A real uvicorn API with two keys (alice, bob), validating against a configs-only model
     folder; no worker."""
-    from tests.api_proc import KEYS, ApiProc
+    from devkit.api_proc import KEYS, ApiProc
 
     proc = ApiProc(module_redis.url, api_keys=KEYS, model=cfg_model, rate_limit_per_s=0).start()
     try:

@@ -5,8 +5,8 @@ Retry-After), queue cap (503 + Retry-After), nothing enqueued on rejection, sync
 import httpx
 import pytest
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc
-from tests.services import free_port
+from devkit.api_proc import ALICE, BOB, KEYS, ApiProc
+from devkit.services import free_port
 from latentd.jobs import keys
 
 OK = {"prompt": "a green triangle", "size": "64x64"}

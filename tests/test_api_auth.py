@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from latentd.app import signing
-from tests.api_proc import ALICE, BOB, SECRET, ApiProc
-from tests.services import ROOT, free_port
+from devkit.api_proc import ALICE, BOB, SECRET, ApiProc
+from devkit.services import ROOT, free_port
 
 OK = {"prompt": "a blue square", "size": "64x64"}
 

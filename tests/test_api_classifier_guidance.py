@@ -8,7 +8,7 @@ import base64
 
 import pytest
 
-from tests.api_proc import ALICE, service_stack
+from devkit.api_proc import ALICE, service_stack
 
 MODEL = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "shapes")
 BODY = {"prompt": "", "steps": 4, "guidance_scale": 1.0, "seed": 5, "response_format": "b64_json",

@@ -6,7 +6,7 @@ import shutil
 import redis
 
 from latentd.cmd_dev import DevRedis
-from tests.services import free_port
+from devkit.services import free_port
 
 
 def _check(url: str) -> None:

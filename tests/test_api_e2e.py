@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
-from tests.services import RedisServer, WorkerProc
+from devkit.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
+from devkit.services import RedisServer, WorkerProc
 
 FAST = {"steps": 2, "sampler": "euler"}
 

@@ -12,7 +12,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from tests.api_proc import ALICE, BOB
+from devkit.api_proc import ALICE, BOB
 from latentd.jobs import keys
 
 

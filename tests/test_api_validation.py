@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.api_proc import ALICE
+from devkit.api_proc import ALICE
 from latentd.jobs import keys
 
 OK = {"prompt": "a red circle"}

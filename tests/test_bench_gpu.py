@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.services import ROOT
+from devkit.services import ROOT
 
 pytestmark = pytest.mark.slow
 

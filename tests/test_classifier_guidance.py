@@ -1,7 +1,7 @@
 """Classifier guidance in the engine (model/classifier.py, Dhariwal & Nichol 2021): the gradient
 points up log p(y), a guided step raises the classifier's log-probability of the target, guided
 and unguided requests batched together give each their solo result bit for bit, and bad targets
-are refused naming the field. Random tiny networks (tests/tiny_model.py) plus a random classifier."""
+are refused naming the field. Random tiny networks (devkit/tiny_model.py) plus a random classifier."""
 from __future__ import annotations
 
 import shutil

@@ -3,9 +3,9 @@ stays 503 until then, and a request at the warmed size compiles nothing more. Re
 real API and worker processes, real torch.compile (inductor) on the tiny model."""
 import time
 
-from tests.api_proc import ApiProc
-from tests.services import WorkerProc, free_port
-from tests.services import scrape
+from devkit.api_proc import ApiProc
+from devkit.services import WorkerProc, free_port
+from devkit.services import scrape
 
 COMPILES = "latentd_worker_compiles_total"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.services import ROOT
+from devkit.services import ROOT
 from latentd.jobs import keys
 
 DEPLOY = ROOT / "deploy"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api_proc import ALICE, BOB, open_png, service_stack
+from devkit.api_proc import ALICE, BOB, open_png, service_stack
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes"
 FAST = {"steps": 12, "sampler": "dpmpp_2m"}
@@ -113,7 +113,7 @@ def test_url_response_grayscale_mask_and_jpeg(edit_stack, client, init_png):
 
 
 def test_img2img_job_and_webp_generation(edit_stack, init_png):
-    from tests.api_proc import wait_job
+    from devkit.api_proc import wait_job
 
     with edit_stack["api"].client(ALICE) as c:
         job = c.post("/v1/jobs", json={"prompt": "a red circle on a black background", "strength": 0.6,

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.api_proc import ALICE, BOB, open_png, service_stack, wait_job
-from tests.services import ROOT
+from devkit.api_proc import ALICE, BOB, open_png, service_stack, wait_job
+from devkit.services import ROOT
 from tests.sse_client import Reader, read_all
 
 FAST = {"steps": 6, "sampler": "euler"}

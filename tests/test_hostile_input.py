@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from tests.api_proc import ALICE, KEYS, ApiProc
+from devkit.api_proc import ALICE, KEYS, ApiProc
 from latentd.jobs import keys
 
 BODY_CAP = 262144                  # raised so a 100 KB prompt reaches the prompt-length rule

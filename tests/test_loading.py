@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from latentd.model.errors import ModelLoadError
 from latentd.model.loader import load_components, load_tokenizer, load_unet, load_vae, read_json
-from tests.tiny_model import make_single_file
+from devkit.tiny_model import make_single_file
 
 
 def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.services import FAST, ROOT, WorkerProc, free_port, wait_status
+from devkit.services import FAST, ROOT, WorkerProc, free_port, wait_status
 from latentd.jobs import keys
 from latentd.jobs.client import JobClient
 from latentd.jobs.spec import JobSpec

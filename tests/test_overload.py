@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc
+from devkit.api_proc import ALICE, BOB, KEYS, ApiProc
 from latentd.jobs import keys
 
 CAP = 25

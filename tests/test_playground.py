@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api_proc import ALICE, service_stack
-from tests.services import ROOT
+from devkit.api_proc import ALICE, service_stack
+from devkit.services import ROOT
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", ROOT / "test-artifacts"))
 

@@ -17,8 +17,8 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.api_proc import ALICE, KEYS, ApiProc
-from tests.services import ROOT, RedisServer, WorkerProc, free_port
+from devkit.api_proc import ALICE, KEYS, ApiProc
+from devkit.services import ROOT, RedisServer, WorkerProc, free_port
 from latentd.jobs import keys
 
 DEPLOY = ROOT / "deploy"

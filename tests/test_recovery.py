@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import time
 
-from tests.services import FAST, assert_exactly_once, wait_status
+from devkit.services import FAST, assert_exactly_once, wait_status
 from latentd.jobs import keys
 from latentd.jobs.spec import JobSpec
 from latentd.jobs.state import TERMINAL

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from tests.api_proc import ALICE, KEYS, ApiProc
+from devkit.api_proc import ALICE, KEYS, ApiProc
 
 OK = {"prompt": "a yellow star", "size": "64x64", "steps": 2}
 SANITY_S = 30           # generous bound: "answers, does not hang"; printed latencies are the data

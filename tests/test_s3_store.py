@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from latentd.config.settings import Settings
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
-from tests.services import RedisServer, WorkerProc, free_port
+from devkit.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
+from devkit.services import RedisServer, WorkerProc, free_port
 from latentd.jobs.client import JobClient
 from latentd.jobs.spec import JobSpec
 

@@ -13,8 +13,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.api_proc import ALICE, KEYS, ApiProc
-from tests.services import RedisServer
+from devkit.api_proc import ALICE, KEYS, ApiProc
+from devkit.services import RedisServer
 from latentd.jobs import keys
 
 PUBLIC = {"/healthz", "/readyz", "/metrics"}   # /metrics: public unless LATENTD_METRICS_TOKEN

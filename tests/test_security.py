@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
-from tests.services import RedisServer, WorkerProc, free_port
+from devkit.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
+from devkit.services import RedisServer, WorkerProc, free_port
 
 FAST = {"size": "64x64", "steps": 2, "sampler": "euler"}
 ORIGIN = "https://app.example"

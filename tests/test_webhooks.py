@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.api_proc import ALICE, KEYS, ApiProc, wait_job
-from tests.services import RedisServer, WorkerProc, free_port
+from devkit.api_proc import ALICE, KEYS, ApiProc, wait_job
+from devkit.services import RedisServer, WorkerProc, free_port
 from latentd.jobs import keys, webhooks
 
 SECRET = "test-webhook-secret-0123456789"

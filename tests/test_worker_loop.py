@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from latentd.config.settings import Settings
-from tests.services import FAST, WorkerProc, free_port, scrape, wait_status
+from devkit.services import FAST, WorkerProc, free_port, scrape, wait_status
 from latentd.jobs import keys
 from latentd.jobs.client import JobClient
 from latentd.jobs.spec import JobSpec
@@ -24,7 +24,7 @@ from latentd.jobs.spec import JobSpec
 def shared(tiny_model):
     """One Redis + one worker (metrics on) shared by the tests that need nothing special, since
     starting a worker costs seconds (torch import). Tests only look at their own jobs."""
-    from tests.services import RedisServer
+    from devkit.services import RedisServer
 
     server = RedisServer().start()
     port = free_port()

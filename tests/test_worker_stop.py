@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from tests.services import wait_status
-from tests.services import assert_exactly_once
+from devkit.services import wait_status
+from devkit.services import assert_exactly_once
 from latentd.jobs import keys
 from latentd.jobs.spec import JobSpec
 

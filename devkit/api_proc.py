@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from tests.services import ROOT, free_port
+from devkit.services import ROOT, free_port
 
 
 def api_env(redis_url: str, **settings) -> dict:
@@ -90,7 +90,7 @@ SECRET = "test-signing-secret-0123456789"
 def configs_only_model(folder: str | None = None) -> str:
     """A model folder with only the JSON configs the API validates against (no weights, no torch):
     native 64x64, sizes multiples of 16 up to 256 a side, at most 16384 pixels, 150 steps, the
-    same limits as tests/tiny_model.py's folder."""
+    same limits as devkit/tiny_model.py's folder."""
     import json
 
     folder = folder or os.path.join(tempfile.mkdtemp(prefix="latentd-cfg-"), "cfg64")
@@ -129,7 +129,7 @@ def service_stack(model: str, api_settings: dict | None = None, **worker_setting
     """A whole service on loopback: a fresh redis-server, the API (keys alice and bob, no rate
     limit unless api_settings set one) and one ready `latentd worker` on `model`; all stopped on
     exit. Yields {"api": ApiProc, "worker": WorkerProc, "redis": RedisServer}."""
-    from tests.services import RedisServer, WorkerProc
+    from devkit.services import RedisServer, WorkerProc
 
     redis_srv = RedisServer().start()
     api = worker = None

@@ -1,0 +1,59 @@
+"""Import boundaries between the repository's folders: bench/ and tests/ share devkit/, so a
+benchmark never depends on a test module; the engine (model/) never depends on the training
+recipes (training/); devkit/ stays out of the wheel."""
+import ast
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def importers(folder: str, package: str) -> list[str]:
+    """Files under `folder` importing `package` or a submodule of it; code held in strings (a
+    child process's script) is searched as text."""
+    text_import = re.compile(rf"^\s*(from|import)\s+{re.escape(package)}(\.|\s)", re.M)
+    found = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        mods = imported_modules(path)
+        if any(m == package or m.startswith(package + ".") for m in mods) or text_import.search(path.read_text()):
+            found.append(str(path.relative_to(ROOT)))
+    return found
+
+
+@pytest.mark.parametrize("folder", ["bench", "devkit"])
+def test_no_tests_imports(folder):
+    assert importers(folder, "tests") == []
+
+
+def test_engine_does_not_import_training():
+    assert importers("model", "latentd.training") == []
+
+
+def test_devkit_not_in_the_wheel():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert not any("devkit" in p for p in cfg["packages"])
+    assert "devkit" not in " ".join(cfg["package-dir"].values())
+
+
+def test_bench_script_imports_devkit_from_the_repository():
+    """A bench script run as `python bench/x.py` (sys.path[0] is bench/, whatever the working
+    directory) finds devkit: --help runs after its module-level devkit imports."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "admission.py"), "--help"], cwd="/",
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
