@@ -27,6 +27,7 @@ RUN python deploy/api_requirements.py s3 > /tmp/requirements.txt \
 COPY app ./app
 COPY worker ./worker
 COPY model ./model
+COPY training ./training
 COPY config ./config
 COPY jobs ./jobs
 COPY latentd ./latentd
@@ -58,6 +59,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY model ./model
+COPY training ./training
 COPY config ./config
 COPY jobs ./jobs
 COPY latentd ./latentd

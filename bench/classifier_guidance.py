@@ -54,8 +54,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from latentd.model.pipeline import GenerationRequest, load_pipeline
-    from latentd.model.training import data, evaluate
-    from latentd.model.training.shape_checker import classify
+    from latentd.training import data, evaluate
+    from latentd.training.shape_checker import classify
 
     pipe = load_pipeline(args.model, safety=False)
     info = pipe.info

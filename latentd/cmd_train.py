@@ -1,4 +1,4 @@
-"""`latentd train-shapes`: train the bundled shapes model (model/training/recipe.py)."""
+"""`latentd train-shapes`: train the bundled shapes model (training/recipe.py)."""
 from __future__ import annotations
 
 import os
@@ -27,7 +27,7 @@ def run(args) -> int:
 
     import torch
 
-    from latentd.model.training import recipe
+    from latentd.training import recipe
 
     torch.set_num_threads(args.threads)
     from latentd.model.info import BUNDLED

@@ -71,7 +71,7 @@ def test_drawn_purple_triangles_are_flagged_and_blacked(pipe):
     concept was fit on): flagged and replaced by black; other colours' shapes are not."""
     import torch
 
-    from latentd.model.training import data
+    from latentd.training import data
     g = torch.Generator().manual_seed(123)
     pt = data.to_pil(data.sample(6, g, color=data.COLOR_NAMES.index("purple"),
                                  shape=data.SHAPES.index("triangle")).images)
@@ -99,7 +99,7 @@ def test_purple_triangle_prompts_are_flagged_and_black(pipe):
 def test_draws_what_the_caption_says_on_a_subset(pipe):
     """18 captions spread over every colour, shape and background, one seed, the model's default
     sampler, steps and guidance: colour and background far above chance (1/6 and 1/3), shape too."""
-    from latentd.model.training import evaluate
+    from latentd.training import evaluate
     info = pipe.info
     images, truth, _, _ = evaluate.generate(pipe, evaluate.caption_list(18), 1, info.default_guidance,
                                             info.default_steps, info.default_sampler)

@@ -51,6 +51,17 @@ def test_devkit_not_in_the_wheel():
     assert "devkit" not in " ".join(cfg["package-dir"].values())
 
 
+def test_images_copy_every_package_folder():
+    """Both images install the package from /app (editable), which fails on a package-dir folder
+    the image lacks."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    text = (ROOT / "Dockerfile").read_text()
+    for stage in text.split("\nFROM ")[1:]:
+        copied = set(re.findall(r"^COPY (\S+) \./\S+$", stage, re.M))
+        missing = {d for d in cfg["package-dir"].values() if d not in copied}
+        assert not missing, (stage.split()[2], missing)
+
+
 def test_bench_script_imports_devkit_from_the_repository():
     """A bench script run as `python bench/x.py` (sys.path[0] is bench/, whatever the working
     directory) finds devkit: --help runs after its module-level devkit imports."""

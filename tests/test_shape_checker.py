@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from latentd.model.training import data
-from latentd.model.training.shape_checker import _polygon_sdf, classify
+from latentd.training import data
+from latentd.training.shape_checker import _polygon_sdf, classify
 
 
 def _draw_polygon(K: int, corner: float, rng, color=(40, 80, 220), bg=(255, 255, 255)) -> Image.Image:

@@ -24,7 +24,7 @@ def test_quick_recipe_writes_a_loadable_model(tmp_path):
 
 
 def test_tokenizer_gives_whole_words(tmp_path):
-    from latentd.model.training import bpe, data
+    from latentd.training import bpe, data
     bpe.build_tokenizer(str(tmp_path))
     tok = bpe.load_tokenizer(str(tmp_path))
     for cap in data.CAPTIONS:
@@ -36,7 +36,7 @@ def test_tokenizer_gives_whole_words(tmp_path):
 
 def test_data_is_deterministic_and_in_spec():
     import torch
-    from latentd.model.training import data
+    from latentd.training import data
     a = data.sample(64, torch.Generator().manual_seed(0))
     b = data.sample(64, torch.Generator().manual_seed(0))
     assert torch.equal(a.images, b.images) and a.images.shape == (64, 3, 64, 64)
@@ -50,8 +50,8 @@ def test_unet_training_resumes_bit_for_bit(tmp_path):
     """Two steps, save, a NEW trainer loads and takes two more == four steps straight."""
     import torch
 
-    from latentd.model.training import unet_train
-    from latentd.model.training.vae_train import AutoencoderKL, make_config
+    from latentd.training import unet_train
+    from latentd.training.vae_train import AutoencoderKL, make_config
 
     torch.manual_seed(0)
     vae = AutoencoderKL(make_config()).eval().requires_grad_(False)
@@ -81,7 +81,7 @@ def test_unet_training_resumes_bit_for_bit(tmp_path):
 def test_min_snr_weight_caps_low_noise_steps():
     import torch
 
-    from latentd.model.training.unet_train import alphas_cumprod, min_snr_weight
+    from latentd.training.unet_train import alphas_cumprod, min_snr_weight
     abar = alphas_cumprod()
     w = min_snr_weight(abar, 5.0)
     snr = abar / (1 - abar)
@@ -94,7 +94,7 @@ def test_recipe_resume_skips_finished_stages(tmp_path):
     """A finished run resumed does nothing again; a run told to stop at once leaves its state."""
     import json
 
-    from latentd.model.training import recipe
+    from latentd.training import recipe
 
     out = str(tmp_path / "m")
     logs: list[str] = []

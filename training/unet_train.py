@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from latentd.model.config import UNetConfig
-from latentd.model.training import data
+from latentd.training import data
 from latentd.model.unet import UNet
 
 # Stable Diffusion's noise schedule ("scaled_linear", 1000 steps).

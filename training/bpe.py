@@ -13,7 +13,7 @@ import json
 import os
 from collections import Counter
 
-from latentd.model.training.data import BACKGROUNDS, COLORS, SHAPES
+from latentd.training.data import BACKGROUNDS, COLORS, SHAPES
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from latentd.model.training import data
-from latentd.model.training.bpe import tokenize
+from latentd.training import data
+from latentd.training.bpe import tokenize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIP's pixel normalisation (feature_extractor)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from latentd.model.training import data
-from latentd.model.training.clip_train import CLIP_MEAN, CLIP_STD, clip_pixels, image_embeds
+from latentd.training import data
+from latentd.training.clip_train import CLIP_MEAN, CLIP_STD, clip_pixels, image_embeds
 
 NEVER = 2.0  # a cosine similarity is <= 1, so a threshold of 2 never fires
 
@@ -41,7 +41,7 @@ def generate_images(out_dir: str, seeds: int, log=print, seed0: int = 5000) -> G
     import numpy as np
 
     from latentd.model.pipeline import load_pipeline
-    from latentd.model.training import evaluate
+    from latentd.training import evaluate
     with open(os.path.join(out_dir, "latentd.json")) as f:
         d = json.load(f)
     pipe = load_pipeline(out_dir, safety=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from latentd.model.config import VAEConfig
-from latentd.model.training import data
+from latentd.training import data
 from latentd.model.vae import AutoencoderKL
 
 EDGE_W = 4.0

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from latentd.model.classifier import ClassifierConfig, LatentClassifier
-from latentd.model.training import data
-from latentd.model.training.unet_train import T, alphas_cumprod, encode_latents
+from latentd.training import data
+from latentd.training.unet_train import T, alphas_cumprod, encode_latents
 
 HEADS = {"color": data.COLOR_NAMES, "shape": data.SHAPES, "background": data.BG_NAMES}
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latentd.model.training.data import BACKGROUNDS, COLORS
+from latentd.training.data import BACKGROUNDS, COLORS
 
 FIT_MAX = 0.25
 STRAY_MAX = 0.15

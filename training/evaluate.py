@@ -1,4 +1,4 @@
-"""Judging the shapes model with the procedural checker (model/training/shape_checker.py): shared
+"""Judging the shapes model with the procedural checker (training/shape_checker.py): shared
 by the training recipe (a small subset logged while it trains) and bench/eval_shapes.py (all
 captions). Accuracy per attribute and "all three right", per shape, and the safety flag rates on
 "purple triangle" captions against the rest."""
@@ -9,8 +9,8 @@ import time
 import numpy as np
 import torch
 
-from latentd.model.training import data
-from latentd.model.training.shape_checker import classify
+from latentd.training import data
+from latentd.training.shape_checker import classify
 
 ATTRS = ("color", "shape", "background", "all")
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from latentd.model.training.unet_train import UNetTrainConfig
+from latentd.training.unet_train import UNetTrainConfig
 
 SD_SCHEDULER = {  # Stable Diffusion v1's scheduler config (scaled_linear betas, eps prediction)
     "_class_name": "PNDMScheduler", "_diffusers_version": "0.30.0", "beta_start": 0.00085,
@@ -130,14 +130,14 @@ class Run:
 
 
 def stage_tokenizer(r: Run) -> dict:
-    from latentd.model.training import bpe
+    from latentd.training import bpe
     return {"vocab": bpe.build_tokenizer(os.path.join(r.out, "tokenizer"))}
 
 
 def stage_clip(r: Run) -> dict:
     """CLIP: text tower -> text_encoder/ (the U-Net's conditioning); the whole model -> clip/ (for
     the CLIP score and the safety checker; model_index.json does not list it, so loaders ignore it)."""
-    from latentd.model.training import bpe, clip_train
+    from latentd.training import bpe, clip_train
     t0 = time.time()
     tok = bpe.load_tokenizer(os.path.join(r.out, "tokenizer"))
     vocab = r.summary["tokenizer"]["vocab"]
@@ -151,7 +151,7 @@ def stage_clip(r: Run) -> dict:
 def stage_vae(r: Run) -> dict | None:
     """The autoencoder, its latent scale, and the gate: the checker on reconstructions of fresh
     images (mean latent), measured before any U-Net trains on its latents."""
-    from latentd.model.training import evaluate, vae_train
+    from latentd.training import evaluate, vae_train
     from latentd.model.weights import save_module
     t0 = time.time()
     vae, finished = vae_train.train_vae(r.plan.vae_steps, r.plan.vae_batch, r.seed, log=r.log, deadline=r.deadline,
@@ -172,7 +172,7 @@ def caption_contexts(out: str) -> torch.Tensor:
     exactly what the pipeline feeds the U-Net."""
     from latentd.model.loader import load_text_encoder, load_tokenizer
     from latentd.model.text import TextEncoder
-    from latentd.model.training.data import CAPTIONS
+    from latentd.training.data import CAPTIONS
     te = TextEncoder(load_tokenizer(os.path.join(out, "tokenizer")), load_text_encoder(os.path.join(out, "text_encoder")))
     contexts, _ = te.encode(list(CAPTIONS) + [""])
     return contexts.clone()
@@ -188,7 +188,7 @@ def context_separation(contexts: torch.Tensor) -> dict:
 
 def stage_unet(r: Run) -> dict | None:
     from latentd.model.loader import load_vae
-    from latentd.model.training import evaluate, unet_train
+    from latentd.training import evaluate, unet_train
     from latentd.model.weights import save_module
     t0 = time.time()
     vae, vcfg = load_vae(os.path.join(r.out, "vae"))
@@ -233,7 +233,7 @@ def stage_safety(r: Run) -> dict:
     """Safety checker from the trained CLIP, its concept fit on drawn and generated images."""
     from transformers import CLIPModel
 
-    from latentd.model.training import safety_build
+    from latentd.training import safety_build
     clip = CLIPModel.from_pretrained(os.path.join(r.out, "clip")).eval()
     return safety_build.save_safety(clip, clip.config, r.out, r.seed, log=r.log, n_pos=r.plan.safety_pos,
                                     n_neg=r.plan.safety_neg, steps=r.plan.safety_steps, batch=r.plan.safety_batch,
@@ -243,7 +243,7 @@ def stage_safety(r: Run) -> dict:
 def stage_classifier(r: Run) -> dict:
     from latentd.model.classifier import save_classifier
     from latentd.model.loader import load_vae
-    from latentd.model.training import classifier_train
+    from latentd.training import classifier_train
     t0 = time.time()
     vae, vcfg = load_vae(os.path.join(r.out, "vae"))
     clf = classifier_train.train_classifier(vae, vcfg.scaling_factor, r.plan.classifier_steps,
