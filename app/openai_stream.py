@@ -80,9 +80,9 @@ async def respond(request: Request, body, owner: str) -> StreamingResponse:
                     **_FIXED, "index": k, "seed": spec.seed + k, "job_id": job_id})
             elif type_ == "image":
                 k = data["index"]
-                png = st.jobs.image_png(job_id, k, owner) or b""
+                image = st.jobs.image_bytes(job_id, k, owner) or b""
                 yield sse("image_generation.completed", {
-                    "type": "image_generation.completed", "b64_json": base64.b64encode(png).decode(),
+                    "type": "image_generation.completed", "b64_json": base64.b64encode(image).decode(),
                     "created_at": int(time.time()), "size": size, **_FIXED, "usage": _NO_TOKENS,
                     "index": k, "seed": data["seed"], "nsfw": bool(data.get("nsfw")),
                     "revised_prompt": spec.prompt, "job_id": job_id})

@@ -26,6 +26,12 @@ RQ_FUNC = "worker.loop.rq_entry"   # what `rq info`/RQ tools show; only latentd 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+def output_format(spec_json: bytes | None) -> str:
+    """The format a job's images were encoded in, from its record's spec (the worker encodes what
+    the spec asks for); PNG, the default, when there is no record."""
+    return json.loads(spec_json or b"{}").get("output_format") or "png"
+
+
 class QueueFull(Exception):
     """The global queue cap is reached; the API answers 503 with Retry-After."""
 
@@ -141,15 +147,21 @@ class JobClient:
         finally:
             pubsub.close()
 
-    def image_png(self, job_id: str, k: int, owner: str) -> bytes | None:
+    def image_bytes(self, job_id: str, k: int, owner: str) -> bytes | None:
         """Stored bytes of image k of the caller's own job, in the job's output_format (PNG by
         default; jobs.encode.media_type tells which); flagged images are stored black."""
         if not _ID.match(job_id or "") or not isinstance(k, int) or k < 0:
             return None
-        own, img = self.redis.hmget(keys.job(job_id), "owner", f"img:{k}")
+        own, img, spec = self.redis.hmget(keys.job(job_id), "owner", f"img:{k}", "spec")
         if own is None or own.decode() != owner or img is None:
             return None
-        return self.store.get(job_id, k)
+        return self.store.get(job_id, k, output_format(spec))
+
+    def presigned_url(self, job_id: str, k: int, ttl_s: int) -> str:
+        """The object store's GET URL for image k (S3Store only); the object's name carries the
+        job's format, read from its record."""
+        fmt = output_format(self.redis.hget(keys.job(job_id), "spec"))
+        return self.store.presigned_url(job_id, k, fmt, ttl_s)
 
     def recent(self, owner: str, limit: int) -> list[dict]:
         """The owner's most recent jobs that still exist, newest first (at most `limit`)."""

@@ -11,9 +11,6 @@ from __future__ import annotations
 import io
 import json
 
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
-
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = 100
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
@@ -38,6 +35,10 @@ def _parameters(image, params: dict, seed: int, model: str) -> tuple[str, dict]:
 def encode_image(image, params: dict, seed: int, model: str, fmt: str = "png",
                  compression: int | None = None) -> bytes:
     """The image as `fmt` (png | jpeg | webp) bytes with its parameters in the metadata."""
+    # Pillow here, not at import: the stores and the API import this module only to name formats
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
     text, p = _parameters(image, params, seed, model)
     buf = io.BytesIO()
     if fmt == "png":
@@ -56,12 +57,26 @@ def encode_image(image, params: dict, seed: int, model: str, fmt: str = "png",
     return buf.getvalue()
 
 
+def format_of(data: bytes) -> str | None:
+    """The output format (a MEDIA_TYPES key) of encoded bytes, from their signature; None for
+    anything else."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def extension(data: bytes) -> str:
+    """The extension (the format's name) a store gives encoded bytes; only images are stored."""
+    fmt = format_of(data)
+    if fmt is None:
+        raise ValueError("not a PNG, JPEG or WebP image")
+    return fmt
+
+
 def media_type(data: bytes) -> str:
     """The Content-Type of stored result bytes, from their signature."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return MEDIA_TYPES["png"]
-    if data[:3] == b"\xff\xd8\xff":
-        return MEDIA_TYPES["jpeg"]
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return MEDIA_TYPES["webp"]
-    return "application/octet-stream"
+    return MEDIA_TYPES.get(format_of(data), "application/octet-stream")

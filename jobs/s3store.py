@@ -1,8 +1,9 @@
 """S3Store: images in an S3-compatible object store (LATENTD_STORAGE=s3), through boto3.
 
-Why: PNGs in Redis cost memory for the whole result TTL (about 35 GB for one 512x512 image a
+Why: images in Redis cost memory for the whole result TTL (about 35 GB for one 512x512 PNG a
 second kept 24 h) and a local folder is one host's. With S3 the images live at
-`s3://<bucket>/<prefix><job id>/<k>.png` and Redis keeps only the job records.
+`s3://<bucket>/<prefix><job id>/<k>.<format>` (0.png, 0.jpeg, 0.webp: the job's output_format,
+with its Content-Type) and Redis keeps only the job records.
 
 - Credentials come from boto3's standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
   AWS_PROFILE, web identity / IRSA, the instance role): never a LATENTD_ setting.
@@ -23,22 +24,12 @@ from __future__ import annotations
 import logging
 import re
 
+from latentd.jobs.encode import MEDIA_TYPES, extension
 from latentd.jobs.errors import StoreError
 
 log = logging.getLogger("latentd.store")
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _MISSING = ("NoSuchKey", "404", "NotFound")
-
-
-def content_type(data: bytes) -> str:
-    """From the magic bytes, so the store follows whatever format the worker encoded."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
 
 
 class S3Store:
@@ -71,24 +62,25 @@ class S3Store:
         self._errors = (BotoCoreError, ClientError)
         self._client_error = ClientError
 
-    def key(self, job_id: str, k: int) -> str:
-        if not _ID.match(job_id or "") or not isinstance(k, int) or k < 0:
-            raise ValueError("bad job id or image index")   # never a key from user input
-        return f"{self.prefix}{job_id}/{k}.png"
+    def key(self, job_id: str, k: int, fmt: str) -> str:
+        if not _ID.match(job_id or "") or not isinstance(k, int) or k < 0 or fmt not in MEDIA_TYPES:
+            raise ValueError("bad job id, image index or format")   # never a key from user input
+        return f"{self.prefix}{job_id}/{k}.{fmt}"
 
     def _fail(self, what: str, e: Exception) -> StoreError:
         return StoreError(f"object store {self.where}: {what} failed: {e}"[:500])
 
-    def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None:
+    def put(self, job_id: str, k: int, data: bytes, ttl_s: int) -> None:
+        fmt = extension(data)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.key(job_id, k), Body=png,
-                                   ContentType=content_type(png))
+            self.client.put_object(Bucket=self.bucket, Key=self.key(job_id, k, fmt), Body=data,
+                                   ContentType=MEDIA_TYPES[fmt])
         except self._errors as e:
             raise self._fail("write", e) from e
 
-    def get(self, job_id: str, k: int) -> bytes | None:
+    def get(self, job_id: str, k: int, fmt: str) -> bytes | None:
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, k))
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, k, fmt))
             return obj["Body"].read()
         except ValueError:
             return None
@@ -99,10 +91,10 @@ class S3Store:
         except self._errors as e:
             raise self._fail("read", e) from e
 
-    def presigned_url(self, job_id: str, k: int, ttl_s: int) -> str:
+    def presigned_url(self, job_id: str, k: int, fmt: str, ttl_s: int) -> str:
         """A GET URL signed with the store's credentials (computed locally, no round trip)."""
         return self.presigner.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self.key(job_id, k)},
+            "get_object", Params={"Bucket": self.bucket, "Key": self.key(job_id, k, fmt)},
             ExpiresIn=int(ttl_s))
 
     def sweep(self) -> int:

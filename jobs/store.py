@@ -1,11 +1,17 @@
 """Result storage behind one small interface: Redis, a local folder, or an S3-compatible store.
 
-RedisStore (default): PNG bytes under keys.image(job, k) with a TTL, next to the job record, so
-a deployment needs nothing but Redis. FileStore: <dir>/<job>/<k>.png, written to a temporary
-name and renamed (a reader never sees half a file; a re-run after a crash rewrites the same
-name, so there is still one result per image); expiry by file age, swept by the worker.
-S3Store (jobs/s3store.py): objects in a bucket, expired by a lifecycle rule; Redis keeps only
-job records. Torch-free: the API reads images through `make_store(redis, settings).get`.
+Results are encoded images (PNG, JPEG or WebP: the job's output_format). RedisStore (default):
+the bytes under keys.image(job, k) with a TTL, next to the job record, so a deployment needs
+nothing but Redis. FileStore: <dir>/<job>/<k>.<format> (0.png, 0.jpeg, 0.webp), written to a
+temporary name and renamed (a reader never sees half a file; a re-run after a crash rewrites the
+same name, so there is still one result per image); expiry by file age, swept by the worker.
+S3Store (jobs/s3store.py): objects <prefix><job>/<k>.<format> in a bucket, expired by a lifecycle
+rule; Redis keeps only job records. Torch-free: the API reads images through JobClient.image_bytes.
+
+File and object names carry the real extension, so whoever lists the folder or the bucket (or
+downloads an object) sees what each one is. put() takes it from the bytes' own signature; readers
+pass the format the job asked for (its spec's output_format, which is what the worker encoded),
+so a read is still one lookup.
 
 A store that cannot be reached raises StoreError: the worker fails that job (code
 `storage_error`) and goes on; the API answers 503.
@@ -20,14 +26,15 @@ import time
 from typing import Protocol
 
 from latentd.jobs import keys
+from latentd.jobs.encode import MEDIA_TYPES, extension
 from latentd.jobs.errors import StoreError
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class Store(Protocol):
-    def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None: ...
-    def get(self, job_id: str, k: int) -> bytes | None: ...
+    def put(self, job_id: str, k: int, data: bytes, ttl_s: int) -> None: ...
+    def get(self, job_id: str, k: int, fmt: str) -> bytes | None: ...
     def sweep(self) -> int: ...
     def prepare(self) -> None: ...
 
@@ -36,11 +43,11 @@ class RedisStore:
     def __init__(self, redis):
         self.redis = redis
 
-    def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None:
-        self.redis.set(keys.image(job_id, k), png, ex=max(1, int(ttl_s)))
+    def put(self, job_id: str, k: int, data: bytes, ttl_s: int) -> None:
+        self.redis.set(keys.image(job_id, k), data, ex=max(1, int(ttl_s)))
 
-    def get(self, job_id: str, k: int) -> bytes | None:
-        return self.redis.get(keys.image(job_id, k))
+    def get(self, job_id: str, k: int, fmt: str) -> bytes | None:
+        return self.redis.get(keys.image(job_id, k))     # one key per image, whatever its format
 
     def sweep(self) -> int:
         return 0  # Redis expires keys itself
@@ -55,18 +62,18 @@ class FileStore:
         self.ttl_s = ttl_s
         os.makedirs(self.root, exist_ok=True)
 
-    def _path(self, job_id: str, k: int) -> str:
-        if not _ID.match(job_id) or not isinstance(k, int) or k < 0:
-            raise ValueError("bad job id or image index")   # never a path from user input
-        return os.path.join(self.root, job_id, f"{k}.png")
+    def _path(self, job_id: str, k: int, fmt: str) -> str:
+        if not _ID.match(job_id) or not isinstance(k, int) or k < 0 or fmt not in MEDIA_TYPES:
+            raise ValueError("bad job id, image index or format")   # never a path from user input
+        return os.path.join(self.root, job_id, f"{k}.{fmt}")
 
-    def put(self, job_id: str, k: int, png: bytes, ttl_s: int) -> None:
-        path = self._path(job_id, k)
+    def put(self, job_id: str, k: int, data: bytes, ttl_s: int) -> None:
+        path = self._path(job_id, k, extension(data))
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
-                f.write(png)
+                f.write(data)
             os.replace(tmp, path)
         except OSError as e:
             raise StoreError(f"image folder {self.root}: {e}") from e
@@ -74,9 +81,9 @@ class FileStore:
     def prepare(self) -> None:
         pass
 
-    def get(self, job_id: str, k: int) -> bytes | None:
+    def get(self, job_id: str, k: int, fmt: str) -> bytes | None:
         try:
-            path = self._path(job_id, k)
+            path = self._path(job_id, k, fmt)
             if time.time() - os.path.getmtime(path) > self.ttl_s:
                 return None
             with open(path, "rb") as f:

@@ -162,6 +162,29 @@ def test_presigned_urls_fetch_the_object(s3):
         assert httpx.get(res.json()["data"][0]["url"]).status_code == 200
 
 
+def test_jpeg_and_webp_objects_carry_their_extension(s3):
+    """The object is named and typed for what it holds; the API and the presigned URL find it."""
+    c = s3["server"].client()
+    for fmt, magic in (("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")):
+        job = submit(s3["through"], seed=3, output_format=fmt)
+        assert job["status"] == "succeeded", (job, s3["worker"].output())
+        jid = job["id"]
+        keys = [o["Key"] for o in c.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}{jid}/")["Contents"]]
+        assert keys == [f"{PREFIX}{jid}/0.{fmt}"]
+        stored = c.get_object(Bucket=BUCKET, Key=keys[0])
+        assert stored["ContentType"] == f"image/{fmt}"
+        body = stored["Body"].read()
+        assert body.startswith(magic)
+        with s3["through"].client(ALICE) as a:
+            r = a.get(f"/v1/jobs/{jid}/images/0")
+        assert r.status_code == 200 and r.content == body
+        assert r.headers["content-type"] == f"image/{fmt}"
+        with s3["presign"].client(ALICE) as a:      # both APIs share the Redis and the bucket
+            url = a.get(f"/v1/jobs/{jid}").json()["images"][0]["url"]
+        assert url.startswith(f"{s3['server'].public_url}/{BUCKET}/{PREFIX}{jid}/0.{fmt}?")
+        assert httpx.get(url).content == body
+
+
 def test_lifecycle_rule_set_and_other_rules_kept(s3):
     rules = {r["ID"]: r for r in s3["server"].client().get_bucket_lifecycle_configuration(
         Bucket=BUCKET)["Rules"]}

@@ -52,7 +52,7 @@ def test_submit_is_json_rq_job_and_record(redis_server):
     assert d["params"]["seed"] == 10 and "owner" not in d["params"]
     assert c.get(jid, "bob") is None
     assert c.get("../../etc/passwd", "alice") is None
-    assert c.image_png(jid, 0, "alice") is None
+    assert c.image_bytes(jid, 0, "alice") is None
 
 
 def test_random_seed_is_fixed_at_submit(redis_server):

@@ -54,8 +54,8 @@ def test_submit_to_png_with_metadata(shared):
     assert d["progress"] == {"step": 6, "total": 6}
     assert d["created_at"] <= d["started_at"] <= d["finished_at"]
     assert d["usage"]["compute_seconds"] > 0 and d["error"] is None
-    pngs = [c.image_png(jid, k, "alice") for k in (0, 1)]
-    assert c.image_png(jid, 0, "bob") is None and c.image_png(jid, 2, "alice") is None
+    pngs = [c.image_bytes(jid, k, "alice") for k in (0, 1)]
+    assert c.image_bytes(jid, 0, "bob") is None and c.image_bytes(jid, 2, "alice") is None
     for k, png in enumerate(pngs):
         im = Image.open(io.BytesIO(png))
         assert im.format == "PNG" and im.size == (48, 32)
@@ -72,7 +72,7 @@ def test_same_seed_same_png_and_rq_info(shared):
     c = shared.client()
     a, b = (c.submit(JobSpec(prompt="a dog", owner="o", steps=2, seed=7)) for _ in range(2))
     assert c.wait(a, "o", 60)["status"] == c.wait(b, "o", 60)["status"] == "succeeded"
-    assert c.image_png(a, 0, "o") == c.image_png(b, 0, "o")
+    assert c.image_bytes(a, 0, "o") == c.image_bytes(b, 0, "o")
     out = subprocess.run([sys.executable, "-m", "rq.cli", "info", "--url", shared.redis.url],
                          capture_output=True, text=True, timeout=60)
     assert "latentd" in out.stdout and shared.name in out.stdout, out.stdout + out.stderr
@@ -143,8 +143,14 @@ def test_file_store(stack, tmp_path):
     jid = c.submit(JobSpec(prompt="file", owner="o", steps=2, n=2))
     assert c.wait(jid, "o", 60)["status"] == "succeeded"
     assert sorted(p.name for p in (tmp_path / jid).iterdir()) == ["0.png", "1.png"]
-    assert c.image_png(jid, 1, "o").startswith(b"\x89PNG")
+    assert c.image_bytes(jid, 1, "o").startswith(b"\x89PNG")
     assert not stack.redis.client().exists(keys.image(jid, 0))
+    # a JPEG job's file is named for what it holds, and read back by that name
+    jpg = c.submit(JobSpec(prompt="file", owner="o", steps=2, output_format="jpeg"))
+    assert c.wait(jpg, "o", 60)["status"] == "succeeded"
+    assert [p.name for p in (tmp_path / jpg).iterdir()] == ["0.jpeg"]
+    assert c.image_bytes(jpg, 0, "o") == (tmp_path / jpg / "0.jpeg").read_bytes()
+    assert c.image_bytes(jpg, 0, "o").startswith(b"\xff\xd8\xff")
 
 
 def test_worker_metrics(shared):

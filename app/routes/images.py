@@ -72,8 +72,8 @@ async def sync_result(request: Request, owner: str, job_id: str, spec, response_
     for im in d["images"]:
         item = {"revised_prompt": spec.prompt, "seed": im["seed"], "nsfw": bool(im.get("nsfw"))}
         if response_format == "b64_json":
-            png = jobs.image_png(job_id, im["index"], owner)
-            item["b64_json"] = base64.b64encode(png or b"").decode()
+            image = jobs.image_bytes(job_id, im["index"], owner)
+            item["b64_json"] = base64.b64encode(image or b"").decode()
         else:
             item["url"] = image_url(request, owner, job_id, im["index"])
         data.append(item)

@@ -39,7 +39,7 @@ def image_url(request: Request, owner: str, job_id: str, k: int) -> str:
     """Our signed URL, or the object store's presigned one (LATENTD_S3_PRESIGN=true)."""
     st = request.app.state
     if st.settings.storage == "s3" and st.settings.s3_presign:
-        return st.jobs.store.presigned_url(job_id, k, st.settings.url_ttl_s)
+        return st.jobs.presigned_url(job_id, k, st.settings.url_ttl_s)
     return base_url(request) + signing.signed_path(st.secret, owner, job_id, k, st.settings.url_ttl_s)
 
 
@@ -185,12 +185,12 @@ async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, _token
     else:
         raise ApiError(403, "bad_signature", "the signed URL is invalid or has expired", "sig")
     if k < 0:
-        png = None
+        image = None
     elif request.app.state.settings.storage == "redis":
-        png = jobs.image_png(job_id, k, owner)           # one local round trip: inline
+        image = jobs.image_bytes(job_id, k, owner)       # one local round trip: inline
     else:                                                # a file or an object store: off the loop
-        png = await anyio.to_thread.run_sync(jobs.image_png, job_id, k, owner)
-    if png is None:
+        image = await anyio.to_thread.run_sync(jobs.image_bytes, job_id, k, owner)
+    if image is None:
         raise ApiError(404, "not_found", "no such image", "k")
-    return Response(png, media_type=media_type(png),
+    return Response(image, media_type=media_type(image),
                     headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
