@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
-from latentd.model.errors import InvalidRequest, ModelLoadError
+from latentd.model.errors import ModelLoadError
 from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
                            KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS, Resolved, resolve)
 
@@ -77,11 +77,6 @@ class ModelInfo:
             return "width", (f"{width}x{height} = {width * height} pixels exceeds the maximum "
                              f"of {self.max_pixels} pixels")
         return None
-
-    def check_size(self, width: int, height: int) -> None:
-        err = self.size_error(width, height)
-        if err:
-            raise InvalidRequest(*err)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}

@@ -30,10 +30,6 @@ def caption(color: str, shape: str, background: str) -> str:
 CAPTIONS = tuple(caption(c, s, b) for c in COLOR_NAMES for s in SHAPES for b in BG_NAMES)
 
 
-def caption_index(color: int, shape: int, background: int) -> int:
-    return (color * len(SHAPES) + shape) * len(BG_NAMES) + background
-
-
 @dataclass
 class Batch:
     images: torch.Tensor     # (B, 3, 64, 64) float in [-1, 1]

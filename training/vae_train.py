@@ -16,7 +16,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from latentd.model.config import VAEConfig
 from latentd.training import data
@@ -123,46 +122,3 @@ def latent_scale(vae: AutoencoderKL, n: int = 512, seed: int = 4321) -> float:
     x = data.sample(n, torch.Generator().manual_seed(seed)).images
     mean, _ = vae.encode(x)
     return float(1.0 / mean.std())
-
-
-def finetune_decoder(vae: AutoencoderKL, steps: int, batch: int, seed: int, log=print, lr: float = 1e-3,
-                     crop: int = 32, deadline: float | None = None) -> AutoencoderKL:
-    """Decoder-only fine-tuning (encoder frozen, so the latents the U-Net was trained on do not
-    change): more steps on the reconstruction loss for sharper edges and corners. Runs after the
-    U-Net in the recipe; it can only improve decoding of the same latents."""
-    vae.train()
-    vae.encoder.requires_grad_(False)
-    if vae.quant_conv is not None:
-        vae.quant_conv.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    gen = torch.Generator().manual_seed(seed + 5)
-    t0 = time.time()
-    bar = tqdm(range(steps), desc="vae-decoder", mininterval=5)
-    for step in bar:
-        x = random_crop(data.sample(batch, gen).images, crop, gen)
-        with torch.no_grad():
-            mean, logvar = vae.encode(x)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-        rec = vae.decode(z)
-        w = 1 + EDGE_W * edge_map(x)
-        l1 = ((rec - x).abs() * w).mean() / w.mean()
-        mse = F.mse_loss(rec, x)
-        loss = l1 + mse
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log(f"vae-decoder step {step} loss {loss.item():.4f} l1 {l1.item():.4f} mse {mse.item():.5f} "
-                f"t {time.time() - t0:.0f}s")
-        if deadline is not None and time.time() > deadline:
-            log(f"vae-decoder: time budget reached at step {step}")
-            break
-    vae.requires_grad_(True)
-    return vae.eval()
