@@ -21,7 +21,6 @@ from latentd.model.errors import ModelLoadError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_BUFFERS = ("concept_embeds", "concept_embeds_weights", "special_care_embeds", "special_care_embeds_weights")
 
 
 class SafetyChecker(nn.Module):
