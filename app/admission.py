@@ -129,7 +129,7 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
                        f"rate limit exceeded ({limiter.rate:g} images/s, burst {limiter.burst}); "
                        f"retry in {wait:.2f} s", headers={"Retry-After": limiter.retry_after(wait)})
     try:
-        spec = JobSpec(owner=owner, model=req.model, **params.to_dict())
+        spec = JobSpec(owner=owner, **params.to_dict())
     except ValidationError as e:   # our bounds are tighter than the spec's; kept as a safety net
         err = e.errors()[0]
         field = ".".join(str(p) for p in err.get("loc", ())) or "body"

@@ -120,11 +120,11 @@ class InProcess:
         from latentd.model.pipeline import GenerationRequest
         kind = edit_kind(i)
         if kind is None:
-            return GenerationRequest(prompt=prompt(i), steps=steps, seed=1000 + i)
+            return self.pipe.validate(GenerationRequest(prompt=prompt(i), steps=steps, seed=1000 + i))
         img, mask = edit_inputs(self.model)
-        return GenerationRequest(prompt=prompt(i), steps=steps, seed=1000 + i, init_image=img,
-                                 mask=mask if kind == "inpaint" else None,
-                                 strength=IMG2IMG_STRENGTH if kind == "img2img" else 1.0)
+        return self.pipe.validate(GenerationRequest(prompt=prompt(i), steps=steps, seed=1000 + i, init_image=img,
+                                                    mask=mask if kind == "inpaint" else None,
+                                                    strength=IMG2IMG_STRENGTH if kind == "img2img" else 1.0))
 
     def prepare(self, max_batch: int):
         from latentd.model.pipeline import GenerationRequest

@@ -6,6 +6,7 @@ the CLI needs nothing the service does not. Ctrl-C cancels the job on the server
 """
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
@@ -74,14 +75,17 @@ class Remote:
 
 
 def request_body(args) -> dict:
-    body = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
-            "response_format": "url"}
-    if args.size:
-        body["size"] = f"{args.size[0]}x{args.size[1]}"
-    for name, value in (("steps", args.steps), ("guidance_scale", args.guidance),
-                        ("sampler", args.sampler), ("karras", args.karras), ("model", args.model)):
-        if value is not None:
-            body[name] = value
+    """The POST /v1/jobs body of `latentd generate` flags: every request field the CLI has
+    (cmd_generate.request_values, from the declaration), uploads in base64, nothing dropped."""
+    from latentd.cmd_generate import read_file, request_values
+
+    body = {}
+    for name, value in request_values(args).items():
+        if value is None:
+            continue
+        if name in ("image", "mask"):
+            value = base64.b64encode(read_file(value, "init-image" if name == "image" else name)).decode()
+        body[name] = value
     return body
 
 
@@ -93,12 +97,14 @@ def run_remote(args) -> int:
             print(f"latentd generate: {flag} applies to the local engine, not to --server",
                   file=sys.stderr)
             return 2
-    if args.eta:
-        print("latentd generate: --eta is not offered by the service API", file=sys.stderr)
-        return 2
+    from latentd.model.errors import InvalidRequest
+
     remote = Remote(args.server, args.key)
     try:
         job = remote.json("POST", "/v1/jobs", request_body(args))
+    except InvalidRequest as e:
+        print(f"latentd generate: invalid {e.field}: {e.message}", file=sys.stderr)
+        return 2
     except RemoteError as e:
         field = e.error.get("field") or e.error.get("param")
         what = (f"invalid {field}: " if field and e.status in (400, 422)

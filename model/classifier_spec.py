@@ -35,18 +35,29 @@ def resolve(heads: dict[str, tuple[str, ...]] | None, value) -> tuple[tuple[tupl
             or not 0.0 <= scale <= MAX_SCALE):
         raise InvalidRequest(f"{FIELD}.scale", f"must be a number between 0 and {MAX_SCALE:g}, got {scale!r}",
                              {"min": 0, "max": MAX_SCALE})
-    targets = []
-    for head, label in value.items():
-        if head == "scale" or label is None:
-            continue
+    targets = tuple(sorted((h, lbl) for h, lbl in value.items() if h != "scale" and lbl is not None))
+    if not targets:
+        raise InvalidRequest(FIELD, "names no attribute to steer; give at least one of: " + ", ".join(heads),
+                             _allowed(heads))
+    check_targets(heads, targets, float(scale))
+    return targets, float(scale)
+
+
+def check_targets(heads: dict[str, tuple[str, ...]] | None, targets, scale: float) -> None:
+    """Validate resolved ((head, label), ...) and scale against a model's heads (the worker's check
+    of a job; fills nothing in). No targets: nothing to check."""
+    if not targets:
+        return
+    if not heads:
+        raise InvalidRequest(FIELD, "this model has no classifier; classifier guidance is not available", None)
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+            or not 0.0 <= scale <= MAX_SCALE):
+        raise InvalidRequest(f"{FIELD}.scale", f"must be a number between 0 and {MAX_SCALE:g}, got {scale!r}",
+                             {"min": 0, "max": MAX_SCALE})
+    for head, label in targets:
         if head not in heads:
             raise InvalidRequest(FIELD, f"unknown attribute {head!r}; this model's classifier has: "
                                         + ", ".join(heads) + " (and scale)", _allowed(heads))
         if label not in heads[head]:
             raise InvalidRequest(f"{FIELD}.{head}", f"unknown {head} {label!r}; one of: " + ", ".join(heads[head]),
                                  list(heads[head]))
-        targets.append((head, label))
-    if not targets:
-        raise InvalidRequest(FIELD, "names no attribute to steer; give at least one of: " + ", ".join(heads),
-                             _allowed(heads))
-    return tuple(sorted(targets)), float(scale)

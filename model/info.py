@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from latentd.model.errors import ModelLoadError
 from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
-                           KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS, Resolved, resolve)
+                                   KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS)
 
 # The model latentd ships (trained by `latentd train-shapes`), used wherever no model is named.
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
@@ -214,26 +214,3 @@ def _build(base: dict, over: dict) -> ModelInfo:
         object.__setattr__(info, "native_width", sizes[0][0])
         object.__setattr__(info, "native_height", sizes[0][1])
     return info
-
-
-def check_request(info: ModelInfo, req) -> Resolved:
-    """Raise InvalidRequest(field, message, allowed) for the first bad field of `req` (any object
-    with GenerationRequest's attributes); else the Resolved request. The same `resolve` the API
-    and the worker run, so the engine rejects exactly what they would."""
-    image = getattr(req, "init_image", None)
-    mask = getattr(req, "mask", None)
-    return resolve(info, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
-                   height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
-                   sampler=req.sampler, karras=req.karras, eta=req.eta, seed=req.seed,
-                   image_size=None if image is None else tuple(image.size),
-                   mask_size=None if mask is None else tuple(mask.size),
-                   strength=getattr(req, "strength", None),
-                   classifier_guidance=classifier_request(req))
-
-
-def classifier_request(req) -> dict | None:
-    """An engine request's classifier targets in the API's shape ({"color": ..., "scale": ...})."""
-    targets = getattr(req, "classifier_targets", ())
-    if not targets:
-        return None
-    return {**dict(targets), "scale": getattr(req, "classifier_scale", 0.0)}

@@ -16,7 +16,6 @@ Latent diffusion (Rombach et al. 2022): the chain runs on z; x = D(z / scaling_f
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,9 +27,8 @@ from PIL import Image
 from latentd.model.edit import EditState, Encoder, blend, overlay, start_edit
 from latentd.model.errors import ModelLoadError
 from latentd.model.guidance import guide
-from latentd.model.info import BUNDLED, ModelInfo, check_request
-from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, Resolved,
-                           start_step)
+from latentd.model.info import BUNDLED, ModelInfo
+from latentd.model.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, complete, kind_of, start_step
 from latentd.model.precision import check_dtype, parse_dtype, to_device, vae_dtype
 from latentd.model.samplers import Plan, denoise_step, make_plan, step_coeffs
 from latentd.model.schedule import NoiseSchedule, schedule_from_config
@@ -41,6 +39,9 @@ from latentd.model.tiling import DEFAULT_TILE, decode as vae_decode
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One image. Complete (every value there, as the service and `latentd generate` send it, or
+    as Pipeline.validate returns it) before Pipeline.start; Pipeline.generate completes its own."""
+
     prompt: str
     negative_prompt: str = ""
     width: int | None = None        # None -> the init image's size, else the model's native size
@@ -57,15 +58,17 @@ class GenerationRequest:
     classifier_scale: float = 0.0
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)  # img2img / inpaint
     mask: Image.Image | None = field(default=None, compare=False, repr=False)  # white = repaint
-    strength: float | None = None   # edits: 0 < s <= 1, None -> model.request.DEFAULT_STRENGTH
+    strength: float | None = None   # edits: 0 < s <= 1 (None before Pipeline.validate: its default)
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.init_image is not None, self.mask is not None)
 
     @property
     def run_steps(self) -> int:
-        """Steps that actually run: all for text-to-image, int(steps * strength) for an edit."""
-        if self.init_image is None:
-            return self.steps
-        kind = "img2img" if self.mask is None else "inpaint"
-        return self.steps - start_step(self.steps, self.strength or DEFAULT_STRENGTH[kind])
+        """Steps that actually run (of a complete request): all for text-to-image,
+        int(steps * strength) for an edit."""
+        return self.steps - start_step(self.steps, self.strength)
 
 
 @dataclass
@@ -157,17 +160,18 @@ class Pipeline:
         self.encoder = Encoder(vae, self.latent_scale, self.latent_shift, self.device, self.vae_dtype)
 
     # -- validation ------------------------------------------------------------------------------
-    def validate(self, req: GenerationRequest) -> Resolved:
-        """Raise InvalidRequest(field, message naming the allowed range) for a bad request; else
-        the request resolved (model.request.resolve: size, strength defaults filled in)."""
-        return check_request(self.info, req)
+    def validate(self, req: GenerationRequest) -> GenerationRequest:
+        """The engine's boundary for its own callers: the request with its size and an edit's
+        strength filled in (model.request.complete), or InvalidRequest(field, message naming the
+        allowed range). The service resolves before and sends complete requests."""
+        return complete(self.info, req)
 
     @property
     def classifier_heads(self) -> dict[str, tuple[str, ...]] | None:
         """Head -> labels of the model's classifier (None: none); the same as info.classifier."""
         return self.info.classifier
 
-    def _plan(self, r: Resolved) -> Plan:
+    def _plan(self, r: GenerationRequest) -> Plan:
         key = (r.sampler, r.steps, r.karras, float(r.eta), r.strength)
         if key not in self._plans:
             self._plans[key] = make_plan(self.schedule, r.sampler, r.steps, r.karras, r.eta, r.strength)
@@ -194,24 +198,24 @@ class Pipeline:
         return out
 
     def start(self, req: GenerationRequest, cond: Conditioning) -> RequestState:
-        """Validate, plan, and draw the initial latent from the request's own generator:
+        """Plan a complete request (validated before: Pipeline.validate, or the service's
+        resolve and check) and draw the initial latent from its own generator:
         randn((1, C, H/f, W/f), generator=Generator("cpu").manual_seed(seed)) * init_sigma, or for
         an edit the init image's latent noised to the first step it runs (model/edit.py)."""
-        r = self.validate(req)
-        plan = self._plan(r)
+        if req.width is None or req.height is None or (req.kind != "text" and req.strength is None):
+            raise ValueError("Pipeline.start takes a complete request (Pipeline.validate fills it)")
+        plan = self._plan(req)
         gen = torch.Generator("cpu").manual_seed(req.seed)
         f = self.info.vae_factor
-        shape = (1, self.info.latent_channels, r.height // f, r.width // f)
+        shape = (1, self.info.latent_channels, req.height // f, req.width // f)
         t0 = time.perf_counter()
-        if req.strength != r.strength:
-            req = dataclasses.replace(req, strength=r.strength)
-        latent, edit = start_edit(self.encoder, plan, req, r.width, r.height, shape, gen,
+        latent, edit = start_edit(self.encoder, plan, req, req.width, req.height, shape, gen,
                                   self.info.inpaint_unet, self.device)       # (1, C, h, w)
         timings = {"text": float(cond.seconds)}
         if req.init_image is not None:
             timings["encode"] = time.perf_counter() - t0
         return RequestState(req=req, cond=cond, plan=plan, latent=latent, generator=gen,
-                            width=r.width, height=r.height, edit=edit, timings=timings)
+                            width=req.width, height=req.height, edit=edit, timings=timings)
 
     def step(self, states: list[RequestState]) -> None:
         """Advance every state by one step with ONE U-Net call of 2B rows ([uncond..., cond...]).
@@ -360,10 +364,12 @@ class Pipeline:
 
     # -- whole requests --------------------------------------------------------------------------
     def generate(self, reqs: list[GenerationRequest], callback=None) -> list[GeneratedImage]:
-        """Run requests to completion, batching every step across requests of the same size.
-        callback(index_in_reqs, step, total) after every denoising step of each request."""
-        for r in reqs:
-            self.validate(r)
+        """Validate (and complete) requests, then run them (run())."""
+        return self.run([self.validate(r) for r in reqs], callback)
+
+    def run(self, reqs: list[GenerationRequest], callback=None) -> list[GeneratedImage]:
+        """Run complete requests to completion, batching every step across requests of the same
+        size. callback(index_in_reqs, step, total) after every denoising step of each request."""
         states = [self.start(r, c) for r, c in zip(reqs, self.encode(reqs))]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, s in enumerate(states):

@@ -63,7 +63,7 @@ def test_a_guided_step_moves_the_latent_up_log_p(pipe, sampler):
     y = {"color": HEADS["color"].index("blue")}
     states = {}
     for name, kw in (("plain", {}), ("guided", dict(classifier_targets=(("color", "blue"),), classifier_scale=0.05))):
-        r = _req(sampler=sampler, **kw)
+        r = pipe.validate(_req(sampler=sampler, **kw))
         st = pipe.start(r, pipe.encode([r])[0])
         x_start = st.latent.clone()
         pipe.step([st])

@@ -74,8 +74,8 @@ def test_inpaint_matches_diffusers(request, unet, sampler, strength):
 def test_4ch_inpaint_keeps_the_unmasked_latents(pipe):
     """The blend puts the init image's latent back outside the mask at the last step: the final
     latent equals E(image) there, exactly (both are the same float32 tensor)."""
-    req = GenerationRequest(PROMPT, steps=4, sampler="euler", seed=2, init_image=init_image(),
-                            mask=mask_image(), strength=1.0)
+    req = pipe.validate(GenerationRequest(PROMPT, steps=4, sampler="euler", seed=2, init_image=init_image(),
+                                          mask=mask_image(), strength=1.0))
     (c,) = pipe.encode([req])
     s = pipe.start(req, c)
     while not s.done:
@@ -118,7 +118,8 @@ def test_edits_batch_with_text_to_image_bit_for_bit(request, which):
 
 
 def test_edit_steps_follow_strength(pipe):
-    req = GenerationRequest("a cat", steps=10, sampler="euler", seed=1, init_image=init_image(), strength=0.35)
+    req = pipe.validate(GenerationRequest("a cat", steps=10, sampler="euler", seed=1, init_image=init_image(),
+                                          strength=0.35))
     (c,) = pipe.encode([req])
     s = pipe.start(req, c)
     assert s.total == 3 == req.run_steps and s.plan.start == 7
@@ -190,7 +191,7 @@ def test_worker_executor_batches_edits_with_generations(pipe):
                                          mask=mask_image(), strength=1.0)}
     ex = BatchExecutor(pipe, max_batch=8, band=float("inf"))
     for rid, r in reqs.items():
-        ex.add(rid, "k", r)
+        ex.add(rid, "k", ex.pipe.validate(r))
     got = {}
     while not ex.idle:
         for ev in ex.iterate():

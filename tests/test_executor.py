@@ -78,7 +78,7 @@ def test_batched_equals_solo_with_mixed_steps_samplers_guidance(pipe, solo):
     }
     ex = BatchExecutor(pipe, max_batch=16)
     for rid, req in reqs.items():
-        ex.add(rid, "k", req)
+        ex.add(rid, "k", ex.pipe.validate(req))
     assert ex.waiting_count == 5 and not ex.idle
     log = drain(ex)
     done = finished(log)
@@ -97,12 +97,12 @@ def test_join_midway_and_leave_early(pipe, solo):
     reqs = {"long": R(seed=11, steps=7), "short": R("a blue square", seed=12, steps=2),
             "late": R("a green circle", seed=13, steps=3, sampler="euler")}
     ex = BatchExecutor(pipe, max_batch=16)
-    ex.add("long", "k1", reqs["long"])
-    ex.add("short", "k2", reqs["short"])
+    ex.add("long", "k1", ex.pipe.validate(reqs["long"]))
+    ex.add("short", "k2", ex.pipe.validate(reqs["short"]))
 
     def join(i, ex):
         if i == 3:
-            ex.add("late", "k3", reqs["late"])
+            ex.add("late", "k3", ex.pipe.validate(reqs["late"]))
     log = drain(ex, join)
     sizes = [sum(isinstance(e, Progress) for e in evs) for evs in log]
     # short leaves after 2 steps, late joins at iteration 3 and leaves after 3 steps.
@@ -116,7 +116,7 @@ def test_cancel_inside_a_batch_and_in_the_queue(pipe, solo):
     reqs = {f"r{i}": R(f"a red circle {i}", seed=20 + i, steps=5) for i in range(4)}
     ex = BatchExecutor(pipe, max_batch=3)          # r3 waits in the queue
     for rid, req in reqs.items():
-        ex.add(rid, "k", req)
+        ex.add(rid, "k", ex.pipe.validate(req))
 
     def cancel(i, ex):
         if i == 2:
@@ -146,9 +146,9 @@ def test_poisoned_request_fails_alone(pipe, solo):
     try:
         ex = BatchExecutor(pipe, max_batch=16)
         for i, (rid, req) in enumerate(reqs.items()):
-            ex.add(rid, "k", req)
+            ex.add(rid, "k", ex.pipe.validate(req))
             if i == 2:
-                ex.add("bad", "k", R("POISON", seed=99, steps=4))
+                ex.add("bad", "k", ex.pipe.validate(R("POISON", seed=99, steps=4)))
         log = drain(ex)
     finally:
         pipe.__class__ = cls
@@ -164,9 +164,19 @@ def test_poisoned_request_fails_alone(pipe, solo):
 
 
 def test_invalid_request_fails_without_touching_others(pipe, solo):
+    """The executor takes complete requests and validates nothing again (the worker checked the
+    job; the engine's own callers go through Pipeline.validate, which refuses this one): one that
+    the model cannot run anyway fails alone when it starts."""
+    import dataclasses
+
+    from latentd.model.errors import InvalidRequest
+    with pytest.raises(InvalidRequest, match="sampler"):
+        pipe.validate(R(sampler="nope"))
+    with pytest.raises(ValueError, match="complete request"):
+        BatchExecutor(pipe).add("raw", "k", R())           # not completed: a caller's bug
     ex = BatchExecutor(pipe, max_batch=16)
-    ex.add("bad", "k", R(sampler="nope"))
-    ex.add("good", "k", R(seed=7, steps=2))
+    ex.add("bad", "k", dataclasses.replace(pipe.validate(R()), sampler="nope"))
+    ex.add("good", "k", ex.pipe.validate(R(seed=7, steps=2)))
     log = drain(ex)
     fails = [e for evs in log for e in evs if isinstance(e, Failed)]
     assert [(f.request_id, f.code) for f in fails] == [("bad", "invalid_request")]
@@ -181,7 +191,7 @@ def test_sizes_are_grouped_and_alternate(pipe, solo):
             "sq2": R("a green square", seed=43, steps=3)}
     ex = BatchExecutor(pipe, max_batch=16)
     for rid, req in reqs.items():
-        ex.add(rid, "k", req)
+        ex.add(rid, "k", ex.pipe.validate(req))
     log = drain(ex)
     ran = [sorted(e.request_id for e in evs if isinstance(e, Progress)) for evs in log]
     assert ran == [["sq", "sq2"], ["wide"], ["sq", "sq2"], ["wide"], ["sq", "sq2"], ["wide"]]
@@ -193,8 +203,8 @@ def test_sizes_are_grouped_and_alternate(pipe, solo):
 def test_compute_seconds_are_shares_of_the_batched_calls(pipe):
     ex = BatchExecutor(pipe, max_batch=16)
     for i in range(3):
-        ex.add(f"r{i}", "k", R(seed=50 + i, steps=3))
-    ex.add("long", "k", R(seed=60, steps=6))
+        ex.add(f"r{i}", "k", ex.pipe.validate(R(seed=50 + i, steps=3)))
+    ex.add("long", "k", ex.pipe.validate(R(seed=60, steps=6)))
     done = finished(drain(ex))
     c = {k: v.compute_s for k, v in done.items()}
     # r0..r2 shared every call (encode, 3 steps, one finish) in the same order: equal shares.

@@ -183,7 +183,7 @@ def test_admission_by_measured_cost_and_prepare_on_the_cpu(pipe32):
     ex = BatchExecutor(pipe32, max_batch=8, memory_budget_mb=cost.request_budget(1850.0),
                        memory_estimate=cost.estimate)
     for i in range(4):
-        ex.add(f"r{i}", "k", GenerationRequest(seed=i, **REQ))
+        ex.add(f"r{i}", "k", ex.pipe.validate(GenerationRequest(seed=i, **REQ)))
     events = ex.iterate()
     assert sorted(e.request_id for e in events if isinstance(e, Progress)) == ["r0", "r1", "r2"]
     assert ex.running_count == 3 and ex.waiting_count == 1

@@ -67,8 +67,8 @@ def test_batch_equals_solo_bit_for_bit(pipe):
 
 
 def test_step_api_join_midway_and_leave_early(pipe):
-    a = GenerationRequest("a red cat", steps=5, sampler="euler_a", seed=1)
-    b = GenerationRequest("the dog", steps=2, sampler="ddpm", seed=2)
+    a = pipe.validate(GenerationRequest("a red cat", steps=5, sampler="euler_a", seed=1))
+    b = pipe.validate(GenerationRequest("the dog", steps=2, sampler="ddpm", seed=2))
     ca, cb = pipe.encode([a, b])
     sa = pipe.start(a, ca)
     pipe.step([sa])
@@ -87,7 +87,7 @@ def test_step_api_join_midway_and_leave_early(pipe):
 
 
 def test_failed_step_leaves_states_untouched(pipe):
-    ok = GenerationRequest("a red cat", steps=3, sampler="euler_a", seed=4)
+    ok = pipe.validate(GenerationRequest("a red cat", steps=3, sampler="euler_a", seed=4))
     (c,) = pipe.encode([ok])
     s = pipe.start(ok, c)
     pipe.step([s])
@@ -205,5 +205,5 @@ def test_cli_generate(tiny_model, tmp_path, capsys):
     assert "seed=3" in capsys.readouterr().out
     rc = main(["generate", "a red cat", "--model", str(tiny_model), "--out", str(tmp_path / "x.png"),
                "--size", "65x64"])
-    assert rc == 2 and "invalid width" in capsys.readouterr().err
+    assert rc == 2 and "invalid size" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -63,8 +63,8 @@ def test_render_is_a_coarse_mosaic(tiny_pipe):
 def test_watched_requests_get_previews_at_their_interval_and_identical_images(tiny_pipe):
     preview = fit_for(tiny_pipe)
     ex = BatchExecutor(tiny_pipe, max_batch=4, preview=preview)
-    ex.add("w", "k", R(seed=5))
-    ex.add("u", "k", R(seed=6))
+    ex.add("w", "k", ex.pipe.validate(R(seed=5)))
+    ex.add("u", "k", ex.pipe.validate(R(seed=6)))
     ex.watch("w", 2)
     events = run(ex)
     previews = [e for e in events if isinstance(e, Preview)]
@@ -73,8 +73,8 @@ def test_watched_requests_get_previews_at_their_interval_and_identical_images(ti
     watched = {e.request_id: np.asarray(e.image.image) for e in events if isinstance(e, Finished)}
 
     ex2 = BatchExecutor(tiny_pipe, max_batch=4, preview=preview)
-    ex2.add("w", "k", R(seed=5))
-    ex2.add("u", "k", R(seed=6))
+    ex2.add("w", "k", ex2.pipe.validate(R(seed=5)))
+    ex2.add("u", "k", ex2.pipe.validate(R(seed=6)))
     unwatched = {e.request_id: np.asarray(e.image.image) for e in run(ex2) if isinstance(e, Finished)}
     assert set(watched) == {"w", "u"}
     for rid in watched:                                   # previews read the state, never change it
@@ -83,11 +83,11 @@ def test_watched_requests_get_previews_at_their_interval_and_identical_images(ti
 
 def test_watch_zero_or_no_map_means_no_previews(tiny_pipe):
     ex = BatchExecutor(tiny_pipe, max_batch=2, preview=None)
-    ex.add("a", "k", R(steps=4))
+    ex.add("a", "k", ex.pipe.validate(R(steps=4)))
     ex.watch("a", 1)                                      # no map: previews are off
     assert not any(isinstance(e, Preview) for e in run(ex))
     ex = BatchExecutor(tiny_pipe, max_batch=2, preview=fit_for(tiny_pipe))
-    ex.add("a", "k", R(steps=4))
+    ex.add("a", "k", ex.pipe.validate(R(steps=4)))
     ex.watch("a", 1)
     ex.watch("a", 0)                                      # the listener left
     assert not any(isinstance(e, Preview) for e in run(ex))

@@ -136,13 +136,12 @@ class BatchExecutor:
 
     # --- the loop's side ---------------------------------------------------------------------
     def add(self, request_id: str, key_name: str, req) -> None:
-        """Queue a request; it waits for admission. An invalid one fails at the next iterate()."""
-        try:
-            size = self._latent_size(self.pipe.validate(req))
-        except Exception as exc:          # InvalidRequest, or anything validation trips on
-            with self._lock:
-                self._pending.append(Failed(request_id, error_code(exc), _message(exc)))
-            return
+        """Queue a complete request (model.pipeline.GenerationRequest with its size and an edit's
+        strength: the worker's come from a checked JobSpec, the engine's own from
+        Pipeline.validate); it waits for admission. Nothing is resolved or validated here again."""
+        if req.width is None or req.height is None:
+            raise ValueError("BatchExecutor.add takes a complete request (Pipeline.validate fills it)")
+        size = self._latent_size(req)
         entry = _Entry(request_id, key_name, req, next(self._arrival), size,
                        self._estimate(size), self._tick)
         with self._lock:
@@ -323,10 +322,10 @@ class BatchExecutor:
         return list(entries), list(out), []
 
     # --- helpers -----------------------------------------------------------------------------
-    def _latent_size(self, resolved) -> tuple[int, int]:
-        """Latent (h, w) of a resolved request (model.request.Resolved: the size filled in)."""
+    def _latent_size(self, req) -> tuple[int, int]:
+        """Latent (h, w) of a complete request."""
         f = self.pipe.info.vae_factor
-        return (resolved.height // f, resolved.width // f)
+        return (req.height // f, req.width // f)
 
     def _default_estimate(self, size: tuple[int, int]) -> float:
         import torch
