@@ -25,18 +25,20 @@ from latentd.app.admission import admit
 from latentd.app.events import PING, SSE_HEADERS, follow, sse
 from latentd.jobs import events
 
-_FIXED = {"quality": "auto", "background": "opaque", "output_format": "png"}
+_FIXED = {"quality": "auto", "background": "opaque"}    # output_format: the job's own
 _NO_TOKENS = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
               "output_tokens": 0, "total_tokens": 0}
 
 
-def scaled_png(b64_png: str, width: int, height: int) -> str:
-    """A preview's few cells scaled to the image size (bilinear: a blur, not blocks), base64."""
+def scaled_preview(b64_png: str, width: int, height: int, fmt: str = "png") -> str:
+    """A preview's few cells scaled to the image size (bilinear: a blur, not blocks), base64, in
+    the job's output format (png | jpeg | webp), as the event's output_format says."""
     from PIL import Image
 
     im = Image.open(io.BytesIO(base64.b64decode(b64_png))).convert("RGB")
     buf = io.BytesIO()
-    im.resize((width, height), Image.BILINEAR).save(buf, format="PNG", compress_level=1)
+    extra = {"compress_level": 1} if fmt == "png" else {"quality": 90}
+    im.resize((width, height), Image.BILINEAR).save(buf, format=fmt.upper(), **extra)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -73,17 +75,20 @@ async def respond(request: Request, body, owner: str) -> StreamingResponse:
                 if i >= n_partial:
                     continue
                 partials[k] = i + 1
-                b64 = await anyio.to_thread.run_sync(scaled_png, data["png"], spec.width, spec.height)
+                b64 = await anyio.to_thread.run_sync(scaled_preview, data["png"], spec.width, spec.height,
+                                                     spec.output_format)
                 yield sse("image_generation.partial_image", {
                     "type": "image_generation.partial_image", "b64_json": b64,
                     "partial_image_index": i, "created_at": int(time.time()), "size": size,
-                    **_FIXED, "index": k, "seed": spec.seed + k, "job_id": job_id})
+                    **_FIXED, "output_format": spec.output_format, "index": k, "seed": spec.seed + k,
+                    "job_id": job_id})
             elif type_ == "image":
                 k = data["index"]
                 image = st.jobs.image_bytes(job_id, k, owner) or b""
                 yield sse("image_generation.completed", {
                     "type": "image_generation.completed", "b64_json": base64.b64encode(image).decode(),
-                    "created_at": int(time.time()), "size": size, **_FIXED, "usage": _NO_TOKENS,
+                    "created_at": int(time.time()), "size": size, **_FIXED,
+                    "output_format": spec.output_format, "usage": _NO_TOKENS,
                     "index": k, "seed": data["seed"], "nsfw": bool(data.get("nsfw")),
                     "revised_prompt": spec.prompt, "job_id": job_id})
             elif type_ in ("failed", "canceled", "error"):
