@@ -46,8 +46,6 @@ class JobSpec(create_model("JobSpecFields", __base__=_Envelope, **spec_fields())
             raise ValueError("strength is set for edits (kind img2img / inpaint) and only for them")
         if self.kind != "text" and (self.width is None or self.height is None):
             raise ValueError("an edit has its width and height resolved")
-        if (self.width is None) != (self.height is None):
-            raise ValueError("width and height are given together")
         return self
 
     @property
@@ -86,7 +84,8 @@ class JobSpec(create_model("JobSpecFields", __base__=_Envelope, **spec_fields())
         raises model.errors.InvalidRequest naming the field. Returns the spec to run; the API's
         are complete, and only a spec built by hand without a size gets the model's native size."""
         spec = self
-        if self.width is None:
-            spec = self.model_copy(update={"width": info.native_width, "height": info.native_height})
+        if self.width is None or self.height is None:
+            spec = self.model_copy(update={"width": self.width or info.native_width,
+                                           "height": self.height or info.native_height})
         check(info, spec.model_copy(update={"seed": spec.seed or 0}))
         return spec
