@@ -1,5 +1,5 @@
-"""Dependencies of the routes, all in one module. Everything lives on `app.state` (built once by
-create_app), so these are cheap lookups that never block the event loop.
+"""Dependencies of the routes, all in one module. Everything lives in the app's `AppState` (built
+once by create_app, app/state.py), so these are cheap lookups that never block the event loop.
 
 The owner of a request (the API key's name) is resolved in one place, `owner_of`, from the
 Authorization header (`token_of`, through `auth.bearer`); `OwnerDep` is the same function as a dependency, with the
@@ -13,6 +13,7 @@ from fastapi.security import HTTPBearer
 
 from latentd.app.auth import ANONYMOUS, bearer
 from latentd.app.errors import ApiError
+from latentd.app.state import AppState, state_of
 from latentd.jobs.client import JobClient
 
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `latentd keys create NAME`")
@@ -25,7 +26,7 @@ def token_of(request: Request) -> str | None:
 
 def owner_of(request: Request) -> str:
     """The key's name, ANONYMOUS with auth off; 401 for a missing or unknown key."""
-    keys = request.app.state.keys
+    keys = state_of(request).keys
     if keys is None:
         return ANONYMOUS
     hdr = {"WWW-Authenticate": "Bearer"}
@@ -44,10 +45,15 @@ async def _owner(request: Request, _declared=Depends(bearer_scheme)) -> str:
     return owner_of(request)
 
 
+async def _state(request: Request) -> AppState:
+    return state_of(request)
+
+
 async def _jobs(request: Request) -> JobClient:
-    return request.app.state.jobs
+    return state_of(request).jobs
 
 
+StateDep = Annotated[AppState, Depends(_state)]
 JobsDep = Annotated[JobClient, Depends(_jobs)]
 OwnerDep = Annotated[str, Depends(_owner)]
 TokenDep = Annotated[object, Depends(bearer_scheme)]   # declares the header where a route reads it itself

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from latentd.app import metrics
 from latentd.app.errors import ApiError, error_body, error_from, too_large
 from latentd.app.schemas import ImagesGenerationRequest
+from latentd.app.state import state_of
 from latentd.jobs.errors import StoreError
 
 log = logging.getLogger("latentd.api")
@@ -34,7 +35,7 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
     status = exc.status_code
     if status == 413:
         body = error_body("body_too_large", "request body too large", "body",
-                          {"max_bytes": request.app.state.settings.max_body_bytes})
+                          {"max_bytes": state_of(request).settings.max_body_bytes})
     elif status == 400:
         body = error_body("invalid_body", f"request body could not be read: {exc.detail} "
                           "(it must be UTF-8 JSON)", "body", "a UTF-8 JSON object")
@@ -51,15 +52,15 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
 async def redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
     """Redis unreachable: a quick 503 with Retry-After, not a 500 (and no traceback in the body)."""
     metrics.rejected(503, "unavailable")
-    pool = request.app.state.redis.connection_pool
+    st = state_of(request)
     # a Redis that does not answer (a timeout, not a refusal) would stall the event loop once per
-    # request: app.main.BreakerPool fails the next ones fast until a PING answers again
-    if isinstance(exc, redis.TimeoutError) and not getattr(pool, "tripped", True):
-        pool.trip()
+    # request: the breaker (app/breaker.py) fails the next ones fast until a PING answers again
+    if isinstance(exc, redis.TimeoutError) and not st.breaker.tripped:
+        st.breaker.trip()
     log.warning("redis unavailable on %s: %s", request.url.path, type(exc).__name__)
     return JSONResponse(error_body("unavailable", "the job store is unreachable; retry later",
                                    kind="server_error"), status_code=503,
-                        headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+                        headers={"Retry-After": str(st.settings.retry_after_s)})
 
 
 async def store_down_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -68,7 +69,7 @@ async def store_down_handler(request: Request, exc: Exception) -> JSONResponse:
     log.warning("image store unavailable on %s: %s", request.url.path, exc)
     return JSONResponse(error_body("storage_unavailable", "the image store is unreachable; retry later",
                                    kind="server_error"), status_code=503,
-                        headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
+                        headers={"Retry-After": str(state_of(request).settings.retry_after_s)})
 
 
 async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:

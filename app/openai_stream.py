@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 
 from latentd.app.admission import admit
 from latentd.app.events import PING, SSE_HEADERS, follow, sse
+from latentd.app.state import state_of
 from latentd.jobs import events
 
 _FIXED = {"quality": "auto", "background": "opaque"}    # output_format: the job's own
@@ -43,7 +44,7 @@ def scaled_preview(b64_png: str, width: int, height: int, fmt: str = "png") -> s
 
 
 async def respond(request: Request, body, owner: str) -> StreamingResponse:
-    st = request.app.state
+    st = state_of(request)
     n_partial = body.partial_images or 0
     listener = events.new_listener()
     every = {}

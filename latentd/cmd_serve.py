@@ -32,7 +32,8 @@ def run(args) -> int:
 
         # every uvicorn worker writes its counters here; /metrics adds them up
         own_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="latentd-prom-")
-    from latentd.app.main import config_problems, make_redis
+    from latentd.app.main import config_problems
+    from latentd.app.state import make_redis
 
     problems = config_problems(s)
     if problems:

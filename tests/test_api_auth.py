@@ -146,6 +146,7 @@ def test_serve_refuses_to_start_without_keys_or_secret(tmp_path, module_redis):
 
 def test_insecure_settings_are_refused_outside_dev_only(tmp_path):
     from latentd.app.main import InsecureConfig, config_problems, create_app, key_store
+    from latentd.app.state import app_state
     from latentd.config.settings import Settings
 
     none = str(tmp_path / "none.json")
@@ -160,4 +161,4 @@ def test_insecure_settings_are_refused_outside_dev_only(tmp_path):
     # dev: no keys -> auth off; keys configured -> auth on; the dev secret is accepted
     assert key_store(Settings(env="dev", keys_file=none)) is None
     assert key_store(Settings(env="dev", keys_file=none, api_keys=f"alice:{digest}")).owner(ALICE) == "alice"
-    assert create_app(Settings(env="dev", keys_file=none)).state.keys is None
+    assert app_state(create_app(Settings(env="dev", keys_file=none))).keys is None

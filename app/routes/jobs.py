@@ -2,7 +2,7 @@
 made it; any other key gets 404 on every route that takes its id.
 
 Handlers are `async` and call Redis inline: each is one or two round trips to a local Redis
-(short socket timeouts, see app.main.make_redis), which costs less than a thread-pool hop; only
+(short socket timeouts, see app.state.make_redis), which costs less than a thread-pool hop; only
 the long wait of the sync endpoint runs in the thread pool."""
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from latentd.app import signing
 from latentd.app.admission import admit
-from latentd.app.deps import JobsDep, OwnerDep, TokenDep, owner_of, token_of
+from latentd.app.deps import JobsDep, OwnerDep, StateDep, TokenDep, owner_of, token_of
 from latentd.app.errors import ApiError, too_large
 from latentd.app.events import PING, SSE_HEADERS, follow, parse_last_event_id, sse
+from latentd.app.responses import ERRORS, image_url, links
 from latentd.app.schemas import (JOB_BODY, ErrorResponse, JobCreated, JobList, JobRequest, JobStatus,
                          parse_generation_request)
+from latentd.app.state import state_of
+from latentd.app.uploads import is_multipart, read_edit_form
 from latentd.jobs.events import DEFAULT_PREVIEW_EVERY, MAX_PREVIEW_EVERY
 from latentd.jobs.keys import RECENT_MAX
 from latentd.jobs.encode import MEDIA_TYPES, media_type
@@ -28,24 +31,6 @@ from latentd.jobs.state import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "no such job"
-ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
-
-
-def base_url(request: Request) -> str:
-    return (request.app.state.settings.public_url or str(request.base_url)).rstrip("/")
-
-
-def image_url(request: Request, owner: str, job_id: str, k: int) -> str:
-    """Our signed URL, or the object store's presigned one (LATENTD_S3_PRESIGN=true)."""
-    st = request.app.state
-    if st.settings.storage == "s3" and st.settings.s3_presign:
-        return st.jobs.presigned_url(job_id, k, st.settings.url_ttl_s)
-    return base_url(request) + signing.signed_path(st.secret, owner, job_id, k, st.settings.url_ttl_s)
-
-
-def links(request: Request, job_id: str) -> dict:
-    me = f"{base_url(request)}/v1/jobs/{job_id}"
-    return {"self": me, "cancel": me}
 
 
 def job_view(request: Request, owner: str, d: dict) -> dict:
@@ -84,9 +69,7 @@ async def submit_job(request: Request):
     """Admit a job (202) and return its id and links; poll `links.self`. JSON (an edit carries
     `image`, and `mask`, in base64) or multipart with the fields of /v1/images/edits. Hot path:
     the key, then the raw body are checked here directly (no per-request dependency solving)."""
-    from latentd.app.routes.edits import is_multipart, read_edit_form
-
-    st = request.app.state
+    st = state_of(request)
     owner = owner_of(request)
     if is_multipart(request):
         body, image, mask = await read_edit_form(request)
@@ -150,7 +133,7 @@ async def job_events(request: Request, job_id: str, owner: OwnerDep, jobs: JobsD
     if jobs.get(job_id, owner) is None:
         raise ApiError(404, "not_found", NOT_FOUND, "job_id")
     after = parse_last_event_id(last_event_id)
-    st = request.app.state
+    st = state_of(request)
 
     async def stream():
         yield b"retry: 2000\n\n"
@@ -172,7 +155,7 @@ async def job_events(request: Request, job_id: str, owner: OwnerDep, jobs: JobsD
 @router.get("/{job_id}/images/{k}", response_class=Response,
             responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **ERRORS,
                        403: {"model": ErrorResponse}})
-async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, _token: TokenDep,
+async def get_image(request: Request, job_id: str, k: int, st: StateDep, _token: TokenDep,
               o: Annotated[str | None, Query(max_length=200, description="owner (signed URLs)")] = None,
               exp: Annotated[str | None, Query(max_length=20, description="expiry (signed URLs)")] = None,
               sig: Annotated[str | None, Query(max_length=100, description="signature (signed URLs)")] = None):
@@ -180,16 +163,16 @@ async def get_image(request: Request, job_id: str, k: int, jobs: JobsDep, _token
     signature (no header needed)."""
     if token_of(request) is not None or (o is None and exp is None and sig is None):
         owner = owner_of(request)
-    elif signing.verify(request.app.state.secret, o, job_id, k, exp, sig):
+    elif signing.verify(st.secret, o, job_id, k, exp, sig):
         owner = o
     else:
         raise ApiError(403, "bad_signature", "the signed URL is invalid or has expired", "sig")
     if k < 0:
         image = None
-    elif request.app.state.settings.storage == "redis":
-        image = jobs.image_bytes(job_id, k, owner)       # one local round trip: inline
+    elif st.settings.storage == "redis":
+        image = st.jobs.image_bytes(job_id, k, owner)    # one local round trip: inline
     else:                                                # a file or an object store: off the loop
-        image = await anyio.to_thread.run_sync(jobs.image_bytes, job_id, k, owner)
+        image = await anyio.to_thread.run_sync(st.jobs.image_bytes, job_id, k, owner)
     if image is None:
         raise ApiError(404, "not_found", "no such image", "k")
     return Response(image, media_type=media_type(image),
