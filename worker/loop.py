@@ -63,6 +63,9 @@ class Worker:
 
 
 class MainLoop:
+    """Each tick: compute (one executor iteration into the ledger), then Redis (the ledger's
+    writes, touches and claims), skipped with backoff while Redis is away."""
+
     def __init__(self, process: WorkerProcess, rt: Runtime, ledger: Ledger):
         self.process = process
         self.s = process.s
