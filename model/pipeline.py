@@ -1,6 +1,6 @@
 """Text-to-image pipeline: load_pipeline() and the step-level API of docs/CONTRACTS.md §1.
 
-    conds  = pipe.encode(reqs)            ONE batched text-encoder call
+    conds  = pipe.encode(reqs)            text encoder over the distinct texts (on the CPU one text a call)
     state  = pipe.start(req, cond)        initial latent from the request's seed, sampler plan
     pipe.step(states)                     ONE batched U-Net call (uncond + cond rows), then each
                                           state advances by its own sampler plan
@@ -179,10 +179,24 @@ class Pipeline:
 
     # -- step-level API --------------------------------------------------------------------------
     def encode(self, reqs: list[GenerationRequest]) -> list[Conditioning]:
-        """ONE text-encoder call over the distinct prompts and negative prompts of `reqs`."""
+        """Encode the distinct prompts and negative prompts of `reqs`: one text-encoder call over
+        all of them, or on the CPU one call per text (see below)."""
         t0 = time.perf_counter()
         texts = sorted({r.prompt for r in reqs} | {r.negative_prompt for r in reqs})
-        hidden, cut = self.text.encode(texts)                              # (U, 77, D)
+        if self.device.type == "cpu":
+            # Batch invariance: PyTorch's CPU elementwise kernels run SIMD over the flattened
+            # tensor and finish its last numel % 32 float32 elements (per thread chunk) with the
+            # scalar function, and scalar and SIMD sigmoid/exp/erf differ in the last ulp. CLIP's
+            # MLP activation on (U, 77, I) puts the last text's final elements in that tail, whose
+            # width depends on U (tiny model, I = 37: 6 texts -> 6 tail elements, 2 -> 1), so a
+            # prompt's (1, 77, D) hidden state depended on which other prompts shared the call.
+            # One (1, 77) call per text: a text's tensors have the same shape whatever the batch.
+            # The encoder runs once per request (not per step), so this costs little.
+            parts = [self.text.encode([t]) for t in texts]
+            hidden = torch.cat([h for h, _ in parts])                      # (U, 77, D)
+            cut = [c[0] for _, c in parts]
+        else:
+            hidden, cut = self.text.encode(texts)                          # (U, 77, D)
         hidden = hidden.to(self.device, self.dtype)
         row = {t: i for i, t in enumerate(texts)}
         share = (time.perf_counter() - t0) / max(len(reqs), 1)
