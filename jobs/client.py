@@ -22,7 +22,7 @@ from latentd.jobs.spec import JobSpec
 from latentd.jobs.state import TERMINAL, record_to_dict
 from latentd.jobs.store import make_store
 
-RQ_FUNC = "worker.loop.rq_entry"   # what `rq info`/RQ tools show; only latentd workers run it
+RQ_FUNC = "latentd.worker.loop.rq_entry"   # what `rq info`/RQ tools show; only latentd workers run it
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 

@@ -2,7 +2,7 @@
 engine, no service needed (or with `--server URL`, on a running service: latentd/cmd_remote.py).
 
 The request flags are derived from the request declaration (jobs/request.py, surface "cli"), and
-`request_values` reads them back into request fields, for both paths: locally they are resolved
+`request_values` (latentd/cli_request.py) reads them back into request fields, for both paths: locally they are resolved
 once (jobs/request_resolve.py, as the API resolves its bodies), with `--server` they become the
 POST /v1/jobs body, so both run the same request and draw the same image."""
 from __future__ import annotations
@@ -12,27 +12,10 @@ import io
 import os
 import sys
 
-from latentd.jobs.request import REQUIRED, on
-
-SCALE_FLAG = "--classifier-scale"   # classifier_guidance's scale, beside --classify's targets
-_TYPES = {int: int, float: float, str: str}
-_METAVARS = {"size": "WxH", "image": "IMG", "mask": "MASK", "classifier_guidance": "ATTR=LABEL,...",
-             "strength": "S", "model": "MODEL"}
-
+from latentd.cli_request import add_request_arguments, read_file, request_values
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    for f in on("cli"):
-        help_ = f.help if f.default in (None, REQUIRED) else f"{f.help} (default: {f.default_text()})"
-        if f.flag == "":
-            p.add_argument(f.name, help=help_)
-        elif f.type is bool:
-            p.add_argument(f.cli_flag, dest=f.name, action="store_true", default=None, help=help_)
-        else:
-            p.add_argument(f.cli_flag, dest=f.name, default=None, type=_TYPES.get(f.type, str),
-                           metavar=_METAVARS.get(f.name), help=help_)
-    from latentd.model.classifier_spec import DEFAULT_SCALE
-    p.add_argument(SCALE_FLAG, dest="classifier_scale", type=float, default=None, metavar="S",
-                   help=f"classifier guidance scale (default {DEFAULT_SCALE:g}; needs --classify)")
+    add_request_arguments(p)
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--no-safety", action="store_true", help="skip the safety checker (local engine)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (local engine)")
@@ -43,14 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "engine; progress comes from the job's event stream")
     p.add_argument("--key", default=os.environ.get("LATENTD_API_KEY"),
                    help="API key for --server (default: $LATENTD_API_KEY)")
-
-
-def request_values(args: argparse.Namespace) -> dict:
-    """Request field -> value (None: not given) of every "cli" field; image and mask are paths.
-    Raises InvalidRequest naming the flag for --classify syntax."""
-    values = {f.name: getattr(args, f.name) for f in on("cli")}
-    values["classifier_guidance"] = _classify(args)
-    return values
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,34 +89,6 @@ def run(args: argparse.Namespace) -> int:
           f"sampler={req.sampler}{'+karras' if req.karras else ''} steps={req.steps} "
           f"guidance={req.guidance_scale:g}{edit} in {t['total']:.2f}s (denoise {t['denoise']:.2f}s)")
     return 0
-
-
-def _classify(args) -> dict | None:
-    """--classify color=red,shape=triangle [--classifier-scale S] -> the API's classifier_guidance."""
-    from latentd.model.errors import InvalidRequest
-    text = getattr(args, "classifier_guidance", None)
-    if text is None:
-        if args.classifier_scale is not None:
-            raise InvalidRequest("classifier-scale", "needs --classify ATTR=LABEL,...")
-        return None
-    out: dict = {}
-    for part in text.split(","):
-        attr, sep, label = part.partition("=")
-        if not sep or not attr.strip() or not label.strip():
-            raise InvalidRequest("classify", f"expected ATTR=LABEL[,ATTR=LABEL...], got {text!r}")
-        out[attr.strip()] = label.strip()
-    if args.classifier_scale is not None:
-        out["scale"] = args.classifier_scale
-    return out
-
-
-def read_file(path: str, flag: str) -> bytes:
-    from latentd.model.errors import InvalidRequest
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise InvalidRequest(flag, f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _edit_inputs(image_path: str | None, mask_path: str | None):

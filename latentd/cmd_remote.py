@@ -76,8 +76,8 @@ class Remote:
 
 def request_body(args) -> dict:
     """The POST /v1/jobs body of `latentd generate` flags: every request field the CLI has
-    (cmd_generate.request_values, from the declaration), uploads in base64, nothing dropped."""
-    from latentd.cmd_generate import read_file, request_values
+    (cli_request.request_values, from the declaration), uploads in base64, nothing dropped."""
+    from latentd.cli_request import read_file, request_values
 
     body = {}
     for name, value in request_values(args).items():

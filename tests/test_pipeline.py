@@ -66,6 +66,17 @@ def test_batch_equals_solo_bit_for_bit(pipe):
         assert solo.seed == b.seed == r.seed
 
 
+def test_a_prompt_encodes_the_same_whatever_shares_the_call(pipe):
+    """A text's conditioning does not depend on the other texts encoded with it: a batched call's
+    shape moves which elements the CPU's elementwise kernels finish with their scalar tail."""
+    want = pipe.encode([GenerationRequest("the dog")])[0]
+    others = [GenerationRequest(p, negative_prompt=n) for p, n in
+              (("a red cat", "blue"), ("and", "or"), ("zebra", "red"))]
+    for k in range(1, len(others) + 1):
+        got = pipe.encode([*others[:k], GenerationRequest("the dog")])[-1]
+        assert torch.equal(got.cond, want.cond) and torch.equal(got.uncond, want.uncond), k
+
+
 def test_step_api_join_midway_and_leave_early(pipe):
     a = pipe.validate(GenerationRequest("a red cat", steps=5, sampler="euler_a", seed=1))
     b = pipe.validate(GenerationRequest("the dog", steps=2, sampler="ddpm", seed=2))

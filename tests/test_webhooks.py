@@ -11,6 +11,7 @@ import pytest
 from devkit.api_proc import ALICE, KEYS, ApiProc, wait_job
 from devkit.services import RedisServer, WorkerProc, free_port
 from latentd.jobs import keys, webhooks
+from latentd.worker.webhook_delivery import Deliverer
 
 SECRET = "test-webhook-secret-0123456789"
 FAST = {"size": "64x64", "steps": 2, "sampler": "euler"}
@@ -216,7 +217,7 @@ def test_a_delivery_is_given_up_after_max_age(redis_server):
         is FinishResult.ENDED
     assert r.zscore(keys.WEBHOOKS_DUE, jid) is not None
     assert r.hget(keys.webhook(jid), "url").decode().endswith("/never")
-    deliverer = webhooks.Deliverer(s, "test")
+    deliverer = Deliverer(s, "test")
     deadline = time.monotonic() + 30
     while r.zscore(keys.WEBHOOKS_DUE, jid) is not None:
         assert time.monotonic() < deadline

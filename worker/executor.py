@@ -4,7 +4,8 @@ Each `iterate()` (the scheduler decides, this runs; vLLM's
 update_from_output):
   1. applies cancels (queued or running requests simply leave: their state is dropped),
   2. asks the pure scheduler which waiting requests to admit and which latent size steps,
-  3. text-encodes ALL newly admitted requests in ONE batched text-encoder call (`pipe.encode`)
+  3. text-encodes all newly admitted requests together (`pipe.encode`: their distinct texts, one
+     call on a GPU, one per text on the CPU where a batched call is not batch-invariant)
      and creates their states (`pipe.start`: initial latent from the request's own seed),
   4. runs ONE batched U-Net step over the chosen size group (`pipe.step`; 2 rows per request for
      classifier-free guidance, each row with its own timestep, guidance, sampler state),
@@ -216,7 +217,7 @@ class BatchExecutor:
 
     # --- running the engine ------------------------------------------------------------------
     def _admit(self, entries: list[_Entry]) -> list:
-        """One batched text-encoder call for all newly admitted requests, then their states."""
+        """Encode the texts of all newly admitted requests together (`pipe.encode`), then their states."""
         if not entries:
             return []
         events = []

@@ -21,7 +21,7 @@ import torch
 
 from latentd.jobs.jobstore import JobStore
 from latentd.jobs.store import Store, make_store
-from latentd.jobs.webhooks import Deliverer
+from latentd.worker.webhook_delivery import Deliverer
 from latentd.model.pipeline import load_pipeline
 from latentd.model.precision import default_dtype
 from latentd.model.preview import fit_for
