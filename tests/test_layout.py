@@ -13,6 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def names_from(path: Path, module: str) -> set[str]:
+    """The names a file imports with `from module import ...`."""
+    return {a.name for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == module
+            for a in node.names}
+
+
 def imported_modules(path: Path) -> set[str]:
     """Every module a file imports, at any depth (function-level imports included)."""
     names = set()
@@ -43,6 +50,49 @@ def test_no_tests_imports(folder):
 
 def test_engine_does_not_import_training():
     assert importers("model", "latentd.training") == []
+
+
+# The direction between the installed packages (docs/CONTRACTS.md): the API and the workers
+# meet only in the job contract; the contract and the engine know nothing of either process.
+FORBIDDEN = {"jobs": ("latentd.app", "latentd.worker"), "app": ("latentd.worker",),
+             "worker": ("latentd.app",), "model": ("latentd.app", "latentd.worker", "latentd.jobs"),
+             "config": ("latentd.app", "latentd.worker", "latentd.jobs", "latentd.model")}
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_package_dependency_direction(folder):
+    for package in FORBIDDEN[folder]:
+        assert importers(folder, package) == [], f"{folder}/ must not import {package}"
+
+
+def test_no_import_cycles_between_modules():
+    """No two modules of the installed packages import each other, directly or through others."""
+    graph = {}
+    for folder in ("app", "worker", "jobs", "model", "config", "training", "latentd"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "__init__.py":      # packages: importing one of their modules is no edge
+                continue
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            graph[".".join(parts if parts[0] == "latentd" else ["latentd", *parts])] = path
+    # `from latentd.jobs import keys` names the module latentd.jobs.keys
+    edges = {n: {m for imp in imported_modules(p) for m in (imp, *(f"{imp}.{a}" for a in names_from(p, imp)))
+                 if m in graph and m != n} for n, p in graph.items()}
+    seen, on_path = set(), []
+
+    def visit(n):
+        if n in on_path:
+            cycle = on_path[on_path.index(n):] + [n]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if n in seen:
+            return
+        on_path.append(n)
+        for m in sorted(edges[n]):
+            visit(m)
+        on_path.pop()
+        seen.add(n)
+
+    for n in sorted(graph):
+        visit(n)
 
 
 def test_devkit_not_in_the_wheel():
