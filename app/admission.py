@@ -1,12 +1,8 @@
-"""Admission: validate against the model -> per-key rate limit -> queue cap (inside
-JobClient.submit, one Lua script) -> enqueued. Each step rejects early with a 4xx/503 and
-enqueues nothing. Also where the API learns what model it serves (for validation and /v1/models).
+"""Admission: route to the model (app/models.py: 422 for an unknown one) -> validate against it
+-> per-key rate limit -> queue cap (inside JobClient.submit, one Lua script) -> enqueued on that
+model's queue. Each step rejects early with a 4xx/503 and enqueues nothing.
 """
 from __future__ import annotations
-
-import os
-import time
-from dataclasses import fields
 
 from pydantic import ValidationError
 
@@ -14,58 +10,10 @@ from latentd.app import metrics
 from latentd.app.errors import ApiError
 from latentd.app.ratelimit import RateLimiter
 from latentd.app.schemas import ImagesGenerationRequest, invalid, to_job_params
-from latentd.model.errors import InvalidRequest, ModelLoadError
-from latentd.model.info import BUNDLED, ModelInfo, read_model_info
+from latentd.model.errors import InvalidRequest
 from latentd.jobs import webhooks
 from latentd.jobs.client import QueueFull
 from latentd.jobs.spec import JobSpec
-
-
-def info_from_dict(d: dict) -> ModelInfo:
-    names = {f.name for f in fields(ModelInfo)}
-    kw = {k: v for k, v in d.items() if k in names}
-    for k in ("sizes",):
-        kw[k] = tuple(tuple(s) for s in kw.get(k, ()))
-    for k in ("samplers", "karras_samplers"):
-        if k in kw:
-            kw[k] = tuple(kw[k])
-    if kw.get("classifier"):
-        kw["classifier"] = {h: tuple(v) for h, v in kw["classifier"].items()}
-    return ModelInfo(**kw)
-
-
-class ModelSource:
-    """The models the API validates against: what ready workers publish in Redis (cached for a few
-    seconds), else the folder the API can read itself (LATENTD_MODEL, else the bundled model), so
-    validation matches what actually runs and still works before the first worker is up."""
-
-    def __init__(self, settings, jobs, ttl_s: float = 2.0):
-        self.jobs, self.ttl_s = jobs, ttl_s
-        path = settings.model or BUNDLED
-        try:
-            self.local = read_model_info(path) if os.path.exists(path) else None
-        except ModelLoadError:
-            self.local = None
-        self._at, self._remote = -1e9, []
-
-    def all(self) -> list[ModelInfo]:
-        if time.monotonic() - self._at > self.ttl_s:
-            self._remote = [info_from_dict(m) for m in self.jobs.models()]
-            self._at = time.monotonic()
-        if self._remote:
-            return self._remote
-        return [self.local] if self.local is not None else []
-
-    def pick(self, name: str | None) -> ModelInfo | None:
-        """The named model (ApiError 422 if no one serves it), or the default; None: none ready."""
-        models = self.all()
-        if not models or name is None:
-            return models[0] if models else None
-        for m in models:
-            if m.name == name:
-                return m
-        raise ApiError(422, "invalid_value", f"model: unknown model {name!r}", "model",
-                       [m.name for m in models])
 
 
 def check_delivery(req: ImagesGenerationRequest, settings) -> None:
@@ -107,10 +55,12 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
     `image` / `mask`: an edit's uploads (decoding them is CPU work: call this in a worker thread)."""
     settings = state.settings
     retry = {"Retry-After": str(settings.retry_after_s)}
-    info = state.models.pick(req.model)
-    if info is None:
-        raise ApiError(503, "not_ready", "no worker has a model loaded yet; retry later",
-                       headers=retry, allowed=None)
+    try:
+        entry, info = state.models.pick(req.model)
+    except ApiError as e:
+        if e.status == 503:
+            e.headers = retry
+        raise
     img, m = edit_inputs(image, mask, settings)
     params = to_job_params(req, info, settings, image_size=None if img is None else img.size,
                            mask_size=None if m is None else m.size)
@@ -136,9 +86,9 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
         raise ApiError(422, "invalid_value", f"{field}: {err.get('msg')}", field) from None
     try:
         job_id = state.jobs.submit(spec, callback_url=getattr(req, "callback_url", None),
-                                   watch=watch(spec) if watch else None, init=init)
+                                   watch=watch(spec) if watch else None, init=init, queue=entry.queue)
     except QueueFull as e:
         raise ApiError(503, "queue_full", f"the queue is full ({e.cap} jobs waiting); retry later",
                        headers=retry) from None
-    metrics.ADMITTED.labels(endpoint).inc()
+    metrics.ADMITTED.labels(endpoint, entry.name).inc()
     return job_id, spec

@@ -88,8 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(handlers.BodyLimitMiddleware, limit=settings.max_body_bytes,
                        large_limit=settings.max_edit_body_bytes, large_paths=UPLOAD_PATHS)
     app.add_middleware(MetricsMiddleware)
-    log.info("latentd API: auth %s, %d key(s), model %s", "on" if st.keys is not None else "OFF",
-             len(st.keys or ()), st.models.local.name if st.models.local else "(from workers)")
+    log.info("latentd API: auth %s, %d key(s), models %s (default %s)",
+             "on" if st.keys is not None else "OFF", len(st.keys or ()),
+             ", ".join(e.name for e in st.models.entries), st.models.default.name)
     return app
 
 

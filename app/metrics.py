@@ -3,9 +3,10 @@
 
 - latentd_api_requests_total{route,method,status}
 - latentd_api_request_duration_seconds{route,method}  (histogram)
-- latentd_jobs_admitted_total{endpoint}
+- latentd_jobs_admitted_total{endpoint,model}
 - latentd_jobs_rejected_total{reason}      (invalid, unauthorized, rate_limited, queue_full, ...)
-- latentd_queue_depth, latentd_ready_workers  (read from Redis at scrape time)
+- latentd_queue_depth{model}, latentd_ready_workers{model}  (read from Redis at scrape time, one
+  series per model of the deployment: latentd_ready_workers{model="x"} == 0 is a model nobody serves)
 
 With several uvicorn workers set PROMETHEUS_MULTIPROC_DIR (`latentd serve` does) and the
 scrape aggregates every process's counters.
@@ -27,8 +28,8 @@ REQUESTS = Counter("latentd_api_requests_total", "API requests by route template
 LATENCY = Histogram("latentd_api_request_duration_seconds", "API request latency by route template",
                     ["route", "method"], registry=REGISTRY,
                     buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-ADMITTED = Counter("latentd_jobs_admitted_total", "Jobs admitted to the queue", ["endpoint"],
-                   registry=REGISTRY)
+ADMITTED = Counter("latentd_jobs_admitted_total", "Jobs admitted to a model's queue",
+                   ["endpoint", "model"], registry=REGISTRY)
 REJECTED = Counter("latentd_jobs_rejected_total", "Requests rejected before queueing, by reason",
                    ["reason"], registry=REGISTRY)
 
@@ -53,13 +54,17 @@ class QueueCollector:
         self.client = client
 
     def collect(self):
-        depth = GaugeMetricFamily("latentd_queue_depth", "Jobs waiting in the queue")
-        ready = GaugeMetricFamily("latentd_ready_workers", "Workers with a loaded model and a fresh heartbeat")
+        depth = GaugeMetricFamily("latentd_queue_depth", "Jobs waiting in a model's queue",
+                                  labels=["model"])
+        ready = GaugeMetricFamily("latentd_ready_workers", "Workers with the model loaded and a "
+                                  "fresh heartbeat (0: nobody serves the model)", labels=["model"])
         up = GaugeMetricFamily("latentd_redis_up", "1 if Redis answered this scrape")
         hooks = GaugeMetricFamily("latentd_webhooks_pending", "Webhook deliveries not yet delivered")
         try:
-            depth.add_metric([], float(self.client.queue_depth()))
-            ready.add_metric([], float(len(self.client.ready_workers())))
+            for model, n in self.client.queue_depths().items():
+                depth.add_metric([model], float(n))
+            for model, ws in self.client.workers_by_model().items():
+                ready.add_metric([model], float(len(ws)))
             hooks.add_metric([], float(self.client.webhooks_pending()))
             up.add_metric([], 1.0)
             yield depth

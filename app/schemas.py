@@ -209,7 +209,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "latentd"
-    info: dict = {}
+    default: bool = False              # the model a request without `model` gets
+    workers: int = 0                   # ready workers serving it (0: its jobs wait in its queue)
+    info: dict = {}                    # ModelInfo: family, native size, sizes, samplers, limits,
+                                       # classifier ({} while not known: no folder, no worker)
 
 
 class ModelList(BaseModel):
@@ -221,4 +224,6 @@ class Health(BaseModel):
     status: str
     redis: bool | None = None
     workers: int | None = None
+    models: dict[str, int] | None = None       # model -> its ready workers
+    no_workers: list[str] | None = None        # models nobody serves now (their jobs wait)
     reason: str | None = None

@@ -13,9 +13,9 @@ import redis as redis_lib
 from fastapi import FastAPI, Request
 
 from latentd.app import signing
-from latentd.app.admission import ModelSource
 from latentd.app.auth import KeyStore
 from latentd.app.breaker import BreakerPool
+from latentd.app.models import ModelSource
 from latentd.app.ratelimit import RateLimiter
 from latentd.config.settings import Settings
 from latentd.jobs.client import JobClient
@@ -70,7 +70,7 @@ def build_state(settings: Settings, keys: KeyStore | None) -> AppState:
                     aredis=make_async_redis(settings), jobs=jobs, keys=keys,
                     secret=signing.secret_bytes(settings),
                     limiter=RateLimiter(redis, settings.rate_limit_per_s, settings.rate_limit_burst),
-                    models=ModelSource(settings, jobs))
+                    models=ModelSource(jobs))
 
 
 def attach(app: FastAPI, state: AppState) -> None:

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     env: str = "prod"                      # "dev" relaxes the refuse-insecure-defaults checks
     redis_url: str = "redis://127.0.0.1:6379/0"
     model: str | None = None               # model folder / single file / hub id; None = bundled
+    models: str = ""                       # "name=path,name2=path2" (or "path": name = its folder's
+                                           # name); the first is the default; "" = `model` alone
     queue_name: str = "latentd"
     log_level: str = "info"
 
@@ -47,6 +49,7 @@ class Settings(BaseSettings):
     # --- worker (worker/) --------------------------------
     queue_cap: int = 1000                  # max queued jobs; submit raises QueueFull beyond (API: 503)
     worker_name: str | None = None         # default: <host>-<pid>
+    worker_model: str | None = None        # the model (a name in `models`) a worker serves; None = the default
     worker_max_batch: int = 16             # max requests sharing one U-Net call
     worker_memory_budget_mb: int = 0       # 0 = no budget (executor admits by max_batch only)
     compile: str = "off"                   # off | on | max-autotune | cudagraphs (torch.compile the U-Net)
@@ -82,7 +85,7 @@ class Settings(BaseSettings):
     webhook_max_age_s: float = 3600.0      # give up this long after the job ended
 
     @field_validator("model", "s3_endpoint_url", "s3_presign_endpoint_url", "s3_region",
-                     "worker_name", mode="before")
+                     "worker_name", "worker_model", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         """`LATENTD_MODEL=` (as compose writes `${LATENTD_MODEL:-}`) means "not set"."""

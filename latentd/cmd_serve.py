@@ -11,6 +11,9 @@ def add_arguments(p) -> None:
     p.add_argument("--host", help="bind address (LATENTD_HOST)")
     p.add_argument("--port", type=int, help="port (LATENTD_PORT)")
     p.add_argument("--workers", type=int, help="uvicorn worker processes (LATENTD_API_WORKERS)")
+    p.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="a model to serve, repeatable: NAME=PATH or PATH (named after its folder); "
+                        "the first is the default (LATENTD_MODELS; default: the bundled model)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="serve WITHOUT API keys (anyone who can reach the port can use it)")
 
@@ -23,9 +26,19 @@ def run(args) -> int:
     if args.insecure_no_auth:
         os.environ["LATENTD_AUTH"] = "off"
     from latentd.config.settings import get_settings
+    from latentd.jobs.models import deployment, with_cli
 
     get_settings.cache_clear()
-    s = get_settings()
+    try:
+        if args.model:
+            os.environ["LATENTD_MODELS"] = with_cli(get_settings().model_copy(update={"models": ""}),
+                                                    args.model)[0]
+            get_settings.cache_clear()
+        s = get_settings()
+        deployment(s)
+    except ValueError as e:
+        print(f"latentd serve: {e}", file=sys.stderr)
+        return 2
     own_dir = None
     if s.api_workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         import tempfile

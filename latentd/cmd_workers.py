@@ -23,13 +23,19 @@ def run(args) -> int:
     from latentd.worker.recovery import connect
 
     s = get_settings()
-    workers = sorted(JobClient(connect(s.redis_url), s).ready_workers(), key=lambda w: w["name"])
+    client = JobClient(connect(s.redis_url), s)
+    by_model = client.workers_by_model()
+    workers = sorted((w for ws in by_model.values() for w in ws), key=lambda w: w["name"])
     if args.format == "json":
         print(json.dumps(workers, indent=2))
     elif args.format == "prometheus":
-        targets = sorted(urlsplit(w["metrics_url"]).netloc for w in workers if w.get("metrics_url"))
-        print(json.dumps([{"targets": targets, "labels": {"queue": s.queue_name}}] if targets else [],
-                         indent=2))
+        groups = []
+        for m in client.deployed:              # one target group per model: labels say which
+            targets = sorted(urlsplit(w["metrics_url"]).netloc for w in by_model[m.name]
+                             if w.get("metrics_url"))
+            if targets:
+                groups.append({"targets": targets, "labels": {"queue": m.queue}})
+        print(json.dumps(groups, indent=2))
     else:
         print(f"{'NAME':<28} {'STATE':<6} {'DEVICE':<8} {'RUN':>3}  {'MODEL':<20} METRICS")
         for w in workers:

@@ -288,6 +288,35 @@ def test_keda_scales_the_worker_on_the_queue_key_the_code_uses():
     assert host.startswith(f"{svc['metadata']['name']}.") and trig["metadata"]["address"].endswith(":6379")
 
 
+def test_keda_scales_each_models_workers_on_that_models_queue():
+    """deploy/k8s/models: every ScaledObject watches the queue of the model its Deployment's
+    workers serve (LATENTD_WORKER_MODEL, unset: the default), as jobs/models.py names it from the
+    overlay's LATENTD_MODELS."""
+    from latentd.config.settings import Settings
+    from latentd.jobs.models import served
+
+    docs = _by_kind()
+    cfg = dict(docs[("ConfigMap", "latentd-config")]["data"])
+    (patch,) = json.loads((K8S / "models" / "models.patch.json").read_text())
+    assert patch["path"] == "/data/LATENTD_MODELS"
+    cfg["LATENTD_MODELS"] = patch["value"]
+    scaled = [d for (kind, _), d in docs.items() if kind == "ScaledObject"]
+    assert len(scaled) >= 2
+    seen = set()
+    for so in scaled:
+        target = so["spec"]["scaleTargetRef"]["name"]
+        container = docs[("Deployment", target)]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        s = Settings(queue_name=cfg["LATENTD_QUEUE_NAME"], models=cfg["LATENTD_MODELS"],
+                     worker_model=env.get("LATENTD_WORKER_MODEL"))
+        (trig,) = so["spec"]["triggers"]
+        assert trig["metadata"]["listName"] == keys.rq_queue(served(s).queue), target
+        seen.add(served(s).name)
+    assert seen == {"shapes", "sd15"}
+    kust = yaml.safe_load((K8S / "models" / "kustomization.yaml").read_text())
+    assert [p["path"] for p in kust["patches"]] == ["models.patch.json"]
+
+
 def test_podmonitor_selects_pods_with_a_metrics_port():
     docs = _by_kind()
     pm = docs[("PodMonitor", "latentd")]["spec"]

@@ -20,6 +20,7 @@ import yaml
 from devkit.api_proc import ALICE, KEYS, ApiProc
 from devkit.services import ROOT, RedisServer, WorkerProc, free_port
 from latentd.jobs import keys
+from latentd.jobs.models import name_of
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "latentd.json"
@@ -111,7 +112,8 @@ def stack(tiny_model):
             assert r.status_code == 200, r.text
         prom = Prometheus(loopback_config({"latentd-api": f"127.0.0.1:{api_metrics}",
                                            "latentd-worker": w_target}))
-        yield {"prom": prom, "api_metrics": api_metrics, "worker_metrics": w_port}
+        yield {"prom": prom, "api_metrics": api_metrics, "worker_metrics": w_port,
+               "model": name_of(str(tiny_model))}
     finally:
         for p in (prom, api, worker, redis):
             if p is not None:
@@ -135,9 +137,10 @@ def exported(port: int) -> set[str]:
     return names
 
 
-def dashboard_queries() -> list[str]:
+def dashboard_queries(model: str = ".*") -> list[str]:
+    """Every panel's query, its $model variable set as Grafana sets it (All: ".*")."""
     d = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
+    return [t["expr"].replace("$model", model) for p in d["panels"] for t in p.get("targets", [])]
 
 
 def alert_rules() -> list[dict]:
@@ -159,7 +162,7 @@ def test_prometheus_scrapes_api_and_worker(stack):
         res = prom.wait(lambda: prom.api("query", query=query)["data"]["result"])
         assert {r["metric"]["job"] for r in res} == {job}, (query, res)
     ready = prom.api("query", query="latentd_ready_workers")["data"]["result"]
-    assert float(ready[0]["value"][1]) == 1.0
+    assert float(ready[0]["value"][1]) == 1.0 and ready[0]["metric"]["model"] == stack["model"]
     images = prom.api("query", query="latentd_worker_images_generated_total")["data"]["result"]
     assert float(images[0]["value"][1]) >= 1.0
 
@@ -199,6 +202,26 @@ def test_dashboard_queries_run_and_name_exported_metrics(stack):
         res = prom.api("query", query=expr)
         assert res["status"] == "success", (expr, res)
     # the panels that show the basics have data from this stack
-    for expr in ("max(latentd_ready_workers)", "sum by (status) (rate(latentd_api_requests_total[1m]))"):
+    for expr in ('max by (model) (latentd_ready_workers{model=~".*"})',
+                 "sum by (status) (rate(latentd_api_requests_total[1m]))"):
         assert expr in dashboard_queries()
         assert prom.wait(lambda: prom.api("query", query=expr)["data"]["result"])
+    # the model selector: its values come from the API's per-model series; picking the model
+    # this stack serves keeps the per-model panels' data
+    d = json.loads(DASHBOARD.read_text())
+    (var,) = [v for v in d["templating"]["list"] if v["name"] == "model"]
+    assert var["query"]["query"] == "label_values(latentd_queue_depth, model)"
+    model = prom.api("label/model/values")["data"]
+    assert model == [stack["model"]]
+    for expr in dashboard_queries(stack["model"]):
+        if "model=" in expr and ("ready_workers" in expr or "images_generated" in expr):
+            assert prom.wait(lambda: prom.api("query", query=expr)["data"]["result"]), expr
+
+
+def test_every_model_labelled_series_names_the_model(stack):
+    """The API's queue gauges and the worker's work metrics carry the model they are about."""
+    prom = stack["prom"]
+    for metric in ("latentd_queue_depth", "latentd_ready_workers", "latentd_jobs_admitted_total",
+                   "latentd_worker_images_generated_total", "latentd_worker_step_seconds_count"):
+        res = prom.wait(lambda: prom.api("query", query=metric)["data"]["result"])
+        assert {r["metric"].get("model") for r in res} == {stack["model"]}, (metric, res)

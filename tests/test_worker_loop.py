@@ -18,6 +18,7 @@ from latentd.config.settings import Settings
 from devkit.services import FAST, WorkerProc, free_port, scrape, wait_status
 from latentd.jobs import keys
 from latentd.jobs.client import JobClient
+from latentd.jobs.models import name_of
 from latentd.jobs.spec import JobSpec
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_file_store(stack, tmp_path):
     assert c.image_bytes(jpg, 0, "o").startswith(b"\xff\xd8\xff")
 
 
-def test_worker_metrics(shared):
+def test_worker_metrics(shared, tiny_model):
     c = shared.client()
     before = scrape(shared.metrics_port)
     jid = c.submit(JobSpec(prompt="m", owner="team-a", steps=3, n=2))
@@ -161,18 +162,23 @@ def test_worker_metrics(shared):
     bad = c.submit(JobSpec(prompt="m", owner="team-a", width=50, steps=3))
     assert c.wait(bad, "team-a", 60)["status"] == "failed"
     m = scrape(shared.metrics_port)
+    # the work's metrics carry the model the worker serves (named after its folder here)
+    model = f'model="{name_of(str(tiny_model))}"'
+
+    def lab(name: str, extra: str = "") -> str:          # the exposition sorts labels by name
+        return f"{name}{{{','.join(sorted(x for x in (model, extra) if x))}}}"
     grew = lambda name: m.get(name, 0) - before.get(name, 0)
-    assert grew("latentd_worker_images_generated_total") == 2
-    assert grew('latentd_worker_failures_total{reason="invalid_request"}') == 1
-    assert grew('latentd_worker_compute_seconds_total{key="team-a"}') > 0
-    assert grew("latentd_worker_unet_calls_total") >= 3
+    assert grew(lab("latentd_worker_images_generated_total")) == 2
+    assert grew(lab("latentd_worker_failures_total", 'reason="invalid_request"')) == 1
+    assert grew(lab("latentd_worker_compute_seconds_total", 'key="team-a"')) > 0
+    assert grew(lab("latentd_worker_unet_calls_total")) >= 3
     for name in ("latentd_worker_queue_wait_seconds_count", "latentd_worker_run_seconds_count",
                  "latentd_worker_step_seconds_count", "latentd_worker_batch_size_count",
                  "latentd_worker_running_requests", "latentd_worker_unet_calls_per_image",
-                 "latentd_worker_images_flagged_total", "latentd_worker_model_load_seconds",
-                 'latentd_worker_device_memory_bytes{device="cpu"}'):
-        assert name in m, name
-    assert m["latentd_worker_model_load_seconds"] > 0
+                 "latentd_worker_images_flagged_total", "latentd_worker_model_load_seconds"):
+        assert lab(name) in m, name
+    assert 'latentd_worker_device_memory_bytes{device="cpu"}' in m
+    assert m[lab("latentd_worker_model_load_seconds")] > 0
     # on the CPU: the engine's threads (worker/cpu.py governor) and time spent yielding cores
     assert 1 <= m["latentd_worker_threads"] <= (os.cpu_count() or 1)
     assert m["latentd_worker_throttled_seconds_total"] >= 0

@@ -1,5 +1,7 @@
 """Worker metrics (prometheus-client), names prefixed latentd_worker_. Labels never carry
-prompts or keys: `key` is the API key's NAME (the job's owner), `reason` an error code."""
+prompts or keys: `key` is the API key's NAME (the job's owner), `reason` an error code, `model`
+the name of the model this worker serves (a worker serves one: `bind()` sets it at start), on
+every metric of the work itself (jobs, images, steps, batches, waits, failures, requeues)."""
 from __future__ import annotations
 
 import errno
@@ -9,31 +11,59 @@ from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+class ForModel:
+    """A metric with a `model` label whose value is this process's model: used as the plain
+    metric would be (`.inc()`, `.observe()`, `.labels(status=...)`), the label filled in."""
+    model = "-"                            # until bind(): a worker that has not started yet
+
+    def __init__(self, metric):
+        self.metric = metric
+
+    def labels(self, **kw):
+        return self.metric.labels(model=ForModel.model, **kw)
+
+    def __getattr__(self, attr):
+        return getattr(self.metric.labels(model=ForModel.model), attr)
+
+
+def _m(kind, name: str, doc: str, labels=(), **kw) -> ForModel:
+    return ForModel(kind(name, doc, ["model", *labels], **kw))
+
+
+def bind(model: str) -> None:
+    """This worker's model: the `model` label of every ForModel metric; series without other
+    labels appear at once (at 0), so a scrape shows the model before its first job."""
+    ForModel.model = model
+    for m in (QUEUE_WAIT, RUN_TIME, STEP_TIME, BATCH_SIZE, RUNNING, WAITING, UNET_CALLS,
+              UNET_PER_IMAGE, IMAGES, FLAGGED, MODEL_LOAD, PREVIEWS):
+        m.labels()
+
+
 _T = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
-QUEUE_WAIT = Histogram("latentd_worker_queue_wait_seconds",
+QUEUE_WAIT = _m(Histogram, "latentd_worker_queue_wait_seconds",
                        "Seconds from submit to first claim by a worker", buckets=_T)
-RUN_TIME = Histogram("latentd_worker_run_seconds",
+RUN_TIME = _m(Histogram, "latentd_worker_run_seconds",
                      "Seconds from claim to the job's end (all its images)", buckets=_T)
-STEP_TIME = Histogram("latentd_worker_step_seconds",
+STEP_TIME = _m(Histogram, "latentd_worker_step_seconds",
                       "Seconds per batched denoising iteration (one U-Net call)", buckets=_T)
-BATCH_SIZE = Histogram("latentd_worker_batch_size", "Requests stepped by one U-Net call",
+BATCH_SIZE = _m(Histogram, "latentd_worker_batch_size", "Requests stepped by one U-Net call",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
-RUNNING = Gauge("latentd_worker_running_requests", "Requests in the running batch set")
-WAITING = Gauge("latentd_worker_waiting_requests", "Requests claimed, waiting for admission")
-UNET_CALLS = Counter("latentd_worker_unet_calls_total", "Batched U-Net calls (iterations that stepped)")
-UNET_PER_IMAGE = Gauge("latentd_worker_unet_calls_per_image",
+RUNNING = _m(Gauge, "latentd_worker_running_requests", "Requests in the running batch set")
+WAITING = _m(Gauge, "latentd_worker_waiting_requests", "Requests claimed, waiting for admission")
+UNET_CALLS = _m(Counter, "latentd_worker_unet_calls_total", "Batched U-Net calls (iterations that stepped)")
+UNET_PER_IMAGE = _m(Gauge, "latentd_worker_unet_calls_per_image",
                        "U-Net calls so far divided by images generated so far")
-IMAGES = Counter("latentd_worker_images_generated_total", "Images generated and stored")
-FLAGGED = Counter("latentd_worker_images_flagged_total", "Images flagged by the safety checker")
-JOBS = Counter("latentd_worker_jobs_total", "Jobs ended by this worker", ["status"])
-FAILURES = Counter("latentd_worker_failures_total", "Failed jobs by reason", ["reason"])
-REQUEUED = Counter("latentd_worker_requeued_total",
+IMAGES = _m(Counter, "latentd_worker_images_generated_total", "Images generated and stored")
+FLAGGED = _m(Counter, "latentd_worker_images_flagged_total", "Images flagged by the safety checker")
+JOBS = _m(Counter, "latentd_worker_jobs_total", "Jobs ended by this worker", ["status"])
+FAILURES = _m(Counter, "latentd_worker_failures_total", "Failed jobs by reason", ["reason"])
+REQUEUED = _m(Counter, "latentd_worker_requeued_total",
                    "Jobs requeued by this worker's reaper (lease expired) or on graceful stop", ["why"])
-MODEL_LOAD = Gauge("latentd_worker_model_load_seconds", "Seconds the model took to load")
+MODEL_LOAD = _m(Gauge, "latentd_worker_model_load_seconds", "Seconds the model took to load")
 DEVICE_MEMORY = Gauge("latentd_worker_device_memory_bytes",
                       "Device memory in use (CUDA allocated; on the CPU: peak process RSS)", ["device"])
-COMPUTE = Counter("latentd_worker_compute_seconds_total",
+COMPUTE = _m(Counter, "latentd_worker_compute_seconds_total",
                   "Compute seconds (each request's share of batched calls) per API key name", ["key"])
 THREADS = Gauge("latentd_worker_threads",
                 "Intra-op CPU threads the engine uses now (worker/cpu.py gives busy neighbours theirs)")
@@ -100,7 +130,7 @@ def update_device_memory(device: str) -> None:
         pass
     # ru_maxrss is KiB on Linux
     DEVICE_MEMORY.labels(device=device).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-PREVIEWS = Counter("latentd_worker_previews_total", "Previews published to listening clients")
+PREVIEWS = _m(Counter, "latentd_worker_previews_total", "Previews published to listening clients")
 WEBHOOKS = Counter("latentd_worker_webhook_deliveries_total",
                    "Webhook delivery attempts by outcome (delivered, retry, gave_up, refused)",
                    ["outcome"])

@@ -14,12 +14,13 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from latentd.jobs.jobstore import JobStore
+from latentd.jobs.models import served
 from latentd.jobs.store import Store, make_store
 from latentd.worker.webhook_delivery import Deliverer
 from latentd.model.pipeline import load_pipeline
@@ -54,6 +55,7 @@ class Runtime:
     store: Store
     hb: Heartbeat
     pipe: object                           # model.pipeline's loaded pipeline
+    info: object                           # its ModelInfo, named as the deployment names it
     device: str
     new_executor: Callable[[], BatchExecutor]
     governor: ThreadGovernor | None        # on the CPU: yields cores to other processes
@@ -61,11 +63,17 @@ class Runtime:
 
     @property
     def model_name(self) -> str:
-        return self.pipe.info.name
+        return self.info.name
 
 
 class WorkerProcess:
     def __init__(self, settings):
+        # the one model this process serves (jobs/models.py): its queue is the worker's queue
+        # for everything (claims, leases, heartbeat, reaper, inbox), its folder the one loaded
+        self.model = served(settings)
+        settings = settings.model_copy(update={"queue_name": self.model.queue,
+                                               "model": self.model.source})
+        metrics.bind(self.model.name)
         self.s = settings
         self.name = (settings.worker_name or f"{socket.gethostname()}-{os.getpid()}").replace(":", "_")
         self.grace_s = settings.worker_grace_s
@@ -108,7 +116,8 @@ class WorkerProcess:
         if device == "cpu":                      # share the cores with whatever else runs here
             governor = ThreadGovernor(torch.get_num_threads(), self.set_threads)
         metrics.THREADS.set(torch.get_num_threads())
-        return Runtime(redis, jobs, store, hb, pipe, device, new_executor, governor, t)
+        info = replace(pipe.info, name=self.model.name)
+        return Runtime(redis, jobs, store, hb, pipe, info, device, new_executor, governor, t)
 
     def announce(self, rt: Runtime) -> None:
         """Serve /metrics, start the webhook threads, and publish the worker as ready."""
@@ -126,7 +135,7 @@ class WorkerProcess:
             where = {"metrics_port": metrics_port,
                      "metrics_url": f"http://{host}:{metrics_port}/metrics"}
             log.info("worker %s metrics on %s", self.name, where["metrics_url"])
-        rt.hb.set_info(state="ready", model=json.dumps(rt.pipe.info.to_dict()),
+        rt.hb.set_info(state="ready", model=json.dumps(rt.info.to_dict()), queue=s.queue_name,
                        device=rt.device, max_batch=s.worker_max_batch, **where)
         log.info("worker %s ready: model %s on %s in %.1fs", self.name, rt.model_name,
                  rt.device, time.perf_counter() - rt.load_started)

@@ -1,4 +1,6 @@
-"""`latentd worker --devices cuda:0,cuda:1 | all`: one worker process per device, one supervisor.
+"""`latentd worker --devices cuda:0,cuda:1 | all`: one worker process per device, one supervisor;
+`latentd worker --model a=PATH --model b=PATH`: one worker process per model (per device), each
+serving its model's queue (LATENTD_WORKER_MODEL).
 
 Why processes and not threads: each worker owns one device, loads its model once and keeps its
 own CUDA context and thread pools; a crash (an OOM kill, a driver fault) takes down one device's
@@ -100,13 +102,16 @@ class Child:
 
 class Supervisor:
     def __init__(self, devices: list[str], env: dict[str, str], name: str | None,
-                 metrics_base: int, grace_s: float):
+                 metrics_base: int, grace_s: float, models: list[str] | None = None):
         self.grace_s = grace_s
         self.stopping = False
         self.children: list[Child] = []
-        for i, dev in enumerate(devices):
+        pairs = [(m, d) for m in (models or [None]) for d in devices]
+        for i, (model, dev) in enumerate(pairs):
             e = dict(env, LATENTD_DEVICE=dev,
                      LATENTD_WORKER_METRICS_PORT=str(metrics_base + i if metrics_base else 0))
+            if model is not None:
+                e["LATENTD_WORKER_MODEL"] = model
             if name:
                 e["LATENTD_WORKER_NAME"] = f"{name}-{i}"
             else:
@@ -185,6 +190,6 @@ class Supervisor:
 
 
 def run(devices: list[str], env_over: dict[str, str], name: str | None, metrics_base: int,
-        grace_s: float) -> int:
+        grace_s: float, models: list[str] | None = None) -> int:
     env = {**os.environ, **env_over}
-    return Supervisor(devices, env, name, metrics_base, grace_s).run()
+    return Supervisor(devices, env, name, metrics_base, grace_s, models).run()

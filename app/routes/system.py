@@ -16,8 +16,10 @@ router = APIRouter(tags=["system"])
 
 @router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
 def list_models(owner: OwnerDep, st: StateDep):
-    models = st.models.all()
-    return {"object": "list", "data": [{"id": m.name, "info": m.to_dict()} for m in models]}
+    """Every model of the deployment, the default first, with what it allows and its workers."""
+    return {"object": "list", "data": [
+        {"id": e.name, "default": e.default, "workers": n, "info": info.to_dict() if info else {}}
+        for e, info, n in st.models.all()]}
 
 
 @router.get("/healthz", response_model=Health)
@@ -28,18 +30,26 @@ async def healthz():
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 def readyz(st: StateDep):
     """200 when Redis answers and at least one worker has its model loaded (and warmed up: a
-    compiling worker reports "warming" until its U-Net is compiled); else 503."""
+    compiling worker reports "warming" until its U-Net is compiled); else 503. `models` counts
+    each model's ready workers and `no_workers` names the models nobody serves now (their jobs
+    wait in their queues): "degraded" while some are served and some are not."""
     retry = {"Retry-After": str(st.settings.retry_after_s)}
     try:
         st.redis.ping()
-        workers = len(st.jobs.ready_workers())
+        per_model = {m: len(ws) for m, ws in st.models.workers(fresh=True).items()}
     except Exception:
         return JSONResponse({"status": "unavailable", "redis": False, "reason": "redis unreachable"},
                             status_code=503, headers=retry)
+    workers = sum(per_model.values())
+    missing = [m for m, n in per_model.items() if n == 0]
+    body = {"redis": True, "workers": workers, "models": per_model, "no_workers": missing}
     if workers == 0:
-        return JSONResponse({"status": "unavailable", "redis": True, "workers": 0,
-                             "reason": "no worker has a model loaded"}, status_code=503, headers=retry)
-    return {"status": "ready", "redis": True, "workers": workers}
+        return JSONResponse({**body, "status": "unavailable", "reason": "no worker has a model loaded"},
+                            status_code=503, headers=retry)
+    if missing:
+        return {**body, "status": "degraded",
+                "reason": f"no worker serves {', '.join(missing)}: their jobs wait in their queues"}
+    return {**body, "status": "ready"}
 
 
 def metrics_route(request: Request, st: StateDep, _token: TokenDep):
