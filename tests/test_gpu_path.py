@@ -33,7 +33,7 @@ def test_bfloat16_weights_with_float32_sampler_state(tiny_model, pipe32):
     assert next(pipe.text.model.parameters()).dtype == torch.bfloat16
     assert next(pipe.safety.parameters()).dtype == torch.bfloat16
     assert pipe.vae_dtype == torch.bfloat16          # bfloat16 has float32's range: no upcast
-    req = GenerationRequest(seed=3, **REQ)
+    req = pipe.validate(GenerationRequest(seed=3, **REQ))
     [st] = [pipe.start(req, c) for c in pipe.encode([req])]
     while not st.done:
         pipe.step([st])
@@ -82,8 +82,8 @@ def test_denoising_step_reads_no_tensor_back(pipe32):
             t.sum().item()
         with pytest.raises(AssertionError, match="__bool__"):
             bool(t.sum() > 0)
-    reqs = [GenerationRequest(seed=1, **REQ),
-            GenerationRequest(seed=2, **{**REQ, "sampler": "euler_a"})]   # draws noise every step
+    reqs = [pipe32.validate(GenerationRequest(seed=1, **REQ)),
+            pipe32.validate(GenerationRequest(seed=2, **{**REQ, "sampler": "euler_a"}))]   # draws noise every step
     states = [pipe32.start(r, c) for r, c in zip(reqs, pipe32.encode(reqs))]
     with NoHostReads():
         for _ in range(3):         # first order, then second order with x0_prev (DPM++ 2M)
