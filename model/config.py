@@ -1,8 +1,9 @@
 """Frozen configs for the U-Net and the VAE, read from / written to diffusers' config.json.
 
-Only the architecture Stable Diffusion 1.x/2.x uses is supported: a UNet2DConditionModel with
-CrossAttn/plain down and up blocks, a cross-attention mid block, positional (sinusoidal) time
-embedding; an AutoencoderKL with DownEncoder/UpDecoder blocks. Anything else is refused with a
+Only the architectures Stable Diffusion 1.x/2.x and SDXL use are supported: a UNet2DConditionModel
+with CrossAttn/plain down and up blocks, a cross-attention mid block, positional (sinusoidal) time
+embedding, optionally SDXL's "text_time" added conditioning and per-level transformer depths; an
+AutoencoderKL with DownEncoder/UpDecoder blocks. Anything else is refused with a
 ValueError naming the field, so a checkpoint never loads into the wrong network silently.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ class UNetConfig:
     down_attention: tuple[bool, ...] = (True, True, True, False)   # per down level (up: reversed)
     num_heads: tuple[int, ...] = (8, 8, 8, 8)                      # attention heads per down level
     layers_per_block: int = 2
-    transformer_layers: int = 1
+    transformer_layers: int | tuple[int, ...] = 1   # per level (an int: the same everywhere); mid: last
     in_channels: int = 4
     out_channels: int = 4
     cross_attention_dim: int = 768
@@ -45,6 +46,18 @@ class UNetConfig:
     freq_shift: float = 0.0
     sample_size: int = 64                  # native latent size (pixels / 8)
     dropout: float = 0.0
+    # SDXL (Podell et al. 2023, §2.2): "text_time" adds an embedding of [pooled text, sinusoidal
+    # embeddings of the size/crop micro-conditioning] to the time embedding; None: SD 1.x/2.x
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None             # per micro-conditioning number
+    projection_class_embeddings_input_dim: int | None = None   # pooled width + ids x the above
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        layers = _tuple(self.transformer_layers, n)
+        if len(layers) != n:
+            raise ValueError(f"transformer_layers has {len(layers)} entries for {n} levels")
+        object.__setattr__(self, "transformer_layers", tuple(int(x) for x in layers))
 
     @property
     def time_embed_dim(self) -> int:
@@ -69,7 +82,8 @@ class UNetConfig:
         _require(cfg, "time_embedding_type", ("positional",), "positional")
         _require(cfg, "resnet_time_scale_shift", ("default",), "default")
         _require(cfg, "class_embed_type", (None,), None)
-        _require(cfg, "addition_embed_type", (None,), None)
+        _require(cfg, "addition_embed_type", (None, "text_time"), None)
+        _require(cfg, "reverse_transformer_layers_per_block", (None,), None)
         _require(cfg, "encoder_hid_dim", (None,), None)
         _require(cfg, "center_input_sample", (False,), False)
         _require(cfg, "downsample_padding", (1,), 1)
@@ -84,15 +98,20 @@ class UNetConfig:
         layers = _tuple(cfg.get("layers_per_block", 2), n)
         tlayers = _tuple(cfg.get("transformer_layers_per_block", 1), n)
         xdim = _tuple(cfg.get("cross_attention_dim", 768), n)
-        if len(set(layers)) != 1 or len(set(tlayers)) != 1 or len(set(xdim)) != 1:
-            raise ValueError("unsupported U-Net config: per-block layers_per_block, "
-                             "transformer_layers_per_block or cross_attention_dim")
+        if len(set(layers)) != 1 or len(set(xdim)) != 1 or any(not isinstance(x, int) for x in tlayers):
+            raise ValueError("unsupported U-Net config: per-block layers_per_block or cross_attention_dim, "
+                             "or per-layer transformer_layers_per_block")
+        added = cfg.get("addition_embed_type")
+        if added == "text_time" and not (cfg.get("addition_time_embed_dim")
+                                         and cfg.get("projection_class_embeddings_input_dim")):
+            raise ValueError("U-Net config: addition_embed_type 'text_time' needs addition_time_embed_dim "
+                             "and projection_class_embeddings_input_dim")
         return cls(
             block_out_channels=tuple(cfg["block_out_channels"]),
             down_attention=down_attn,
             num_heads=_tuple(heads, n),
             layers_per_block=int(layers[0]),
-            transformer_layers=int(tlayers[0]),
+            transformer_layers=tuple(int(x) for x in tlayers),
             in_channels=cfg.get("in_channels", 4),
             out_channels=cfg.get("out_channels", 4),
             cross_attention_dim=int(xdim[0]),
@@ -104,11 +123,15 @@ class UNetConfig:
             freq_shift=cfg.get("freq_shift", 0),
             sample_size=cfg.get("sample_size", 64),
             dropout=cfg.get("dropout", 0.0),
+            addition_embed_type=added,
+            addition_time_embed_dim=cfg.get("addition_time_embed_dim") if added else None,
+            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim") if added else None,
         )
 
     def to_diffusers(self) -> dict:
         """The config.json diffusers' UNet2DConditionModel writes for this network."""
-        return {
+        tl = self.transformer_layers
+        out = {
             "_class_name": "UNet2DConditionModel",
             "_diffusers_version": DIFFUSERS_VERSION,
             "act_fn": "silu",
@@ -129,11 +152,16 @@ class UNetConfig:
             "norm_num_groups": self.norm_num_groups,
             "out_channels": self.out_channels,
             "sample_size": self.sample_size,
-            "transformer_layers_per_block": self.transformer_layers,
+            "transformer_layers_per_block": tl[0] if len(set(tl)) == 1 else list(tl),
             "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.down_attention)],
             "upcast_attention": self.upcast_attention,
             "use_linear_projection": self.use_linear_projection,
         }
+        if self.addition_embed_type is not None:
+            out.update(addition_embed_type=self.addition_embed_type,
+                       addition_time_embed_dim=self.addition_time_embed_dim,
+                       projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim)
+        return out
 
 
 @dataclass(frozen=True)
