@@ -57,8 +57,8 @@ def _raise_recompile_limit(n: int) -> None:
 
 
 class CompiledUNet(nn.Module):
-    """Drop-in for the U-Net in Pipeline: forward(x (R, C, h, w), t (R,), context (R, L, D)) pads R
-    up to its bucket, runs the compiled graph, returns (R, C, h, w).
+    """Drop-in for the U-Net in Pipeline: forward(x (R, C, h, w), t (R,), context (R, L, D)[, added
+    {name: (R, ...)}]) pads R up to its bucket, runs the compiled graph, returns (R, C, h, w).
 
     `compiles` counts the distinct (rows, h, w, dtype, L) shapes run so far, each of which is one
     compilation (dynamic=False recompiles on a new shape and only then); `on_compile(key, seconds)`
@@ -87,20 +87,23 @@ class CompiledUNet(nn.Module):
         """The smallest bucket >= rows; a row count above every bucket runs (and compiles) as is."""
         return next((b for b in self.buckets if b >= rows), rows)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         n = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(n)     # (R,)
         b = self.bucket(n)
-        if b > n:                                                          # repeat the last row
-            x = torch.cat([x, x[-1:].expand(b - n, *x.shape[1:])])         # (B, C, h, w)
-            t = torch.cat([t, t[-1:].expand(b - n)])                       # (B,)
-            context = torch.cat([context, context[-1:].expand(b - n, *context.shape[1:])])
+
+        def pad(v: torch.Tensor) -> torch.Tensor:                          # repeat the last row
+            return torch.cat([v, v[-1:].expand(b - n, *v.shape[1:])]) if b > n else v
+
+        x, t, context = pad(x), pad(t), pad(context)                       # (B, C, h, w), (B,), (B, L, D)
+        extra = () if added is None else ({k: pad(v).contiguous() for k, v in added.items()},)
         key = (b, int(x.shape[-2]), int(x.shape[-1]), x.dtype, int(context.shape[1]))
         if self.mode == "cudagraphs":
             torch.compiler.cudagraph_mark_step_begin()
         first = key not in self.seen
         t0 = time.perf_counter()
-        out = self.compiled(x.contiguous(), t.contiguous(), context.contiguous())
+        out = self.compiled(x.contiguous(), t.contiguous(), context.contiguous(), *extra)
         if first:
             self.seen[key] = time.perf_counter() - t0
             if self.on_compile is not None:
@@ -136,7 +139,18 @@ def warmup(pipe, sizes: list[tuple[int, int]] | None = None, rows: tuple[int, ..
             x = torch.zeros((r, c_in, h, w), device=pipe.device, dtype=pipe.dtype)
             t = torch.full((r,), 500.0, device=pipe.device, dtype=torch.float32)
             ctx = torch.zeros((r, length, dim), device=pipe.device, dtype=pipe.dtype)
-            unet(x, t, ctx)
+            unet(x, t, ctx, *_added_zeros(unet.config, r, pipe.device, pipe.dtype))
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     return time.perf_counter() - t0
+
+
+def _added_zeros(cfg, rows: int, device, dtype) -> tuple:
+    """() or ({"text_embeds": (R, P), "time_ids": (R, 6)},) shaped as Pipeline.step builds them."""
+    if cfg.addition_embed_type != "text_time":
+        return ()
+    from latentd.model.added_cond import TIME_IDS
+
+    pooled = cfg.projection_class_embeddings_input_dim - TIME_IDS * cfg.addition_time_embed_dim
+    return ({"text_embeds": torch.zeros((rows, pooled), device=device, dtype=dtype),
+             "time_ids": torch.zeros((rows, TIME_IDS), device=device, dtype=dtype)},)

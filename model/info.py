@@ -5,10 +5,12 @@ VAE shrinks pixels by its factor f = 2**(len(vae.block_out_channels) - 1), so wi
 must be multiples of  size_multiple = f * 2**(n_down)  (64 for Stable Diffusion 1.x/2.x: 8 x 8),
 which keeps every skip connection the same size. Within that: min side = size_multiple,
 max side = 4 x native side, width*height <= max_pixels (default: 4 x native area, i.e. 2x each
-side). An optional `latentd.json` in the model folder overrides any of:
+side). An SDXL model at its native 1024x1024 allows only SDXL's size buckets (model/family.py
+SDXL_SIZES). An optional `latentd.json` in the model folder overrides any of:
     {"name", "sizes": [[w, h], ...] (then ONLY these), "max_pixels", "max_side", "max_steps",
      "default_steps", "default_sampler", "default_guidance", "default_karras",
      "unet_in_channels" (single-file checkpoints only: 9 for an inpainting U-Net)}
+("sizes": [] lifts a family's buckets.)
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from latentd.model.errors import ModelLoadError
+from latentd.model.family import default_sizes, family_of
 from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
                                    KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS)
 
@@ -53,6 +56,7 @@ class ModelInfo:
     # None: the model has none
     classifier: dict | None = field(default=None, compare=False, hash=False)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    family: str = "sd"                       # "sd" (SD 1.x/2.x) | "sdxl" (model/family.py)
 
     @property
     def inpaint_unet(self) -> bool:
@@ -178,6 +182,7 @@ def info_from_configs(unet: dict, vae: dict, scheduler: dict, *, has_safety: boo
         prediction_type=check_prediction_type(scheduler.get("prediction_type")),
         num_train_timesteps=int(scheduler.get("num_train_timesteps") or 1000),
         has_safety=bool(has_safety),
+        family=family_of(unet),
     )
     return _build(base, overrides or {})
 
@@ -187,7 +192,8 @@ def _build(base: dict, over: dict) -> ModelInfo:
     native = base["sample_size"] * f
     multiple = f * 2 ** base["n_down"]
     max_side = int(over.get("max_side", 4 * native))
-    sizes = tuple((int(w), int(h)) for w, h in over.get("sizes", []))
+    family = base.get("family", "sd")
+    sizes = tuple((int(w), int(h)) for w, h in over.get("sizes", default_sizes(family, native)))
     known = {"name", "sizes", "unet_in_channels", "max_pixels", "max_side", "max_steps", "default_steps",
              "default_sampler", "default_guidance", "default_karras"}
     info = ModelInfo(
@@ -207,6 +213,7 @@ def _build(base: dict, over: dict) -> ModelInfo:
         default_guidance=float(over.get("default_guidance", DEFAULT_GUIDANCE)),
         default_karras=bool(over.get("default_karras", DEFAULT_KARRAS)),
         extra={k: v for k, v in over.items() if k not in known},
+        family=family,
     )
     if info.default_sampler not in SAMPLERS:
         raise ModelLoadError(f"latentd.json: default_sampler {info.default_sampler!r} not in {SAMPLERS}")

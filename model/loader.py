@@ -4,7 +4,9 @@
 
 Sources:
 - a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, [safety_checker/,
-  feature_extractor/], model_index.json) with *.safetensors weights;
+  feature_extractor/], model_index.json) with *.safetensors weights; an SDXL folder (a U-Net
+  with addition_embed_type "text_time") has text_encoder_2/ (CLIPTextModelWithProjection) and
+  tokenizer_2/ besides;
 - a single-file original checkpoint `*.safetensors` (model.diffusion_model.*, first_stage_model.*,
   cond_stage_model.*). Its U-Net/VAE/text-encoder weights come from the file; what a checkpoint does
   not hold (tokenizer, text-encoder and scheduler configs, safety checker) comes from `config_dir`,
@@ -60,6 +62,8 @@ class Components:
     name: str
     info: ModelInfo                           # what the model allows (model/info.py), from the same configs
     folder: Path | None = None                # the model folder (None: a single-file checkpoint)
+    text_encoder_2: Any = None                # SDXL: transformers CLIPTextModelWithProjection
+    tokenizer_2: Any = None                   # SDXL: its CLIPTokenizer
 
 
 def _info(unet_cfg: UNetConfig, vae_cfg: VAEConfig, scheduler: dict, safety_state, name: str,
@@ -140,37 +144,43 @@ def _build_hf(model_cls, config):
 
 def _fit_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """SD repositories name text-encoder weights text_model.*; transformers 5 writes them without
-    the prefix. Match whichever the installed CLIPTextModel expects; drop the old position_ids."""
-    want = any(k.startswith("text_model.") for k in model.state_dict())
+    the prefix. Match whichever the installed CLIPTextModel expects (keys the model has as they
+    are, e.g. CLIPTextModelWithProjection's text_projection.weight, stay); drop the old position_ids."""
+    keys = set(model.state_dict())
+    want = any(k.startswith("text_model.") for k in keys)
     out = {}
     for k, v in state.items():
         if k.endswith("embeddings.position_ids"):
             continue
         has = k.startswith("text_model.")
-        out[("text_model." + k) if want and not has else (k[len("text_model."):] if has and not want else k)] = v
+        if k not in keys:
+            k = ("text_model." + k) if want and not has else (k[len("text_model."):] if has and not want else k)
+        out[k] = v
     return out
 
 
-def _text_encoder_from_state(config_folder: Path, state, source, device, dtype):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder_from_state(config_folder: Path, state, source, device, dtype, projection: bool = False):
+    """CLIPTextModel (projection: CLIPTextModelWithProjection, SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     read_json(config_folder / "config.json")          # a clear error if missing or broken
     try:
         cfg = CLIPTextConfig.from_pretrained(config_folder)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{config_folder / 'config.json'}: not a CLIP text config ({e})") from None
-    model = _build_hf(CLIPTextModel, cfg)
+    model = _build_hf(CLIPTextModelWithProjection if projection else CLIPTextModel, cfg)
     state = _fit_prefix(state, model)
     check_state(model, state, source)
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_text_encoder(folder, device="cpu", dtype=torch.float32):
-    """transformers CLIPTextModel from a diffusers text_encoder/ folder (safetensors only)."""
+def load_text_encoder(folder, device="cpu", dtype=torch.float32, projection: bool = False):
+    """transformers CLIPTextModel (projection: CLIPTextModelWithProjection) from a diffusers
+    text_encoder/ folder (safetensors only)."""
     folder = Path(folder)
     source = find_weights(folder, TRANSFORMERS_WEIGHTS)
-    return _text_encoder_from_state(folder, read_safetensors(source), source, device, dtype)
+    return _text_encoder_from_state(folder, read_safetensors(source), source, device, dtype, projection)
 
 
 def load_tokenizer(folder):
@@ -235,17 +245,41 @@ def load_components(source, device="cpu", dtype=torch.float32, config_dir=None, 
         raise ModelLoadError(f"{path}: not a diffusers Stable Diffusion folder (no unet/ subfolder)")
     unet, unet_cfg = load_unet(path / "unet", device, dtype)
     vae, vae_cfg = load_vae(path / "vae", device, dtype)
+    text_encoder = load_text_encoder(path / "text_encoder", device, dtype)
+    text_encoder_2 = tokenizer_2 = None
+    if unet_cfg.addition_embed_type == "text_time":          # SDXL: the second encoder
+        text_encoder_2 = load_text_encoder(path / "text_encoder_2", device, dtype, projection=True)
+        tokenizer_2 = load_tokenizer(path / "tokenizer_2")
+        check_sdxl_widths(path, unet_cfg, text_encoder.config, text_encoder_2.config)
     safety_state, safety_cfg = _safety(path, safety)
     scheduler = read_json(path / "scheduler" / "scheduler_config.json")
     name = str(source) if not Path(str(source)).exists() else path.name
     return Components(
         unet=unet, unet_config=unet_cfg, vae=vae, vae_config=vae_cfg,
-        text_encoder=load_text_encoder(path / "text_encoder", device, dtype),
-        tokenizer=load_tokenizer(path / "tokenizer"),
+        text_encoder=text_encoder, tokenizer=load_tokenizer(path / "tokenizer"),
         safety_state=safety_state, safety_config=safety_cfg,
         feature_extractor_config=maybe_json(path / "feature_extractor" / "preprocessor_config.json"),
         scheduler_config=scheduler, model_index=maybe_json(path / "model_index.json") or {}, name=name,
-        info=_info(unet_cfg, vae_cfg, scheduler, safety_state, name, path, path), folder=path)
+        info=_info(unet_cfg, vae_cfg, scheduler, safety_state, name, path, path), folder=path,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+
+def check_sdxl_widths(path: Path, unet_cfg: UNetConfig, text_cfg, text_cfg_2) -> None:
+    """The U-Net's context width is the two encoders' widths together, and its added-embedding
+    input the pooled width plus the micro-conditioning's Fourier features: a mismatch would only
+    surface as a shape error at the first step."""
+    from latentd.model.added_cond import TIME_IDS
+
+    context = text_cfg.hidden_size + text_cfg_2.hidden_size
+    added = text_cfg_2.projection_dim + TIME_IDS * unet_cfg.addition_time_embed_dim
+    if unet_cfg.cross_attention_dim != context:
+        raise ModelLoadError(f"{path / 'unet' / 'config.json'}: cross_attention_dim {unet_cfg.cross_attention_dim} "
+                             f"is not the text encoders' widths {text_cfg.hidden_size} + {text_cfg_2.hidden_size}")
+    if unet_cfg.projection_class_embeddings_input_dim != added:
+        raise ModelLoadError(f"{path / 'unet' / 'config.json'}: projection_class_embeddings_input_dim "
+                             f"{unet_cfg.projection_class_embeddings_input_dim} is not text_encoder_2's "
+                             f"projection_dim {text_cfg_2.projection_dim} + {TIME_IDS} x addition_time_embed_dim "
+                             f"{unet_cfg.addition_time_embed_dim}")
 
 
 def _load_single_file(path: Path, device, dtype, config_dir, safety: bool) -> Components:
@@ -266,6 +300,8 @@ def _load_single_file(path: Path, device, dtype, config_dir, safety: bool) -> Co
                 if (cdir / "vae" / "config.json").is_file() else infer_vae_config(state, 8 * ucfg.sample_size))
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot read the model's shape from the checkpoint ({e})") from None
+    if ucfg.addition_embed_type is not None:
+        raise ModelLoadError(f"{path}: single-file SDXL checkpoints are not supported; load its diffusers folder")
     unet, _ = load_unet(convert_unet(state, ucfg), device, dtype, ucfg, source=str(path))
     vae, _ = load_vae(convert_vae(state, vcfg), device, dtype, vcfg, source=str(path))
     text_cfg = read_json(cdir / "text_encoder" / "config.json")

@@ -13,6 +13,9 @@ Edits (img2img, inpainting; model/edit.py) are the same calls: start() encodes t
 (one image per call) and noises it, step() gives an inpainting U-Net its extra channels and
 blends the unmasked region, all per row, so edits and text-to-image share one U-Net call.
 Latent diffusion (Rombach et al. 2022): the chain runs on z; x = D(z / scaling_factor).
+A model family (SD 1.x/2.x, SDXL) is its parts (model/conditioner.py): the text conditioning
+encode() runs, the added conditioning start() builds per row (SDXL: pooled text + size ids) and
+step() concatenates like the context, and the family's guidance rules.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from latentd.model.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STE
 from latentd.model.precision import check_dtype, parse_dtype, to_device, vae_dtype
 from latentd.model.samplers import Plan, denoise_step, make_plan, step_coeffs
 from latentd.model.schedule import NoiseSchedule, schedule_from_config
-from latentd.model.text import Conditioning, TextEncoder
+from latentd.model.conditioner import Conditioner
+from latentd.model.text import Conditioning
 from latentd.model.tiling import DEFAULT_TILE, decode as vae_decode
 
 
@@ -94,6 +98,10 @@ class RequestState:
     step: int = 0
     x0_prev: torch.Tensor | None = None       # previous denoised sample (DPM-Solver++ 2M)
     edit: EditState | None = None             # img2img / inpainting tensors (model/edit.py)
+    # added U-Net conditioning of the conditional and unconditional rows (SDXL: {"text_embeds":
+    # (1, P), "time_ids": (1, 6)}, model/added_cond.py); None: the family has none
+    added: dict[str, torch.Tensor] | None = None
+    added_uncond: dict[str, torch.Tensor] | None = None
     compute_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -110,13 +118,22 @@ class RequestState:
         return int(self.latent.shape[-2]), int(self.latent.shape[-1])
 
 
+SMALL_TOKENS = 64   # (B, L, K) inputs with fewer tokens per row than this run one row at a time
+
+
 def _rowwise_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward that computes a 2-D input (B, K) one row at a time: BLAS picks different
     kernels (gemv vs gemm, blockings) for different B, so a row's result would depend on how many
-    rows share the call. (B, L, K) inputs (attention, projections) are batch-invariant already.
-    Equal rows are computed once: these inputs are functions of the timestep, and a batch holds
+    rows share the call. (B, L, K) inputs (attention, projections) are batch-invariant once the
+    matrix product has enough rows (MKL's small-matrix kernels differ from its blocked ones below
+    about 16 rows, e.g. the 2x2 tokens of a 64 px image's lowest attention level): with fewer than
+    SMALL_TOKENS tokens per row they are computed one batch row at a time too.
+    Equal 2-D rows are computed once: these inputs are functions of the timestep, and a batch holds
     each timestep at least twice (the conditional and unconditional rows of classifier-free
     guidance), often more (requests that started together)."""
+    if x.dim() == 3 and x.shape[0] > 1 and x.shape[1] < SMALL_TOKENS:
+        return torch.cat([torch.nn.functional.linear(x[i:i + 1], self.weight, self.bias)
+                          for i in range(x.shape[0])])                  # (B, L, N), each row alone
     if x.dim() != 2 or x.shape[0] == 1:
         return torch.nn.functional.linear(x, self.weight, self.bias)
     uniq, inverse = torch.unique(x, dim=0, return_inverse=True)         # (U, K), (B,)
@@ -143,13 +160,13 @@ class Pipeline:
     decode_batch = 8        # VAE decode chunk (memory); chunks of 1 are padded to 2, see _decode
     decode_tile = DEFAULT_TILE  # latents larger than this (cells per side) decode in tiles; None: never
 
-    def __init__(self, *, unet, vae, text: TextEncoder, schedule: NoiseSchedule, info: ModelInfo,
+    def __init__(self, *, unet, vae, conditioner: Conditioner, schedule: NoiseSchedule, info: ModelInfo,
                  safety=None, device="cpu", dtype=torch.float32, classifier=None):
         if torch.device(device).type == "cpu":      # the promise is bit-identity on the CPU
             make_batch_invariant(unet)
             if safety is not None:
                 make_batch_invariant(safety)
-        self.unet, self.vae, self.text = unet, vae, text
+        self.unet, self.vae, self.conditioner = unet, vae, conditioner
         self.schedule, self.info, self.safety = schedule, info, safety
         self.classifier = classifier              # LatentClassifier for classifier guidance, or None
         self.device, self.dtype = torch.device(device), dtype
@@ -158,6 +175,11 @@ class Pipeline:
         self.latent_shift = vae.config.shift_factor
         self._plans: dict[tuple, Plan] = {}
         self.encoder = Encoder(vae, self.latent_scale, self.latent_shift, self.device, self.vae_dtype)
+
+    @property
+    def text(self):
+        """The family's text conditioning (model/text.py TextEncoder, model/text_sdxl.py DualTextEncoder)."""
+        return self.conditioner.text
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self, req: GenerationRequest) -> GenerationRequest:
@@ -182,7 +204,9 @@ class Pipeline:
         """Encode the distinct prompts and negative prompts of `reqs`: one text-encoder call over
         all of them, or on the CPU one call per text (see below)."""
         t0 = time.perf_counter()
-        texts = sorted({r.prompt for r in reqs} | {r.negative_prompt for r in reqs})
+        zero_empty = self.conditioner.zero_empty_negative     # SDXL: no negative prompt -> zeros
+        texts = sorted({r.prompt for r in reqs}
+                       | {r.negative_prompt for r in reqs if r.negative_prompt or not zero_empty})
         if self.device.type == "cpu":
             # Batch invariance: PyTorch's CPU elementwise kernels run SIMD over the flattened
             # tensor and finish its last numel % 32 float32 elements (per thread chunk) with the
@@ -192,12 +216,15 @@ class Pipeline:
             # prompt's (1, 77, D) hidden state depended on which other prompts shared the call.
             # One (1, 77) call per text: a text's tensors have the same shape whatever the batch.
             # The encoder runs once per request (not per step), so this costs little.
-            parts = [self.text.encode([t]) for t in texts]
-            hidden = torch.cat([h for h, _ in parts])                      # (U, 77, D)
-            cut = [c[0] for _, c in parts]
+            parts = [self.text.embed([t]) for t in texts]
+            hidden = torch.cat([h for h, _, _ in parts])                   # (U, 77, D)
+            pooled = None if parts[0][1] is None else torch.cat([p for _, p, _ in parts])   # (U, P)
+            cut = [c[0] for _, _, c in parts]
         else:
-            hidden, cut = self.text.encode(texts)                          # (U, 77, D)
+            hidden, pooled, cut = self.text.embed(texts)                   # (U, 77, D), (U, P) | None
         hidden = hidden.to(self.device, self.dtype)
+        if pooled is not None:
+            pooled = pooled.to(self.device, self.dtype)
         row = {t: i for i, t in enumerate(texts)}
         share = (time.perf_counter() - t0) / max(len(reqs), 1)
         out = []
@@ -205,10 +232,16 @@ class Pipeline:
             warnings = []
             if cut[row[r.prompt]]:
                 warnings.append(f"prompt truncated to {self.text.max_length} tokens")
-            if cut[row[r.negative_prompt]]:
+            i, j = row[r.prompt], row.get(r.negative_prompt)
+            if j is not None and cut[j]:
                 warnings.append(f"negative prompt truncated to {self.text.max_length} tokens")
-            out.append(Conditioning(cond=hidden[row[r.prompt]][None], uncond=hidden[row[r.negative_prompt]][None],
-                                    warnings=warnings, seconds=share))
+            cond = hidden[i][None]                                         # (1, 77, D)
+            uncond = hidden[j][None] if j is not None else torch.zeros_like(cond)
+            c = Conditioning(cond=cond, uncond=uncond, warnings=warnings, seconds=share)
+            if pooled is not None:                                         # (1, P) each
+                c.pooled = pooled[i][None]
+                c.uncond_pooled = pooled[j][None] if j is not None else torch.zeros_like(c.pooled)
+            out.append(c)
         return out
 
     def start(self, req: GenerationRequest, cond: Conditioning) -> RequestState:
@@ -228,11 +261,17 @@ class Pipeline:
         timings = {"text": float(cond.seconds)}
         if req.init_image is not None:
             timings["encode"] = time.perf_counter() - t0
+        added = added_uncond = None
+        if self.conditioner.added is not None:
+            added, added_uncond = self.conditioner.added.rows(req.width, req.height, cond.pooled,
+                                                              cond.uncond_pooled, self.device, self.dtype)
         return RequestState(req=req, cond=cond, plan=plan, latent=latent, generator=gen,
-                            width=req.width, height=req.height, edit=edit, timings=timings)
+                            width=req.width, height=req.height, edit=edit, timings=timings,
+                            added=added, added_uncond=added_uncond)
 
     def step(self, states: list[RequestState]) -> None:
-        """Advance every state by one step with ONE U-Net call of 2B rows ([uncond..., cond...]).
+        """Advance every state by one step with ONE U-Net call of up to 2B rows ([uncond..., cond...];
+        a family with skip_uncond_at_one runs no uncond row for a request with guidance <= 1).
         On an exception nothing in any state (latents, generators, counters) has changed."""
         if not states:
             return
@@ -267,12 +306,17 @@ class Pipeline:
         if self.info.inpaint_unet:      # + [mask, masked-image latent]: (B, 2C + 1, h, w)
             z_in = torch.cat([z, torch.cat([s.edit.extra for s in states]).to(self.dtype)], dim=1)
         t = k["t"].view(-1)                                                 # (B,)
-        context = torch.cat([s.cond.uncond for s in states] + [s.cond.cond for s in states])  # (2B, L, D)
-        out = self.unet(torch.cat([z_in, z_in]), torch.cat([t, t]), context).float()  # (2B, C, h, w)
         b = len(states)
+        un = self._uncond_rows(states)                                      # rows that run uncond (U)
+        out_u, out_c = self._unet_rows(states, un, z_in, t)                 # (U, C, h, w), (B, C, h, w)
         w = to_device(torch.tensor([float(s.req.guidance_scale) for s in states], dtype=torch.float32),
                       self.device).view(b, 1, 1, 1)
-        guided = guide(out[:b], out[b:], w)                                 # (B, C, h, w)
+        if len(un) == b:
+            guided = guide(out_u, out_c, w)                                 # (B, C, h, w)
+        else:                   # the other rows are conditional only (diffusers: no CFG at w <= 1)
+            guided = out_c.clone()
+            if un:
+                guided[un] = guide(out_u, out_c[un], w[un])
         guided = self._classifier_guidance(states, z, t, k, guided)
         noise = None
         if any(bool(s.plan.draws[s.step]) for s in states):
@@ -289,6 +333,34 @@ class Pipeline:
                                 if s.edit is not None and s.edit.mask is not None else x_next[i:i + 1]
                                 for i, s in enumerate(states)])
         return x_next, x0
+
+    def _uncond_rows(self, states: list[RequestState]) -> list[int]:
+        """Indices of the states whose request runs an unconditional row: all, except (families
+        with skip_uncond_at_one) requests with guidance <= 1."""
+        if not self.conditioner.skip_uncond_at_one:
+            return list(range(len(states)))
+        return [i for i, s in enumerate(states) if s.req.guidance_scale > 1.0]
+
+    def _unet_rows(self, states, un: list[int], z_in: torch.Tensor, t: torch.Tensor):
+        """ONE U-Net call over [uncond rows of `un`..., cond rows of all states...], each row
+        with its own context (and added conditioning), -> (out_u (U, C, h, w), out_c (B, C, h, w))
+        float32. A lone row runs doubled: oneDNN convolutions take another path for batch 1, so a
+        row's result would depend on whether it had company."""
+        b = len(states)
+        z_u, t_u = (z_in, t) if len(un) == b else (z_in[un], t[un])
+        x = torch.cat([z_u, z_in])                                          # (U + B, C', h, w)
+        tt = torch.cat([t_u, t])                                            # (U + B,)
+        context = torch.cat([states[i].cond.uncond for i in un] + [s.cond.cond for s in states])  # (U + B, L, D)
+        added = None
+        if states[0].added is not None:                                     # key by key, like the context
+            added = {key: torch.cat([states[i].added_uncond[key] for i in un] + [s.added[key] for s in states])
+                     for key in states[0].added}
+        n = x.shape[0]
+        if n == 1:
+            x, tt, context = torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, context])
+            added = None if added is None else {key: torch.cat([v, v]) for key, v in added.items()}
+        out = (self.unet(x, tt, context) if added is None else self.unet(x, tt, context, added))[:n].float()
+        return out[:len(un)], out[len(un):]
 
     def _classifier_guidance(self, states, z, t, k, guided: torch.Tensor) -> torch.Tensor:
         """Shift the guided noise estimate of the rows that ask for classifier guidance:
@@ -426,7 +498,8 @@ def load_pipeline(source: str | os.PathLike | None = None, device: str = "cpu",
                                        source=c.name, device=device, dtype=dtype)
     from latentd.model.classifier import load_classifier
     classifier = load_classifier(c.folder / "classifier", device) if c.info.classifier else None
+    from latentd.model.conditioner import conditioner_for
     return Pipeline(unet=c.unet.eval().requires_grad_(False), vae=vae.eval().requires_grad_(False),
-                    text=TextEncoder(c.tokenizer, c.text_encoder.eval().requires_grad_(False)),
+                    conditioner=conditioner_for(c),
                     schedule=schedule_from_config(c.scheduler_config), info=c.info,
                     safety=checker, device=device, dtype=dtype, classifier=classifier)
