@@ -32,6 +32,15 @@ def tiny_model_inpaint(tmp_path_factory):
                         in_channels=9)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A randomly initialised SDXL diffusers folder (two text encoders, "text_time" added
+    conditioning, transformer depth per level), built once."""
+    from devkit.tiny_sdxl import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed=0)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module on tiny models: fast and steady on a shared 2-core CPU
