@@ -222,7 +222,9 @@ def resolve(source: str | Path) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+            # weights only inside component folders: hub repositories also keep the whole model as
+            # single-file checkpoints at their root (SDXL base: another 7 GB), which are not read
+            return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*/*.safetensors"],
                                           ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt"]))
         except Exception as e:
             raise ModelLoadError(f"{source}: no such local path, and fetching it as a hub model failed "

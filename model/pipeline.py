@@ -203,6 +203,8 @@ class Pipeline:
     def encode(self, reqs: list[GenerationRequest]) -> list[Conditioning]:
         """Encode the distinct prompts and negative prompts of `reqs`: one text-encoder call over
         all of them, or on the CPU one call per text (see below)."""
+        if not reqs:
+            return []
         t0 = time.perf_counter()
         zero_empty = self.conditioner.zero_empty_negative     # SDXL: no negative prompt -> zeros
         texts = sorted({r.prompt for r in reqs}
