@@ -310,7 +310,9 @@ class Pipeline:
         t = k["t"].view(-1)                                                 # (B,)
         b = len(states)
         un = self._uncond_rows(states)                                      # rows that run uncond (U)
-        out_u, out_c = self._unet_rows(states, un, z_in, t)                 # (U, C, h, w), (B, C, h, w)
+        # their indices as a device tensor (a pinned, non-blocking copy, as every per-step value)
+        ui = None if len(un) == b else to_device(torch.tensor(un, dtype=torch.long), self.device)
+        out_u, out_c = self._unet_rows(states, un, ui, z_in, t)             # (U, C, h, w), (B, C, h, w)
         w = to_device(torch.tensor([float(s.req.guidance_scale) for s in states], dtype=torch.float32),
                       self.device).view(b, 1, 1, 1)
         if len(un) == b:
@@ -318,7 +320,7 @@ class Pipeline:
         else:                   # the other rows are conditional only (diffusers: no CFG at w <= 1)
             guided = out_c.clone()
             if un:
-                guided[un] = guide(out_u, out_c[un], w[un])
+                guided[ui] = guide(out_u, out_c[ui], w[ui])
         guided = self._classifier_guidance(states, z, t, k, guided)
         noise = None
         if any(bool(s.plan.draws[s.step]) for s in states):
@@ -343,13 +345,12 @@ class Pipeline:
             return list(range(len(states)))
         return [i for i, s in enumerate(states) if s.req.guidance_scale > 1.0]
 
-    def _unet_rows(self, states, un: list[int], z_in: torch.Tensor, t: torch.Tensor):
+    def _unet_rows(self, states, un: list[int], ui: torch.Tensor | None, z_in: torch.Tensor, t: torch.Tensor):
         """ONE U-Net call over [uncond rows of `un`..., cond rows of all states...], each row
         with its own context (and added conditioning), -> (out_u (U, C, h, w), out_c (B, C, h, w))
         float32. A lone row runs doubled: oneDNN convolutions take another path for batch 1, so a
         row's result would depend on whether it had company."""
-        b = len(states)
-        z_u, t_u = (z_in, t) if len(un) == b else (z_in[un], t[un])
+        z_u, t_u = (z_in, t) if ui is None else (z_in[ui], t[ui])
         x = torch.cat([z_u, z_in])                                          # (U + B, C', h, w)
         tt = torch.cat([t_u, t])                                            # (U + B,)
         context = torch.cat([states[i].cond.uncond for i in un] + [s.cond.cond for s in states])  # (U + B, L, D)
