@@ -1,7 +1,7 @@
 """`latentd generate --server URL [--key K]`: the same command against a running latentd service.
 
 Submits POST /v1/jobs, follows GET /v1/jobs/{id}/events for the progress bar (resuming with
-Last-Event-ID if the connection drops), and writes the stored PNG. Standard library HTTP only:
+Last-Event-ID if the connection drops), and writes the stored image. Standard library HTTP only:
 the CLI needs nothing the service does not. Ctrl-C cancels the job on the server.
 """
 from __future__ import annotations
@@ -89,35 +89,57 @@ def request_body(args) -> dict:
     return body
 
 
-def run_remote(args) -> int:
-    from tqdm import tqdm
+class Exit(Exception):
+    """Stop with this exit code (the message is already printed)."""
 
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _fail(message: str, code: int = 2) -> Exit:
+    print(f"latentd generate: {message}", file=sys.stderr)
+    return Exit(code)
+
+
+def run_remote(args) -> int:
     for attr, flag in ENGINE_ONLY:
         if getattr(args, attr, None):
-            print(f"latentd generate: {flag} applies to the local engine, not to --server",
-                  file=sys.stderr)
+            print(f"latentd generate: {flag} applies to the local engine, not to --server", file=sys.stderr)
             return 2
+    remote = Remote(args.server, args.key)
+    t0 = time.monotonic()
+    try:
+        job_id = _submit(remote, args)
+        status, data, image = _follow(remote, job_id, args.steps)
+        return _save(remote, args, job_id, status, data, image, time.monotonic() - t0)
+    except Exit as e:
+        return e.code
+
+
+def _submit(remote: Remote, args) -> str:
+    """POST /v1/jobs; the job id, or Exit(2) naming the refused field."""
     from latentd.model.errors import InvalidRequest
 
-    remote = Remote(args.server, args.key)
     try:
-        job = remote.json("POST", "/v1/jobs", request_body(args))
+        return remote.json("POST", "/v1/jobs", request_body(args))["id"]
     except InvalidRequest as e:
-        print(f"latentd generate: invalid {e.field}: {e.message}", file=sys.stderr)
-        return 2
+        raise _fail(f"invalid {e.field}: {e.message}") from None
     except RemoteError as e:
         field = e.error.get("field") or e.error.get("param")
         what = (f"invalid {field}: " if field and e.status in (400, 422)
                 else f"HTTP {e.status}{f' ({field})' if field else ''}: ")
-        print(f"latentd generate: {what}{e}", file=sys.stderr)
-        return 2
+        raise _fail(f"{what}{e}") from None
     except (urllib.error.URLError, OSError) as e:
-        print(f"latentd generate: cannot reach {args.server}: {getattr(e, 'reason', e)}", file=sys.stderr)
-        return 2
-    job_id = job["id"]
-    t0 = time.monotonic()
+        raise _fail(f"cannot reach {args.server}: {getattr(e, 'reason', e)}") from None
+
+
+def _follow(remote: Remote, job_id: str, steps: int | None) -> tuple[str, dict, dict | None]:
+    """Follow the job's events with a progress bar, resuming after a dropped connection, until it
+    ends: (status, the final job, the last `image` event). Ctrl-C cancels the job (Exit(130))."""
+    from tqdm import tqdm
+
     last, final, image, tries = None, None, None, 0
-    bar = tqdm(total=args.steps or 1, desc="queued", unit="step")
+    bar = tqdm(total=steps or 1, desc="queued", unit="step")
     try:
         while final is None:
             try:
@@ -127,8 +149,7 @@ def run_remote(args) -> int:
                         bar.set_description(f"queued (position {data.get('position')})")
                     elif type_ == "running":
                         bar.set_description("denoising")
-                        bar.total = data["total"]
-                        bar.n = data["step"]
+                        bar.total, bar.n = data["total"], data["step"]
                         bar.refresh()
                     elif type_ == "image":
                         image = data
@@ -138,8 +159,7 @@ def run_remote(args) -> int:
             except (urllib.error.URLError, OSError, RemoteError) as e:
                 tries += 1
                 if tries > 10 or (isinstance(e, RemoteError) and e.status < 500):
-                    print(f"latentd generate: lost the event stream: {e}", file=sys.stderr)
-                    return 1
+                    raise _fail(f"lost the event stream: {e}", 1) from None
                 time.sleep(min(2 ** tries * 0.1, 3))
             if final is None and last is None:
                 time.sleep(0.5)
@@ -150,28 +170,30 @@ def run_remote(args) -> int:
             print(f"latentd generate: canceled job {job_id}", file=sys.stderr)
         except (RemoteError, OSError):
             pass
-        return 130
+        raise Exit(130) from None
     bar.n = bar.total
     bar.close()
-    status, data = final
+    return final[0], final[1], image
+
+
+def _save(remote: Remote, args, job_id: str, status: str, data: dict, image: dict | None,
+          seconds: float) -> int:
+    """Write the job's first image to --out and print what was drawn."""
     if status != "succeeded":
         err = data.get("error") or data
-        print(f"latentd generate: job {job_id} {status}: {err.get('code', '')} {err.get('message', '')}".rstrip(),
-              file=sys.stderr)
-        return 1
+        raise _fail(f"job {job_id} {status}: {err.get('code', '')} {err.get('message', '')}".rstrip(), 1)
     images = data.get("images") or ([image] if image else [])
     if not images:
-        print(f"latentd generate: job {job_id} succeeded without an image", file=sys.stderr)
-        return 1
+        raise _fail(f"job {job_id} succeeded without an image", 1)
     first = images[0]
     with remote.request("GET", first["url"], timeout=60) as r:
-        png = r.read()
+        encoded = r.read()
     with open(args.out, "wb") as f:
-        f.write(png)
+        f.write(encoded)
     if first.get("nsfw"):
         print("warning: the safety checker flagged the image; a black image was written", file=sys.stderr)
     p = data.get("params") or {}
     print(f"{args.out}: {p.get('width')}x{p.get('height')} seed={first['seed']} "
           f"sampler={p.get('sampler')}{'+karras' if p.get('karras') else ''} steps={p.get('steps')} "
-          f"guidance={p.get('guidance_scale', 0):g} in {time.monotonic() - t0:.2f}s (job {job_id} on {args.server})")
+          f"guidance={p.get('guidance_scale', 0):g} in {seconds:.2f}s (job {job_id} on {args.server})")
     return 0
