@@ -271,6 +271,33 @@ class Pipeline:
                             width=req.width, height=req.height, edit=edit, timings=timings,
                             added=added, added_uncond=added_uncond)
 
+    def save_row(self, state: RequestState, meta: dict | None = None):
+        """The state of a request in flight as one small serialisable value (model/row_state.py
+        RowState; .to_bytes()): parks it, checkpoints it, moves it to another worker."""
+        from latentd.model import row_state
+
+        return row_state.save(self, state, meta)
+
+    def resume(self, req: GenerationRequest, cond: Conditioning, row) -> RequestState:
+        """start() for a request saved mid-run (save_row, here or on another process with the same
+        model): the saved latent, sampler history, generator state and edit tensors replace fresh
+        ones (no init-image encode), so it goes on exactly as the saved run would have.
+        RowStateError (a ValueError) when `row` is not of this request, model and plan."""
+        from latentd.model import row_state
+
+        plan = self._plan(req)
+        f = self.info.vae_factor
+        shape = (1, self.info.latent_channels, req.height // f, req.width // f)
+        latent, x0_prev, gen, edit = row_state.restore(self, req, plan, row, shape)
+        added = added_uncond = None
+        if self.conditioner.added is not None:      # recomputed from the request, like start()
+            added, added_uncond = self.conditioner.added.rows(req.width, req.height, cond.pooled,
+                                                              cond.uncond_pooled, self.device, self.dtype)
+        return RequestState(req=req, cond=cond, plan=plan, latent=latent, generator=gen,
+                            width=req.width, height=req.height, step=row.step, x0_prev=x0_prev,
+                            edit=edit, timings={"text": float(cond.seconds)},
+                            added=added, added_uncond=added_uncond)
+
     def step(self, states: list[RequestState]) -> None:
         """Advance every state by one step with ONE U-Net call of up to 2B rows ([uncond..., cond...];
         a family with skip_uncond_at_one runs no uncond row for a request with guidance <= 1).
