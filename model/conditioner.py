@@ -4,7 +4,10 @@ is one):
     family  text conditioning (`text`)                       added conditioning (`added`)
     sd      one CLIP text encoder, last hidden state          none
     sdxl    CLIP ViT-L + OpenCLIP bigG, penultimate states    pooled text + size/crop ids
-            concatenated; bigG's projected pooled output      (model/added_cond.py TextTime)
+            concatenated; bigG's projected pooled output      (model/added_cond.py TextTime; with
+                                                              requires_aesthetics_score in
+                                                              model_index.json: an aesthetic score
+                                                              in place of the target size)
 
 plus two family rules: `zero_empty_negative` (SDXL's force_zeros_for_empty_prompt: without a
 negative prompt the unconditional context and pooled embedding are zeros, not the encoding of "")
@@ -41,7 +44,8 @@ def conditioner_for(c) -> Conditioner:
         return Conditioner("sd", TextEncoder(c.tokenizer, frozen(c.text_encoder)))
     if c.info.family == "sdxl":
         text = DualTextEncoder(c.tokenizer, frozen(c.text_encoder), c.tokenizer_2, frozen(c.text_encoder_2))
-        return Conditioner("sdxl", text, TextTime(),
+        aesthetics = bool(c.model_index.get("requires_aesthetics_score", False))
+        return Conditioner("sdxl", text, TextTime(aesthetics),
                            zero_empty_negative=bool(c.model_index.get("force_zeros_for_empty_prompt", True)),
                            skip_uncond_at_one=True)
     raise ModelLoadError(f"{c.name}: unknown model family {c.info.family!r}")

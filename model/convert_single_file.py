@@ -4,6 +4,12 @@ The tables are generated from the config: level i of the U-Net with L layers per
 input_blocks[(L+1)*i + j + 1] in the original and down_blocks[i].resnets/attentions[j] here, and so
 on. Inside a transformer block the names already agree; inside ResNet and VAE attention blocks a
 handful of leaf names differ (RESNET_LEAVES, VAE_ATTN_LEAVES).
+
+Where each part lives in the file is one small table per family (PARTS): SD keeps its text encoder
+under cond_stage_model (SD 1.x a transformers CLIPTextModel, SD 2.x an OpenCLIP tower); SDXL keeps
+two under conditioner.embedders: 0 is CLIP ViT-L in transformers' layout, 1 is OpenCLIP ViT-bigG in
+open_clip's (fused q/k/v, ln_final, a (D, P) text_projection applied as x @ P, i.e. the transpose of
+transformers' Linear weight). SDXL's added embedding is the U-Net's label_emb.0.{0,2}.
 """
 from __future__ import annotations
 
@@ -18,6 +24,21 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."     # SD 1.x: a transformers CLIPTextModel
 OPEN_CLIP_PREFIX = "cond_stage_model.model."      # SD 2.x: an OpenCLIP text tower
 
+# family -> text-encoder component -> (layout, prefix in the single file)
+PARTS = {
+    "sd": {"text_encoder": ("clip_or_open_clip", "cond_stage_model.")},
+    "sdxl": {"text_encoder": ("clip", "conditioner.embedders.0.transformer."),
+             "text_encoder_2": ("open_clip", "conditioner.embedders.1.model.")},
+}
+SDXL_UNET = {"label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2."}
+# OpenCLIP tower -> transformers CLIPTextModel names (outside the per-layer blocks)
+OPEN_CLIP_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                 "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                 "ln_final.weight": "text_model.final_layer_norm.weight",
+                 "ln_final.bias": "text_model.final_layer_norm.bias"}
+OPEN_CLIP_LEAVES = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
+                    "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+
 RESNET_LEAVES = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
                  "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut.",
                  "nin_shortcut.": "conv_shortcut."}
@@ -31,6 +52,8 @@ def unet_table(cfg: UNetConfig) -> dict[str, str]:
          "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
          "middle_block.0.": "mid_block.resnets.0.", "middle_block.1.": "mid_block.attentions.0.",
          "middle_block.2.": "mid_block.resnets.1."}
+    if cfg.addition_embed_type == "text_time":
+        t |= SDXL_UNET
     for i in range(n):
         for j in range(L):
             t[f"input_blocks.{(L + 1) * i + j + 1}.0."] = f"down_blocks.{i}.resnets.{j}."
@@ -95,35 +118,34 @@ def convert_vae(state: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, tor
     return _convert(state, VAE_PREFIX, vae_table(cfg))
 
 
-def convert_text_encoder(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """The text encoder's weights as transformers' CLIPTextModel names them.
-
-    SD 1.x stores a CLIPTextModel already (prefix CLIP_PREFIX). SD 2.x stores an OpenCLIP tower
-    with fused q/k/v (attn.in_proj_*); SD 2.x uses its penultimate layer, so only `num_layers`
-    (the text_encoder config's num_hidden_layers, 23 of 24) are kept.
-    """
+def convert_clip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel stored under `prefix` (SD 1.x, SDXL's first encoder): the
+    names already agree; text_model.* is ensured and the old position_ids buffer dropped."""
     out = {}
     for key, value in state.items():
-        if key.startswith(CLIP_PREFIX):
-            k = key[len(CLIP_PREFIX):]
-            k = k if k.startswith("text_model.") else "text_model." + k
-            if not k.endswith("position_ids"):
-                out[k] = value
-    if out:
-        return out
-    p = OPEN_CLIP_PREFIX
-    simple = {"token_embedding.weight": "embeddings.token_embedding.weight",
-              "positional_embedding": "embeddings.position_embedding.weight",
-              "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
-    layer_leaves = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
-                    "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+        if key.startswith(prefix) and not key.endswith("position_ids"):
+            k = key[len(prefix):]
+            out[k if k.startswith("text_model.") else "text_model." + k] = value
+    return out
+
+
+def convert_open_clip(state: dict[str, torch.Tensor], prefix: str, num_layers: int,
+                      projection: bool = False) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower under `prefix` as transformers names it. Blocks from `num_layers` on
+    are dropped (SD 2.x runs 23 of its 24); the fused attn.in_proj (3D, ...) is split into q, k, v.
+    projection (SDXL's bigG): text_projection (D, P) becomes CLIPTextModelWithProjection's
+    text_projection.weight (P, D); otherwise it is not used. logit_scale is never used."""
+    out = {}
     block = re.compile(r"transformer\.resblocks\.(\d+)\.(.*)")
     for key, value in state.items():
-        if not key.startswith(p):
+        if not key.startswith(prefix):
             continue
-        k = key[len(p):]
-        if k in simple:
-            out["text_model." + simple[k]] = value
+        k = key[len(prefix):]
+        if k in OPEN_CLIP_TOP:
+            out[OPEN_CLIP_TOP[k]] = value
+        elif k == "text_projection":
+            if projection:
+                out["text_projection.weight"] = value.T.contiguous()
         elif (m := block.fullmatch(k)) is not None:
             i, leaf = int(m.group(1)), m.group(2)
             if i >= num_layers:
@@ -134,11 +156,29 @@ def convert_text_encoder(state: dict[str, torch.Tensor], num_layers: int) -> dic
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
                     out[f"{dst}self_attn.{name}.{kind}"] = part
             else:
-                src = next((a for a in layer_leaves if leaf.startswith(a)), None)
-                out[dst + (layer_leaves[src] + leaf[len(src):] if src else leaf)] = value
-        elif k not in ("text_projection", "logit_scale"):
+                src = next((a for a in OPEN_CLIP_LEAVES if leaf.startswith(a)), None)
+                out[dst + (OPEN_CLIP_LEAVES[src] + leaf[len(src):] if src else leaf)] = value
+        elif k != "logit_scale":
             out["text_model." + k] = value                       # unknown: the strict check names it
     return out
+
+
+def convert_text_encoder(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """SD 1.x/2.x: the text encoder as transformers' CLIPTextModel names it, from a CLIPTextModel
+    (CLIP_PREFIX) or else an OpenCLIP tower (OPEN_CLIP_PREFIX) of which SD 2.x uses `num_layers`
+    (the text_encoder config's num_hidden_layers, 23 of 24: its penultimate layer)."""
+    return convert_clip(state, CLIP_PREFIX) or convert_open_clip(state, OPEN_CLIP_PREFIX, num_layers)
+
+
+def convert_text_part(state: dict[str, torch.Tensor], family: str, part: str,
+                      num_layers: int) -> dict[str, torch.Tensor]:
+    """Text-encoder component `part` of a `family` single file (PARTS), in transformers' names."""
+    layout, prefix = PARTS[family][part]
+    if layout == "clip":
+        return convert_clip(state, prefix)
+    if layout == "open_clip":
+        return convert_open_clip(state, prefix, num_layers, projection=True)
+    return convert_text_encoder(state, num_layers)
 
 
 def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:

@@ -8,11 +8,14 @@ Sources:
   with addition_embed_type "text_time") has text_encoder_2/ (CLIPTextModelWithProjection) and
   tokenizer_2/ besides;
 - a single-file original checkpoint `*.safetensors` (model.diffusion_model.*, first_stage_model.*,
-  cond_stage_model.*). Its U-Net/VAE/text-encoder weights come from the file; what a checkpoint does
+  cond_stage_model.*; SDXL: conditioner.embedders.{0,1}.* and the U-Net's label_emb.*, the tables of
+  model/convert_single_file.py). Its U-Net/VAE/text-encoder weights come from the file; what a checkpoint does
   not hold (tokenizer, text-encoder and scheduler configs, safety checker) comes from `config_dir`,
   a diffusers folder of the same family (weights of its unet/vae/text_encoder are not needed and
   not read). If config_dir has unet/config.json or vae/config.json they are used (and checked
-  against the file's shapes); otherwise the U-Net/VAE shapes are inferred from the tensors. Without
+  against the file's shapes; the U-Net's input channels are the file's, so an inpainting fine-tune
+  loads with its base model's configs); otherwise the U-Net/VAE shapes are inferred from the
+  tensors (SD 1.x/2.x only: an SDXL file needs config_dir/unet/config.json). Without
   config_dir a single file is refused, naming what is missing: a checkpoint alone does not say
   whether it predicts eps or v, nor carry a tokenizer;
 - a hub id ("owner/name"), fetched with huggingface_hub.snapshot_download (safetensors and configs
@@ -31,8 +34,9 @@ from typing import Any
 import torch
 
 from latentd.model.config import UNetConfig, VAEConfig
-from latentd.model.convert_single_file import (convert_text_encoder, convert_unet, convert_vae, infer_unet_config,
-                                       infer_vae_config)
+from latentd.model.added_cond import time_ids
+from latentd.model.convert_single_file import (PARTS, UNET_PREFIX, convert_text_part, convert_unet, convert_vae,
+                                               infer_unet_config, infer_vae_config)
 from latentd.model.errors import ModelLoadError
 from latentd.model.info import ModelInfo, classifier_heads, info_from_configs, maybe_json, overrides_for, read_json
 from latentd.model.unet import UNet
@@ -252,7 +256,8 @@ def load_components(source, device="cpu", dtype=torch.float32, config_dir=None, 
     if unet_cfg.addition_embed_type == "text_time":          # SDXL: the second encoder
         text_encoder_2 = load_text_encoder(path / "text_encoder_2", device, dtype, projection=True)
         tokenizer_2 = load_tokenizer(path / "tokenizer_2")
-        check_sdxl_widths(path, unet_cfg, text_encoder.config, text_encoder_2.config)
+        check_sdxl_widths(path, unet_cfg, text_encoder.config, text_encoder_2.config,
+                          time_ids(maybe_json(path / "model_index.json") or {}))
     safety_state, safety_cfg = _safety(path, safety)
     scheduler = read_json(path / "scheduler" / "scheduler_config.json")
     name = str(source) if not Path(str(source)).exists() else path.name
@@ -266,21 +271,20 @@ def load_components(source, device="cpu", dtype=torch.float32, config_dir=None, 
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
-def check_sdxl_widths(path: Path, unet_cfg: UNetConfig, text_cfg, text_cfg_2) -> None:
+def check_sdxl_widths(path: Path, unet_cfg: UNetConfig, text_cfg, text_cfg_2, n_ids: int) -> None:
     """The U-Net's context width is the two encoders' widths together, and its added-embedding
-    input the pooled width plus the micro-conditioning's Fourier features: a mismatch would only
-    surface as a shape error at the first step."""
-    from latentd.model.added_cond import TIME_IDS
-
+    input the pooled width plus the micro-conditioning's Fourier features (n_ids numbers: 6, or 5
+    with an aesthetic score, model/added_cond.py): a mismatch would only surface as a shape error
+    at the first step."""
     context = text_cfg.hidden_size + text_cfg_2.hidden_size
-    added = text_cfg_2.projection_dim + TIME_IDS * unet_cfg.addition_time_embed_dim
+    added = text_cfg_2.projection_dim + n_ids * unet_cfg.addition_time_embed_dim
     if unet_cfg.cross_attention_dim != context:
         raise ModelLoadError(f"{path / 'unet' / 'config.json'}: cross_attention_dim {unet_cfg.cross_attention_dim} "
                              f"is not the text encoders' widths {text_cfg.hidden_size} + {text_cfg_2.hidden_size}")
     if unet_cfg.projection_class_embeddings_input_dim != added:
         raise ModelLoadError(f"{path / 'unet' / 'config.json'}: projection_class_embeddings_input_dim "
                              f"{unet_cfg.projection_class_embeddings_input_dim} is not text_encoder_2's "
-                             f"projection_dim {text_cfg_2.projection_dim} + {TIME_IDS} x addition_time_embed_dim "
+                             f"projection_dim {text_cfg_2.projection_dim} + {n_ids} x addition_time_embed_dim "
                              f"{unet_cfg.addition_time_embed_dim}")
 
 
@@ -292,31 +296,52 @@ def _load_single_file(path: Path, device, dtype, config_dir, safety: bool) -> Co
     if config_dir is None:
         raise ModelLoadError(
             f"{path}: a single-file checkpoint holds no tokenizer, text-encoder config or scheduler "
-            "config; pass config_dir= a diffusers folder of the same family (e.g. the SD 1.5 or SD 2.1 "
-            "repository's configs and tokenizer; its unet/vae/text_encoder weights are not needed)")
+            "config; pass config_dir= a diffusers folder of the same family (e.g. the SD 1.5, SD 2.1 or "
+            "SDXL base repository's configs and tokenizers; its unet/vae/text_encoder weights are not needed)")
     cdir = resolve(config_dir)
+    sdxl = UNET_PREFIX + "label_emb.0.0.weight" in state
+    unet_json = cdir / "unet" / "config.json"
+    if sdxl and not unet_json.is_file():
+        raise ModelLoadError(f"{path}: an SDXL checkpoint (label_emb) needs its U-Net config: {unet_json} not found "
+                             "(config_dir= the SDXL repository's configs)")
     try:
-        ucfg = (_config(UNetConfig, read_json(cdir / "unet" / "config.json"), cdir / "unet" / "config.json")
-                if (cdir / "unet" / "config.json").is_file() else infer_unet_config(state))
+        ucfg = _config(UNetConfig, read_json(unet_json), unet_json) if unet_json.is_file() else infer_unet_config(state)
         vcfg = (_config(VAEConfig, read_json(cdir / "vae" / "config.json"), cdir / "vae" / "config.json")
                 if (cdir / "vae" / "config.json").is_file() else infer_vae_config(state, 8 * ucfg.sample_size))
+        conv_in = state[UNET_PREFIX + "input_blocks.0.0.weight"]
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot read the model's shape from the checkpoint ({e})") from None
-    if ucfg.addition_embed_type is not None:
-        raise ModelLoadError(f"{path}: single-file SDXL checkpoints are not supported; load its diffusers folder")
-    unet, _ = load_unet(convert_unet(state, ucfg), device, dtype, ucfg, source=str(path))
-    vae, _ = load_vae(convert_vae(state, vcfg), device, dtype, vcfg, source=str(path))
-    text_cfg = read_json(cdir / "text_encoder" / "config.json")
-    text_state = convert_text_encoder(state, int(text_cfg.get("num_hidden_layers", 12)))
-    if not text_state:
-        raise ModelLoadError(f"{path}: no text encoder (cond_stage_model.*) in the checkpoint")
+    # an inpainting fine-tune (9 input channels) loads with its base model's configs
+    ucfg = replace(ucfg, in_channels=int(conv_in.shape[1]))
+    family = "sdxl" if ucfg.addition_embed_type == "text_time" else "sd"
+    if family == "sdxl" and not sdxl:
+        raise ModelLoadError(f"{path}: {unet_json} describes an SDXL U-Net but the checkpoint has no "
+                             f"{UNET_PREFIX}label_emb.* (not an SDXL checkpoint?)")
+    index = maybe_json(cdir / "model_index.json") or {}
+    # every part renamed first, then built and checked: a bad key anywhere fails before any is used
+    parts = {"unet": convert_unet(state, ucfg), "vae": convert_vae(state, vcfg)}
+    text_cfgs = {}
+    for part in PARTS[family]:
+        text_cfgs[part] = read_json(cdir / part / "config.json")
+        parts[part] = convert_text_part(state, family, part, int(text_cfgs[part].get("num_hidden_layers", 12)))
+        if not parts[part]:
+            raise ModelLoadError(f"{path}: no {part} ({PARTS[family][part][1]}*) in the checkpoint")
     del state
-    text_encoder = _text_encoder_from_state(cdir / "text_encoder", text_state, path, device, dtype)
+    unet, _ = load_unet(parts.pop("unet"), device, dtype, ucfg, source=str(path))
+    vae, _ = load_vae(parts.pop("vae"), device, dtype, vcfg, source=str(path))
+    text_encoder = _text_encoder_from_state(cdir / "text_encoder", parts.pop("text_encoder"), path, device, dtype)
+    text_encoder_2 = tokenizer_2 = None
+    if family == "sdxl":
+        text_encoder_2 = _text_encoder_from_state(cdir / "text_encoder_2", parts.pop("text_encoder_2"), path,
+                                                  device, dtype, projection=True)
+        tokenizer_2 = load_tokenizer(cdir / "tokenizer_2")
+        check_sdxl_widths(cdir, ucfg, text_encoder.config, text_encoder_2.config, time_ids(index))
     safety_state, safety_cfg = _safety(cdir, safety)
     scheduler = read_json(cdir / "scheduler" / "scheduler_config.json")
     return Components(
         unet=unet, unet_config=ucfg, vae=vae, vae_config=vcfg, text_encoder=text_encoder,
         tokenizer=load_tokenizer(cdir / "tokenizer"), safety_state=safety_state, safety_config=safety_cfg,
         feature_extractor_config=maybe_json(cdir / "feature_extractor" / "preprocessor_config.json"),
-        scheduler_config=scheduler, model_index=maybe_json(cdir / "model_index.json") or {}, name=path.stem,
-        info=_info(ucfg, vcfg, scheduler, safety_state, path.stem, path, None))
+        scheduler_config=scheduler, model_index=index, name=path.stem,
+        info=_info(ucfg, vcfg, scheduler, safety_state, path.stem, path, None),
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
