@@ -116,9 +116,6 @@ def check(info, r, size_field: str | None = None) -> None:
         raise InvalidRequest("seed", f"seed + n - 1 must be below 2**63 (image k uses seed + k), got {r.seed}",
                              {"min": 0, "max": MAX_SEED - n})
     _check_strength(getattr(r, "kind", None) or "text", r.strength, steps)
-    if (getattr(r, "kind", None) or "text") != "text" and getattr(info, "family", "sd") != "sd":
-        raise InvalidRequest("image", f"edits (img2img, inpainting) are not supported for {info.family} "
-                                      "models; send no image", "text-to-image only")
     from latentd.model.classifier_spec import check_targets
     check_targets(getattr(info, "classifier", None), r.classifier_targets, r.classifier_scale)
 

@@ -185,14 +185,17 @@ def test_model_info(pipe, tiny_sdxl, tmp_path):
     assert read_model_info(folder).sizes == ()
 
 
-def test_sd_requests_stay_sd_and_edits_are_refused(pipe, tiny_model):
+def test_sd_requests_stay_sd_and_sdxl_takes_edits(pipe, tiny_model):
+    """SD folders stay "sd"; an SDXL model validates edits (parity: tests/test_sdxl_edits.py)."""
     from latentd.model.info import read_model_info
 
     assert read_model_info(tiny_model).family == "sd"
     img = Image.new("RGB", (64, 64), (200, 10, 10))
+    r = pipe.validate(GenerationRequest("a cat", init_image=img))
+    assert (r.kind, r.strength, r.width, r.height) == ("img2img", 0.8, 64, 64)
     with pytest.raises(InvalidRequest) as e:
-        pipe.validate(GenerationRequest("a cat", init_image=img))
-    assert e.value.field == "image" and "sdxl" in str(e.value)
+        pipe.validate(GenerationRequest("a cat", init_image=img.resize((48, 64))))
+    assert e.value.field == "image"
 
 
 def _rewrite(path, change) -> None:
