@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from latentd.app import metrics
+from latentd.app import idempotency, metrics
 from latentd.app.errors import ApiError
 from latentd.app.ratelimit import RateLimiter
 from latentd.app.schemas import ImagesGenerationRequest, invalid, to_job_params
 from latentd.model.errors import InvalidRequest
 from latentd.jobs import webhooks
-from latentd.jobs.client import QueueFull
+from latentd.jobs.client import NotReplicated, QueueFull
 from latentd.jobs.spec import JobSpec
 
 
@@ -72,6 +72,9 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
         init = {"image": normalised_png(img, params.width, params.height, "RGB")}
         if m is not None:
             init["mask"] = normalised_png(m, params.width, params.height, "L")
+    replay = idempotency.begin(state, endpoint, entry.queue, params, req, init)
+    if replay is not None:           # the same Idempotency-Key and request: its first job
+        return replay
     limiter: RateLimiter = state.limiter
     wait = limiter.take(owner, params.n)
     if wait:
@@ -86,9 +89,13 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
         raise ApiError(422, "invalid_value", f"{field}: {err.get('msg')}", field) from None
     try:
         job_id = state.jobs.submit(spec, callback_url=getattr(req, "callback_url", None),
-                                   watch=watch(spec) if watch else None, init=init, queue=entry.queue)
+                                   watch=watch(spec) if watch else None, init=init, queue=entry.queue,
+                                   **idempotency.submit_kwargs(state))
     except QueueFull as e:
         raise ApiError(503, "queue_full", f"the queue is full ({e.cap} jobs waiting); retry later",
+                       headers=retry) from None
+    except NotReplicated as e:
+        raise ApiError(503, "replication_timeout", f"{e}; the job was canceled, retry later",
                        headers=retry) from None
     metrics.ADMITTED.labels(endpoint, entry.name).inc()
     return job_id, spec

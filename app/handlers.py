@@ -63,6 +63,25 @@ async def redis_down_handler(request: Request, exc: Exception) -> JSONResponse:
                         headers={"Retry-After": str(st.settings.retry_after_s)})
 
 
+# Redis answering but refusing: out of memory (maxmemory reached with noeviction), a replica that
+# was the master until a failover (READONLY), a failed disk (MISCONF), loading, busy scripts.
+REFUSALS = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LOADING", "BUSY", "TRYAGAIN")
+
+
+async def redis_refused_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Redis refused a command it would normally run: 503 with Retry-After, never a 500 (the
+    admission undid its writes: jobs/client.py submit). Other Redis errors are bugs: 500."""
+    if not str(exc).split(" ", 1)[0].upper() in REFUSALS and not isinstance(
+            exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                  redis.exceptions.BusyLoadingError)):
+        return await unhandled_handler(request, exc)
+    metrics.rejected(503, "redis_refused")
+    log.warning("redis refused a command on %s: %s", request.url.path, str(exc)[:200])
+    return JSONResponse(error_body("unavailable", "the job store refuses writes right now; retry later",
+                                   kind="server_error"),
+                        status_code=503, headers={"Retry-After": str(state_of(request).settings.retry_after_s)})
+
+
 async def store_down_handler(request: Request, exc: Exception) -> JSONResponse:
     """The image store (S3, a folder) cannot be read: 503 with Retry-After, not a 500."""
     metrics.rejected(503, "unavailable")
@@ -84,6 +103,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(redis.ConnectionError, redis_down_handler)
     app.add_exception_handler(redis.TimeoutError, redis_down_handler)
+    app.add_exception_handler(redis.ResponseError, redis_refused_handler)
     app.add_exception_handler(StoreError, store_down_handler)
     app.add_exception_handler(Exception, unhandled_handler)
 

@@ -49,18 +49,21 @@ def make_redis(settings: Settings) -> redis_lib.Redis:
     """Short timeouts: handlers call Redis inline on the event loop, so a sick Redis must turn
     into a quick 503 rather than a stalled process (and BreakerPool stops the next requests from
     trying until Redis answers again)."""
-    pool = BreakerPool.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=3,
-                                health_check_interval=30, max_connections=1000)
-    return redis_lib.Redis(connection_pool=pool)
+    from latentd.config.redis_url import sync_client
+
+    # a sentinel URL (config/redis_url.py) gets the same breaker on a Sentinel-managed pool: during
+    # a failover connections fail fast (503 + Retry-After) until the sentinels name the new master
+    return sync_client(settings.redis_url, pool_class=BreakerPool, socket_connect_timeout=1,
+                       socket_timeout=3, health_check_interval=30, max_connections=1000)
 
 
 def make_async_redis(settings: Settings):
     """For the event streams (app/events.py): a blocking XREAD waits here without holding the
     event loop or a thread; its socket timeout outlasts one XREAD block."""
-    import redis.asyncio
+    from latentd.config.redis_url import async_client
 
-    return redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=1,
-                                        socket_timeout=10, health_check_interval=30)
+    return async_client(settings.redis_url, socket_connect_timeout=1, socket_timeout=10,
+                        health_check_interval=30)
 
 
 def build_state(settings: Settings, keys: KeyStore | None) -> AppState:

@@ -16,7 +16,9 @@ class Settings(BaseSettings):
 
     # --- shared -----------------------------------------------------------------------------
     env: str = "prod"                      # "dev" relaxes the refuse-insecure-defaults checks
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # or redis+sentinel://h1:26379,h2:26379/mymaster/0
+    redis_min_replicas: int = 0            # >0: admission WAITs for this many replicas to hold the job
+    redis_wait_ms: int = 500               # ... for at most this long, else 503 (job canceled)
     model: str | None = None               # model folder / single file / hub id; None = bundled
     models: str = ""                       # "name=path,name2=path2" (or "path": name = its folder's
                                            # name); the first is the default; "" = `model` alone
@@ -41,6 +43,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = 4096 * 4096    # an uploaded init image or mask (Pillow's bomb guard too)
     max_prompt_chars: int = 2000           # prompt / negative_prompt length cap
     max_n: int = 4                         # images per request
+    idempotency_ttl_s: int = 86400         # an Idempotency-Key is remembered this long (capped at result_ttl_s)
     retry_after_s: int = 2                 # Retry-After for 503 (queue full, nothing ready)
     metrics_token: str | None = None       # if set, /metrics needs "Authorization: Bearer <token>"
     metrics_port: int | None = None        # if set, /metrics is served on this port only
@@ -83,6 +86,16 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = 2.0         # first retry delay; doubles per attempt
     webhook_backoff_max_s: float = 300.0   # longest delay between attempts
     webhook_max_age_s: float = 3600.0      # give up this long after the job ended
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v):
+        """A sentinel URL is checked at start-up (config/redis_url.py), not at the first request."""
+        from latentd.config.redis_url import is_sentinel, parse_sentinel
+
+        if isinstance(v, str) and is_sentinel(v):
+            parse_sentinel(v)
+        return v
 
     @field_validator("model", "s3_endpoint_url", "s3_presign_endpoint_url", "s3_region",
                      "worker_name", "worker_model", mode="before")

@@ -13,10 +13,11 @@ import re
 import time
 import uuid
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from latentd.jobs import keys
 from latentd.jobs.events import WATCH_TTL_S
+from latentd.jobs.idempotency import IdempotencyStore
 from latentd.jobs.jobstore import JobStore
 from latentd.jobs.models import deployment
 from latentd.jobs.spec import JobSpec
@@ -41,6 +42,18 @@ class QueueFull(Exception):
         self.depth, self.cap = depth, cap
 
 
+class NotReplicated(Exception):
+    """WAIT saw fewer replicas than LATENTD_REDIS_MIN_REPLICAS in time; the job was canceled."""
+
+    def __init__(self, want: int, wait_ms: int):
+        super().__init__(f"admission not acknowledged by {want} Redis replica(s) in {wait_ms} ms")
+        self.want, self.wait_ms = want, wait_ms
+
+
+def _replicated(acks, want: int) -> bool:
+    return isinstance(acks, int) and acks >= want
+
+
 class JobClient:
     def __init__(self, redis, settings):
         self.redis = redis
@@ -60,7 +73,8 @@ class JobClient:
     # --- writes -------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, callback_url: str | None = None,
                watch: tuple[str, int] | None = None, init: dict[str, bytes] | None = None,
-               queue: str | None = None) -> str:
+               queue: str | None = None, job_id: str | None = None,
+               idempotency: tuple[str, str, int] | None = None) -> str:
         """Enqueue a validated spec on `queue` (a model's: queue_of; None: the default model's);
         returns the job id. Raises QueueFull (nothing enqueued; the cap is per queue).
         callback_url: POST the record there when the job ends (jobs/webhooks.py; checked by the
@@ -68,14 +82,20 @@ class JobClient:
         claimed, so its worker publishes progress and previews from the first step
         (jobs/events.py). init: an edit's {"image": PNG, "mask": PNG}, stored under
         keys.init_image until the job ends (never in the spec, the RQ job or the record the owner
-        reads)."""
+        reads). job_id: the id reserved by an Idempotency-Key claim (else a new one);
+        idempotency: (owner, key, ttl_s) of that claim, marked admitted in the same round trip.
+
+        Redis refusing the writes (OOM, READONLY) raises its ResponseError with nothing admitted
+        (the RQ job hash and the init image are removed again). With LATENTD_REDIS_MIN_REPLICAS
+        the admission WAITs for that many replicas; past LATENTD_REDIS_WAIT_MS the job is
+        canceled and NotReplicated raised (see docs/operations.md for the exact promise)."""
         from rq.job import Job
         from rq.serializers import JSONSerializer
 
         spec = spec.with_seed()
         queue = queue or self.queue
         jobs = self._stores.get(queue) or JobStore(self.redis, queue, self.settings.result_ttl_s)
-        job_id = uuid.uuid4().hex
+        job_id = job_id or uuid.uuid4().hex
         now = time.time()
         job = Job.create(RQ_FUNC, args=[json.loads(spec.to_json())], connection=self.redis,
                          id=job_id, origin=queue, serializer=JSONSerializer,
@@ -103,19 +123,38 @@ class JobClient:
                 pipe.hset(keys.init_image(job_id), mapping=init)
                 pipe.expire(keys.init_image(job_id), int(self.settings.result_ttl_s))
             job.save(pipeline=pipe)
+            if idempotency is not None:          # before the admission: if Redis refuses this
+                IdempotencyStore.confirm_on(pipe, *idempotency)   # write it refuses that one too
             jobs.admit_on(pipe, job_id, spec.owner, self.settings.queue_cap, fields)
-            try:
-                depth = pipe.execute()[-1]
-                break
-            except NoScriptError:
-                if tries == 2:
-                    raise
+            at = len(pipe) - 1
+            min_replicas = self.settings.redis_min_replicas
+            if min_replicas > 0:
+                pipe.execute_command("WAIT", min_replicas, self.settings.redis_wait_ms)
+            results = pipe.execute(raise_on_error=False)
+            depth = results[at]
+            if isinstance(depth, NoScriptError) and tries == 1:
                 jobs.load_admit()
+                continue
+            if isinstance(depth, Exception):     # OOM, READONLY...: nothing was admitted
+                self._undo(job_id)
+                raise depth
+            break
+        if depth != -1 and min_replicas > 0 and not _replicated(results[-1], min_replicas):
+            jobs.finish(job_id, "canceled", {"code": "replication_timeout", "message":
+                        "admission not acknowledged by a Redis replica in time"}, owner=spec.owner)
+            raise NotReplicated(min_replicas, self.settings.redis_wait_ms)
         if depth == -1:
             if init:
                 self.redis.delete(keys.init_image(job_id))
             raise QueueFull(self.settings.queue_cap, self.settings.queue_cap)
         return job_id
+
+    def _undo(self, job_id: str) -> None:
+        """Remove what a refused admission may have written (deletes pass even under OOM)."""
+        try:
+            self.redis.delete(keys.rq_job(job_id), keys.init_image(job_id))
+        except RedisError:
+            pass
 
     def cancel(self, job_id: str, owner: str) -> dict | None:
         """Cancel: a queued job leaves the queue and never runs; a running one is marked canceled

@@ -38,6 +38,7 @@ TEMPLATES = {
     "recent": P + ":recent:{owner}",
     "webhook": P + ":webhook:{job_id}",
     "ratelimit": P + ":ratelimit:{owner}",
+    "idempotency": P + ":idem:{owner}:{key_hash}",
 }
 
 
@@ -157,6 +158,13 @@ def webhook(job_id: str) -> str:
 def ratelimit(owner: str) -> str:
     """An owner's token bucket (app/ratelimit.py): hash tokens, ts."""
     return _key("ratelimit", owner=owner)
+
+
+def idempotency(owner: str, key_hash: str) -> str:
+    """An owner's Idempotency-Key (its sha256, so any header value makes a short, safe key name):
+    hash {job_id, fp (the resolved request's fingerprint), state pending|admitted, at}, TTL
+    LATENTD_IDEMPOTENCY_TTL_S once admitted (jobs/idempotency.py)."""
+    return _key("idempotency", owner=owner, key_hash=key_hash)
 
 
 @cache

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import resource
 import socket
-from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -106,12 +105,17 @@ def advertised_host(redis_url: str) -> str:
     """The address other machines can reach this worker at: the local address of the route to
     Redis (a connected UDP socket sends nothing), since whoever shares that Redis shares that
     network; the host name when Redis is a unix socket or the route cannot be found."""
-    u = urlsplit(redis_url)
-    if u.scheme in ("redis", "rediss") and u.hostname:
+    from latentd.config.redis_url import RedisUrlError, first_host
+
+    try:
+        target = first_host(redis_url)
+    except RedisUrlError:
+        target = None
+    if target is not None:
         try:
-            family = socket.AF_INET6 if ":" in u.hostname else socket.AF_INET
+            family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
             with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.connect((u.hostname, u.port or 6379))
+                sock.connect(target)
                 host = sock.getsockname()[0]
             return f"[{host}]" if ":" in host else host
         except OSError:

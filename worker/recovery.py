@@ -40,9 +40,13 @@ REDIS_ERRORS = (redis_lib.exceptions.ConnectionError, redis_lib.exceptions.Timeo
 
 
 def connect(url: str) -> redis_lib.Redis:
-    """A client that fails fast (and is retried by our loops) rather than hanging on a dead Redis."""
-    return redis_lib.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=3,
-                                    health_check_interval=15)
+    """A client that fails fast (and is retried by our loops) rather than hanging on a dead Redis.
+    A `redis+sentinel://` URL (config/redis_url.py) gives a client that asks the sentinels for
+    the master on every new connection, so after a failover the loops' next retry reaches the
+    promoted replica."""
+    from latentd.config.redis_url import sync_client
+
+    return sync_client(url, socket_timeout=10, socket_connect_timeout=3, health_check_interval=15)
 
 
 class Heartbeat(threading.Thread):

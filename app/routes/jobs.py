@@ -14,7 +14,7 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from latentd.app import signing
+from latentd.app import idempotency, signing
 from latentd.app.admission import admit
 from latentd.app.deps import JobsDep, OwnerDep, StateDep, TokenDep, owner_of, token_of
 from latentd.app.errors import ApiError, too_large
@@ -62,8 +62,13 @@ def _b64(value: str | None, field: str) -> bytes | None:
                        "a base64 PNG, JPEG or WebP file") from None
 
 
-@router.post("", status_code=202, response_model=JobCreated, openapi_extra=JOB_BODY,
-             responses={**ERRORS, 400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+@router.post("", status_code=202, response_model=JobCreated,
+             openapi_extra={**JOB_BODY, "parameters": [idempotency.PARAMETER]},
+             responses={**ERRORS, 200: {"model": JobCreated, "headers": idempotency.REPLAY_HEADER_DOC,
+                                        "description": "a replay: the job of an earlier request "
+                                                       "with the same Idempotency-Key"},
+                        400: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
+                        413: {"model": ErrorResponse},
                         429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def submit_job(request: Request):
     """Admit a job (202) and return its id and links; poll `links.self`. JSON (an edit carries
@@ -84,11 +89,17 @@ async def submit_job(request: Request):
         image, mask = _b64(body.image, "image"), _b64(body.mask, "mask")
         if image is None and mask is None and not small:
             raise too_large(st.settings.max_body_bytes)
-    if image is None and mask is None:
-        job_id, _ = admit(st, body, owner, "jobs")
-    else:
-        job_id, _ = await anyio.to_thread.run_sync(admit, st, body, owner, "jobs", image, mask)
+    with idempotency.scope(request, owner) as idem:
+        if image is None and mask is None:
+            job_id, _ = admit(st, body, owner, "jobs")
+        else:
+            job_id, _ = await anyio.to_thread.run_sync(admit, st, body, owner, "jobs", image, mask)
     lk = links(request, job_id)
+    if idem is not None and idem.replayed:      # the first request's job, as it is now
+        d = st.jobs.get(job_id, owner)
+        return JSONResponse({"id": job_id, "status": d["status"] if d else "queued", "links": lk},
+                            status_code=200, headers={"Location": lk["self"],
+                                                      **idempotency.replay_headers(idem)})
     return JSONResponse({"id": job_id, "status": "queued", "links": lk}, status_code=202,
                         headers={"Location": lk["self"]})
 
