@@ -10,6 +10,7 @@ calls and turns into ApiError(422) naming the field and its allowed range.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 from pydantic import BaseModel, ValidationError
@@ -111,12 +112,13 @@ def to_job_params(req, info, settings, image_size: tuple[int, int] | None = None
         raise invalid(e) from None
 
 
+_RESOLVES = frozenset(inspect.signature(resolve).parameters) - {"info", "image_size", "mask_size", "limits"}
+
+
 def request_values(req) -> dict:
-    """The fields of a body that resolving reads: those a job carries (as themselves or as what
-    they resolve to), uploads aside (their sizes are passed instead)."""
-    return {name: getattr(req, name) for name in req.model_fields
-            if name in BY_NAME and ("spec" in BY_NAME[name].on or BY_NAME[name].spec_as)
-            and name not in ("image", "mask")}
+    """The fields of a body that resolving reads (every one `resolve` takes by name), uploads
+    aside (their sizes are passed instead)."""
+    return {name: getattr(req, name) for name in req.model_fields if name in _RESOLVES}
 
 
 # --- responses --------------------------------------------------------------------------------

@@ -32,6 +32,14 @@ MAX_N = 16                  # images per request, the hard cap (deployments lowe
 MAX_PROMPT_CHARS = 4000     # the text encoder truncates at 77 tokens anyway; this bounds payloads
 MAX_IMAGE_PIXELS = 4096 * 4096   # an uploaded init image / mask, before it is resized
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# OpenAI's quality: a step preset of the model (model/info.py ModelInfo.quality_steps); auto is
+# the model's default (medium), DALL-E's standard / hd are medium / high
+QUALITIES = ("low", "medium", "high", "auto", "standard", "hd")
+QUALITY_AS = {"auto": "medium", "standard": "medium", "hd": "high"}
+BACKGROUNDS = ("transparent", "opaque", "auto")     # latentd draws opaque only (no alpha channel)
+MODERATIONS = ("auto", "low")       # low: a permitted key's flagged images come back unredacted
+# an edit's default strength by OpenAI's input_fidelity (absent: model/request.py DEFAULT_STRENGTH)
+FIDELITY_STRENGTH = {"high": {"img2img": 0.5, "inpaint": 0.75}, "low": {"img2img": 0.9, "inpaint": 1.0}}
 SURFACES = ("generation", "job", "edit", "spec", "cli", "playground")
 EDITS = ("img2img", "inpaint")
 
@@ -146,8 +154,18 @@ FIELDS: tuple[Field, ...] = (
     Field("response_format", Literal["url", "b64_json"], "url or b64_json (POST /v1/jobs: ignored)",
           _on(*ALL_API), default="url"),
     Field("user", str, "End-user id (recorded, not used)", _on(*ALL_API), bounds={"max_length": 256}),
-    Field("quality", str, "Accepted for OpenAI compatibility; ignored", _on(*ALL_API),
-          bounds={"max_length": 32}),
+    Field("quality", Literal[QUALITIES], "A steps preset of the model (GET /v1/models: "
+          "quality_steps): low, medium, high; auto and standard are medium (the model's default "
+          "steps), hd is high; an explicit steps wins", _on(*ALL_API, "spec"), default="auto"),
+    Field("background", Literal[BACKGROUNDS], "opaque or auto (the same); transparent is refused: "
+          "the model draws no alpha channel", _on(*ALL_API), default="auto"),
+    Field("moderation", Literal[MODERATIONS], "auto: flagged images come back black (nsfw: true); "
+          "low: unredacted, with nsfw: true (only for keys permitted it: `latentd keys create "
+          "--allow-moderation-low`)", _on(*ALL_API, "spec"), default="auto"),
+    Field("input_fidelity", Literal[tuple(FIDELITY_STRENGTH)], "Edits: how closely to keep the "
+          "image when strength is not sent: " + "; ".join(
+              f"{k} = strength {v['img2img']:g} ({v['inpaint']:g} with a mask)"
+              for k, v in FIDELITY_STRENGTH.items()), _on("job", "edit"), kinds=EDITS, spec_as=("strength",)),
     Field("style", str, "Accepted for OpenAI compatibility; ignored", _on("generation", "job"),
           bounds={"max_length": 32}),
     Field("stream", bool, "Answer text/event-stream with OpenAI's image_generation.* events "

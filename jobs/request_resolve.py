@@ -14,7 +14,8 @@ import re
 import secrets
 from dataclasses import asdict, make_dataclass
 
-from latentd.jobs.request import BY_NAME, OUTPUT_FORMATS, Limits, spec_names
+from latentd.jobs.request import (BACKGROUNDS, BY_NAME, FIDELITY_STRENGTH, MODERATIONS, OUTPUT_FORMATS,
+                                  QUALITIES, QUALITY_AS, Limits, spec_names)
 from latentd.model.errors import InvalidRequest
 from latentd.model.request import DEFAULT_STRENGTH, MAX_SEED, check, is_int, kind_of, size_allowed
 
@@ -41,8 +42,8 @@ def _text(name: str, text, limits: Limits) -> str:
 
 def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None, guidance_scale=None,
             sampler=None, karras=None, eta=None, seed=None, strength=None, classifier_guidance=None,
-            output_format=None, output_compression=None, model=None,
-            image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
+            output_format=None, output_compression=None, model=None, quality=None, background=None,
+            moderation=None, input_fidelity=None, image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
             limits: Limits = Limits()) -> Resolved:
     """The Resolved request, or InvalidRequest naming the first bad field and its allowed range.
 
@@ -72,8 +73,18 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
     w, h, size_field = _size(info, size, image_size)
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - n + 1)
+    if input_fidelity is not None:
+        _one_of("input_fidelity", input_fidelity, tuple(FIDELITY_STRENGTH))
+        if kind == "text":
+            raise InvalidRequest("input_fidelity", "applies only to edits (send an image)",
+                                 "an edit's field")
     if kind != "text":
-        strength = _pick(strength, DEFAULT_STRENGTH[kind])
+        strength = _pick(strength, (FIDELITY_STRENGTH.get(input_fidelity) or DEFAULT_STRENGTH)[kind])
+    quality, steps = _quality(info, quality, steps)
+    if _one_of("background", _pick(background, "auto"), BACKGROUNDS) == "transparent":
+        raise InvalidRequest("background", "transparent is not available: the model draws no alpha "
+                                           "channel (opaque images only)", ["opaque", "auto"])
+    moderation = _one_of("moderation", _pick(moderation, BY_NAME["moderation"].default), MODERATIONS)
     fmt = _pick(output_format, BY_NAME["output_format"].default)
     if fmt not in OUTPUT_FORMATS:
         raise InvalidRequest("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}",
@@ -85,7 +96,7 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
     from latentd.model.classifier_spec import resolve as resolve_classifier
     targets, cscale = resolve_classifier(getattr(info, "classifier", None), classifier_guidance)
     r = Resolved(prompt=prompt, negative_prompt=negative_prompt, n=n,
-                 steps=_pick(steps, info.default_steps),
+                 steps=steps, quality=quality, moderation=moderation,
                  guidance_scale=_pick(guidance_scale, info.default_guidance),
                  sampler=_pick(sampler, info.default_sampler), karras=_pick(karras, info.default_karras),
                  eta=_pick(eta, BY_NAME["eta"].default), seed=seed, strength=strength,
@@ -95,6 +106,26 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
     # floats as floats (a JSON 7 is 7.0), once the checks have seen the numbers as sent
     return Resolved(**{**r.to_dict(), "guidance_scale": float(r.guidance_scale), "eta": float(r.eta),
                        "strength": None if r.strength is None else float(r.strength)})
+
+
+def _one_of(name: str, value, allowed: tuple):
+    if value not in allowed:
+        raise InvalidRequest(name, f"must be one of {', '.join(allowed)}, got {value!r}", list(allowed))
+    return value
+
+
+def _quality(info, quality, steps) -> tuple[str, int]:
+    """(the quality a job reports, its steps). quality names a preset of the model
+    (ModelInfo.quality_steps); an explicit steps wins, and the job then reports the preset
+    nearest to it (a tie: the lower)."""
+    q = _one_of("quality", _pick(quality, "auto"), QUALITIES)
+    presets = info.quality_steps
+    if steps is None:
+        q = QUALITY_AS.get(q, q)
+        return q, presets[q]
+    if not is_int(steps):
+        return q, steps                      # check() names steps
+    return min(presets, key=lambda k: abs(presets[k] - steps)), steps
 
 
 def _size(info, size, image_size) -> tuple[int, int, str | None]:

@@ -82,8 +82,17 @@ class ModelInfo:
                              f"of {self.max_pixels} pixels")
         return None
 
+    @property
+    def quality_steps(self) -> dict[str, int]:
+        """OpenAI's `quality` as step presets of this model: low = half its default steps,
+        medium = its default, high = 1.5x (within 1..max_steps)."""
+        d = self.default_steps
+        return {"low": max(1, (d + 1) // 2), "medium": d,
+                "high": max(d, min(self.max_steps, (3 * d + 1) // 2))}
+
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        d["quality_steps"] = self.quality_steps
         d["sizes"] = [list(s) for s in self.sizes]
         d["samplers"] = list(self.samplers)
         d["karras_samplers"] = list(self.karras_samplers)

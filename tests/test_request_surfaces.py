@@ -30,7 +30,7 @@ def test_the_declaration_is_consistent():
             assert "spec" in BY_NAME[target].on, (f.name, target)
         # a field a caller sends that a job needs reaches the job, as itself or resolved
         if f.on & {"generation", "job", "edit", "cli"} and f.name not in (
-                "response_format", "user", "quality", "style", "stream", "partial_images", "callback_url"):
+                "response_format", "user", "background", "style", "stream", "partial_images", "callback_url"):
             assert "spec" in f.on or f.spec_as, f.name
 
 
