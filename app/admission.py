@@ -30,6 +30,15 @@ def check_delivery(req: ImagesGenerationRequest, settings) -> None:
                            "an http(s) URL whose host is on the server's webhook allow-list")
 
 
+def check_moderation(state, owner: str, moderation: str) -> None:
+    """moderation "low" only for a key permitted it (the keys file, app/auth.py PERMISSIONS):
+    else 403 naming the field. With auth off there is no key to permit it."""
+    if moderation == "low" and not (state.keys is not None and state.keys.permits(owner, "moderation_low")):
+        raise ApiError(403, "permission_denied", 'moderation: "low" is not permitted for this API key '
+                       "(an operator allows it: `latentd keys create NAME --allow-moderation-low`)",
+                       "moderation", ["auto"])
+
+
 def edit_inputs(image: bytes | None, mask: bytes | None, settings):
     """Decode and check an edit's uploads (model/edit_inputs.py): (PIL image, L mask or None),
     or (None, None) for a generation. Raises ApiError 422 naming `image` or `mask`."""
@@ -65,6 +74,7 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
     params = to_job_params(req, info, settings, image_size=None if img is None else img.size,
                            mask_size=None if m is None else m.size)
     check_delivery(req, settings)
+    check_moderation(state, owner, params.moderation)
     init = None
     if img is not None:
         from latentd.model.edit_inputs import normalised_png

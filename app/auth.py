@@ -1,5 +1,6 @@
 """API keys: `Authorization: Bearer <key>`. Only SHA-256 hashes of keys are stored (in
-LATENTD_API_KEYS as "name:hexhash,..." and/or the keys file, a JSON object {name: hexhash});
+LATENTD_API_KEYS as "name:hexhash,..." and/or the keys file, a JSON object {name: hexhash} or,
+for a key with permissions, {name: {"sha256": hexhash, "permissions": ["moderation_low"]}});
 a presented key is hashed and compared with every stored hash in constant time
 (hmac.compare_digest, no early exit). The key's *name* is the owner id of its jobs; the key itself
 is never logged, stored, or put in an error or a metric label.
@@ -15,6 +16,9 @@ import tempfile
 
 KEY_PREFIX = "ltd_"
 ANONYMOUS = "anonymous"        # owner of every job when auth is off
+# what a key may do beyond the default (keys file only; `latentd keys create --allow-...`):
+#   moderation_low  its requests may ask moderation "low" (flagged images come back unredacted)
+PERMISSIONS = ("moderation_low",)
 
 
 def hash_key(key: str) -> str:
@@ -46,27 +50,55 @@ def keys_path(settings) -> str:
     return os.path.expanduser(settings.keys_file)
 
 
-def read_keys_file(path: str) -> dict[str, str]:
+def _read_file(path: str) -> dict:
+    """The keys file as stored: {name: hexhash | {"sha256": hexhash, "permissions": [...]}}."""
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object {{name: sha256hex}}")
-    for name, digest in data.items():
-        _check_entry(name, str(digest), path)
-    return dict(data)
+    for name, entry in data.items():
+        _check_entry(name, str(_digest(entry)), path)
+        bad = set(_permissions(entry)) - set(PERMISSIONS)
+        if bad:
+            raise ValueError(f"{path}: key {name!r} has unknown permissions {sorted(bad)} "
+                             f"(known: {', '.join(PERMISSIONS)})")
+    return data
 
 
-def add_key(path: str, name: str) -> str:
-    """Create a key called `name`, store only its hash in the keys file (atomically, mode 0600)
-    and return the key (the only time it exists in clear)."""
-    keys = read_keys_file(path)
+def _digest(entry) -> object:
+    return entry.get("sha256") if isinstance(entry, dict) else entry
+
+
+def _permissions(entry) -> list:
+    perms = entry.get("permissions", []) if isinstance(entry, dict) else []
+    return perms if isinstance(perms, list) else [perms]
+
+
+def read_keys_file(path: str) -> dict[str, str]:
+    """{name: hexhash} of the keys file ({} when there is none)."""
+    return {name: _digest(entry) for name, entry in _read_file(path).items()}
+
+
+def read_permissions(path: str) -> dict[str, frozenset[str]]:
+    """{name: its PERMISSIONS} of the keys file, for the keys that have any."""
+    return {name: frozenset(_permissions(e)) for name, e in _read_file(path).items() if _permissions(e)}
+
+
+def add_key(path: str, name: str, permissions: tuple[str, ...] = ()) -> str:
+    """Create a key called `name` (with `permissions`, of PERMISSIONS), store only its hash in
+    the keys file (atomically, mode 0600) and return the key (the only time it exists in clear)."""
+    keys = _read_file(path)
     if name in keys:
         raise ValueError(f"a key named {name!r} already exists in {path}")
+    bad = set(permissions) - set(PERMISSIONS)
+    if bad:
+        raise ValueError(f"unknown permissions {sorted(bad)} (known: {', '.join(PERMISSIONS)})")
     key = new_key()
-    keys[name] = hash_key(key)
-    _check_entry(name, keys[name], "name")
+    digest = hash_key(key)
+    _check_entry(name, digest, "name")
+    keys[name] = {"sha256": digest, "permissions": sorted(permissions)} if permissions else digest
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".keys.")
@@ -84,15 +116,26 @@ def load_keys(settings) -> dict[str, str]:
     return keys
 
 
+def load_permissions(settings) -> dict[str, frozenset[str]]:
+    """Per-key permissions: the keys file's (a key named in LATENTD_API_KEYS has none)."""
+    env = parse_keys(settings.api_keys)
+    return {n: p for n, p in read_permissions(keys_path(settings)).items() if n not in env}
+
+
 def auth_enabled(settings) -> bool:
     return settings.auth.strip().lower() not in ("off", "0", "false", "no")
 
 
 class KeyStore:
-    """name -> SHA-256 digest; `owner(key)` is the name or None."""
+    """name -> SHA-256 digest; `owner(key)` is the name or None; `permits(name, what)`."""
 
-    def __init__(self, hashes: dict[str, str]):
+    def __init__(self, hashes: dict[str, str], permissions: dict[str, frozenset[str]] | None = None):
         self._items = [(name, bytes.fromhex(h)) for name, h in sorted(hashes.items())]
+        self._permissions = dict(permissions or {})
+
+    def permits(self, name: str, what: str) -> bool:
+        """Whether the key called `name` has the permission `what` (PERMISSIONS)."""
+        return what in self._permissions.get(name, ())
 
     def __len__(self) -> int:
         return len(self._items)

@@ -5,6 +5,7 @@ Events (text/event-stream, each `event:` named as its `type`), as the official c
                                    background, output_format}   at most `partial_images` per image
   image_generation.completed      {b64_json, created_at, size, quality, background, output_format,
                                    usage}                        one per image, as it is stored
+                                   (usage: that image's, jobs/usage.py; its input counted in full)
 plus latentd's fields (index, seed, nsfw, job_id), and on failure an `error` event whose data
 {"error": {...}} the clients raise as an API error; past LATENTD_SYNC_WAIT_S, as the
 non-streaming answer's 504, an `error` event with code `timeout` and the job id to poll. A partial image is the coarse preview of
@@ -23,12 +24,10 @@ from fastapi.responses import StreamingResponse
 
 from latentd.app.admission import admit
 from latentd.app.events import PING, SSE_HEADERS, follow, sse
+from latentd.app.responses import image_fields
 from latentd.app.state import state_of
 from latentd.jobs import events
-
-_FIXED = {"quality": "auto", "background": "opaque"}    # output_format: the job's own
-_NO_TOKENS = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-              "output_tokens": 0, "total_tokens": 0}
+from latentd.jobs.usage import usage
 
 
 def scaled_preview(b64_png: str, width: int, height: int, fmt: str = "png") -> str:
@@ -54,7 +53,7 @@ async def respond(request: Request, body, owner: str) -> StreamingResponse:
         return listener, every["k"]
 
     job_id, spec = admit(st, body, owner, "images", watch=watch)
-    size = f"{spec.width}x{spec.height}"
+    fields = image_fields(spec)         # size, quality, background, output_format
     wait_s = st.settings.sync_wait_s
     deadline = time.monotonic() + wait_s
 
@@ -80,16 +79,16 @@ async def respond(request: Request, body, owner: str) -> StreamingResponse:
                                                      spec.output_format)
                 yield sse("image_generation.partial_image", {
                     "type": "image_generation.partial_image", "b64_json": b64,
-                    "partial_image_index": i, "created_at": int(time.time()), "size": size,
-                    **_FIXED, "output_format": spec.output_format, "index": k, "seed": spec.seed + k,
+                    "partial_image_index": i, "created_at": int(time.time()), **fields,
+                    "index": k, "seed": spec.seed + k,
                     "job_id": job_id})
             elif type_ == "image":
                 k = data["index"]
                 image = st.jobs.image_bytes(job_id, k, owner) or b""
                 yield sse("image_generation.completed", {
                     "type": "image_generation.completed", "b64_json": base64.b64encode(image).decode(),
-                    "created_at": int(time.time()), "size": size, **_FIXED,
-                    "output_format": spec.output_format, "usage": _NO_TOKENS,
+                    "created_at": int(time.time()), **fields,
+                    "usage": usage([data], (data.get("usage") or {}).get("compute_seconds", 0.0)),
                     "index": k, "seed": data["seed"], "nsfw": bool(data.get("nsfw")),
                     "revised_prompt": spec.prompt, "job_id": job_id})
             elif type_ in ("failed", "canceled", "error"):

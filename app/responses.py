@@ -13,8 +13,11 @@ from latentd.app import signing
 from latentd.app.errors import ApiError, error_body
 from latentd.app.schemas import ErrorResponse
 from latentd.app.state import state_of
+from latentd.jobs.usage import usage
 
-ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+# 403: a bad signed URL, or a request field the key is not permitted (moderation "low")
+ERRORS = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+          422: {"model": ErrorResponse}}
 NO_RETRY = {"x-should-retry": "false"}     # the openai client must not resubmit these
 
 
@@ -28,6 +31,13 @@ def image_url(request: Request, owner: str, job_id: str, k: int) -> str:
     if st.settings.storage == "s3" and st.settings.s3_presign:
         return st.jobs.presigned_url(job_id, k, st.settings.url_ttl_s)
     return base_url(request) + signing.signed_path(st.secret, owner, job_id, k, st.settings.url_ttl_s)
+
+
+def image_fields(spec) -> dict:
+    """What OpenAI's answers (and stream events) say of the images: size, quality, background,
+    output_format, from the job's resolved spec (latentd draws opaque images only)."""
+    return {"size": f"{spec.width}x{spec.height}", "quality": spec.quality, "background": "opaque",
+            "output_format": spec.output_format}
 
 
 def links(request: Request, job_id: str) -> dict:
@@ -65,5 +75,5 @@ async def sync_result(request: Request, owner: str, job_id: str, spec, response_
         else:
             item["url"] = image_url(request, owner, job_id, im["index"])
         data.append(item)
-    return JSONResponse({"created": int(d.get("created_at") or 0), "data": data,
-                         "output_format": spec.output_format})
+    return JSONResponse({"created": int(d.get("created_at") or 0), "data": data, **image_fields(spec),
+                         "usage": usage(d["images"], (d.get("usage") or {}).get("compute_seconds", 0.0))})

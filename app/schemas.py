@@ -144,10 +144,29 @@ class ImageData(BaseModel):
     nsfw: bool
 
 
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class Usage(BaseModel):
+    """OpenAI's usage, counted for a diffusion model (jobs/usage.py says what each counts), plus
+    latentd's compute_seconds."""
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+    compute_seconds: float
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     output_format: str | None = None
+    size: str | None = None                     # "WxH" as drawn
+    quality: str | None = None                  # the steps preset (jobs/request_resolve.py)
+    background: Literal["opaque"] | None = None
+    usage: Usage | None = None
 
 
 class JobLinks(BaseModel):

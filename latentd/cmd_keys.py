@@ -1,5 +1,7 @@
 """`latentd keys create NAME`: make an API key, print it ONCE, store only its SHA-256 hash in the
-keys file (LATENTD_KEYS_FILE, or --file). `latentd keys list` shows the names."""
+keys file (LATENTD_KEYS_FILE, or --file); `--allow-moderation-low` lets the key ask
+`moderation: "low"` (flagged images come back unredacted, marked nsfw). `latentd keys list` shows
+the names and their permissions."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +12,9 @@ def add_arguments(p) -> None:
     c = sub.add_parser("create", help="create a key; prints it once")
     c.add_argument("name", help="the key's name: the owner id of its jobs")
     c.add_argument("--file", help="keys file (default: LATENTD_KEYS_FILE)")
+    c.add_argument("--allow-moderation-low", action="store_true",
+                   help='the key may send moderation "low": its flagged images come back '
+                        "unredacted (with nsfw: true) instead of black")
     ls = sub.add_parser("list", help="list key names (hashes are never shown)")
     ls.add_argument("--file", help="keys file (default: LATENTD_KEYS_FILE)")
 
@@ -23,10 +28,12 @@ def run(args) -> int:
     path = os.path.expanduser(args.file) if args.file else auth.keys_path(get_settings())
     try:
         if args.keys_command == "list":
+            perms = auth.read_permissions(path)
             for name in sorted(auth.read_keys_file(path)):
-                print(name)
+                print(" ".join([name, *sorted(perms.get(name, ()))]))
             return 0
-        key = auth.add_key(path, args.name)
+        key = auth.add_key(path, args.name,
+                           ("moderation_low",) if args.allow_moderation_low else ())
     except ValueError as e:
         print(f"latentd keys: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from latentd.model.errors import InvalidRequest
 from latentd.model.pipeline import GenerationRequest
 from latentd.worker import metrics
 from latentd.worker.executor import Failed, Finished, Preview, Progress
+from latentd.worker.finishing import moderated, usage_share
 from latentd.worker.held import Held, HeldJobs, parse_rid
 from latentd.worker.recovery import REDIS_ERRORS
 
@@ -106,11 +107,14 @@ class Ledger:
 
     def finished(self, h: Held, k: int, ev) -> None:
         img = ev.image
-        encoded = encode_image(img.image, h.spec.params(), img.seed, self.rt.model_name,
+        image = moderated(img.image, img.nsfw, h.spec)      # black when flagged (worker/finishing.py)
+        encoded = encode_image(image, h.spec.params(), img.seed, self.rt.model_name,
                                h.spec.output_format, h.spec.output_compression)
-        meta = {"index": k, "seed": img.seed, "nsfw": bool(img.nsfw), "width": img.image.width,
-                "height": img.image.height, "warnings": list(img.warnings or []),
-                "timings": {a: round(float(b), 4) for a, b in (img.timings or {}).items()}}
+        meta = {"index": k, "seed": img.seed, "nsfw": bool(img.nsfw), "width": image.width,
+                "height": image.height, "warnings": list(img.warnings or []),
+                "timings": {a: round(float(b), 4) for a, b in (img.timings or {}).items()},
+                "usage": {**usage_share(self.rt.pipe, h.spec, image),
+                          "compute_seconds": round(float(ev.compute_s), 6)}}
         h.todo.discard(k)
         h.progress[k] = h.spec.run_steps
         self.outbox.append(PendingImage(h.job_id, h.attempt, k, encoded, json.dumps(meta), ev.compute_s))

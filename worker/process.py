@@ -24,6 +24,7 @@ from latentd.jobs.models import served
 from latentd.jobs.store import Store, make_store
 from latentd.worker.webhook_delivery import Deliverer
 from latentd.model.pipeline import load_pipeline
+from latentd.worker.finishing import judged
 from latentd.model.precision import default_dtype
 from latentd.model.preview import fit_for
 from latentd.worker import metrics
@@ -103,6 +104,7 @@ class WorkerProcess:
         device, dtype = resolve_device(s)
         t = time.perf_counter()
         pipe = load_pipeline(s.model, device=device, dtype=dtype, safety=s.safety)
+        judged(pipe)                        # flags only: the ledger redacts per job's moderation
         metrics.MODEL_LOAD.set(time.perf_counter() - t)
         preview = self.fit_preview(pipe)
         hb.set_info(state="warming")                     # still not ready: /readyz waits for this
