@@ -155,3 +155,20 @@ def bearer(header: str | None) -> str | None:
         return None
     scheme, _, token = header.partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def basic_password(header: str | None) -> str | None:
+    """The password of an `Authorization: Basic base64(user:password)` header, else None: the
+    password is the API key, any user name (how AUTOMATIC1111 clients send --api-auth)."""
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    _, colon, password = raw.partition(":")
+    return password or None if colon else None

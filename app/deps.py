@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
-from latentd.app.auth import ANONYMOUS, bearer
+from latentd.app.auth import ANONYMOUS, basic_password, bearer
 from latentd.app.errors import ApiError
 from latentd.app.state import AppState, state_of
 from latentd.jobs.client import JobClient
@@ -20,8 +20,9 @@ bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `latentd k
 
 
 def token_of(request: Request) -> str | None:
-    """The bearer token the request carries, None without one."""
-    return bearer(request.headers.get("authorization"))
+    """The API key the request carries (Bearer, or the password of HTTP Basic on every route), None without one."""
+    header = request.headers.get("authorization")
+    return bearer(header) or basic_password(header)
 
 
 def owner_of(request: Request) -> str:

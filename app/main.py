@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from latentd.app import auth, handlers, signing
 from latentd.app.metrics import MetricsMiddleware
-from latentd.app.routes import edits, images, jobs, playground, system
+from latentd.app.routes import edits, images, jobs, playground, sdapi, system
 from latentd.app.state import app_state, attach, build_state
 from latentd.app.uploads import UPLOAD_PATHS
 from latentd.config.settings import Settings, get_settings
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     st = build_state(settings, key_store(settings))
     attach(app, st)
     handlers.install(app)
-    for r in (images.router, edits.router, jobs.router, system.router, playground.router):
+    for r in (images.router, edits.router, jobs.router, system.router, playground.router, sdapi.router):
         app.include_router(r)
     if not settings.metrics_port:
         system.add_metrics_route(app)
@@ -86,7 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(handlers.BodyLimitMiddleware, limit=settings.max_body_bytes,
-                       large_limit=settings.max_edit_body_bytes, large_paths=UPLOAD_PATHS)
+                       large_limit=settings.max_edit_body_bytes,
+                       large_paths=UPLOAD_PATHS + sdapi.UPLOAD_PATHS)
     app.add_middleware(MetricsMiddleware)
     log.info("latentd API: auth %s, %d key(s), models %s (default %s)",
              "on" if st.keys is not None else "OFF", len(st.keys or ()),

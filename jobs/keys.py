@@ -39,6 +39,7 @@ TEMPLATES = {
     "webhook": P + ":webhook:{job_id}",
     "ratelimit": P + ":ratelimit:{owner}",
     "idempotency": P + ":idem:{owner}:{key_hash}",
+    "sdapi_model": P + ":sdapi:model:{owner}",
 }
 
 
@@ -165,6 +166,12 @@ def idempotency(owner: str, key_hash: str) -> str:
     hash {job_id, fp (the resolved request's fingerprint), state pending|admitted, at}, TTL
     LATENTD_IDEMPOTENCY_TTL_S once admitted (jobs/idempotency.py)."""
     return _key("idempotency", owner=owner, key_hash=key_hash)
+
+
+def sdapi_model(owner: str) -> str:
+    """The model an owner chose with POST /sdapi/v1/options (sd_model_checkpoint): its default
+    for /sdapi requests that name none. A plain string, no TTL."""
+    return _key("sdapi_model", owner=owner)
 
 
 @cache
