@@ -16,6 +16,9 @@ Stable Diffusion 1.5's architecture with random weights written locally (no down
   parity     half precision against float32 on the same weights: max pixel difference
   service    redis-server, the API and one worker on loopback, 16 concurrent clients:
              images/s and p50/p95 latency of POST /v1/images/generations
+  sdxl       SDXL base's architecture (random weights), 1024x1024, 30 steps, DPM++ 2M, CFG 7.5:
+             latentd and StableDiffusionXLPipeline at batch 1 and 4, s per image and peak device
+             memory (bench/gpu_sdxl.py); `--only sdxl` runs it alone
 
 Float16 on CUDA; on a CPU float32 (bfloat16 for the parity check). Each section is guarded: one
 failing does not lose the others, and the whole run stops at --timeout (sections that would not
@@ -385,6 +388,15 @@ class Bench:
                     p.stop()
             redis.stop()
 
+    def sdxl(self) -> None:
+        from bench.gpu_sdxl import sdxl_rows
+        if self.pipe is not None:               # SD's weights off the device while SDXL runs
+            self.pipe = None
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+        sdxl_rows(self, PROMPT)
+
     # --- all ------------------------------------------------------------------------------------
     def run_all(self) -> None:
         a = self.a
@@ -396,7 +408,7 @@ class Bench:
         if self.cuda:
             from latentd.model.precision import tune_cuda
             tune_cuda()
-        if self.folder is None:
+        if self.folder is None and (not a.only or a.only - {"sdxl"}):
             self.run("build", self.build, 150)
         first, rest = a.batches[:1], a.batches[1:]
         self.run("sdpa", self.sdpa, 10)
@@ -408,6 +420,7 @@ class Bench:
         self.run("memory", self.memory, 15)
         self.run("parity", self.parity, 60)
         self.run("service", self.service, 150)
+        self.run("sdxl", self.sdxl, 240)
         self.run("compile", lambda: self.compile("on", a.compile_batches[1:]), 150)
         if self.cuda:
             self.run("compile", lambda: self.compile("cudagraphs", a.compile_batches[:1]), 150)

@@ -32,4 +32,8 @@ def test_bench_gpu_tiny_runs_every_section(tmp_path):
     parity = next(r for r in rows if r["section"] == "parity")
     assert "max pixel diff" in parity["note"]
     assert {"sdpa", "syncs", "memory", "build"} <= {r["section"] for r in rows}
+    for who in ("latentd", "diffusers"):                          # SDXL rows, tiny shapes
+        for b in (1, 2):
+            assert by[("sdxl", f"{who} batch {b}, 64x64 4 steps")]["s_per_image"] > 0
+    assert "latentd / diffusers" in by[("sdxl", "diffusers batch 2, 64x64 4 steps")]["note"]
     assert "== latentd bench/gpu.py" in p.stdout                 # the closing table
