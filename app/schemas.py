@@ -217,6 +217,8 @@ class JobStatus(BaseModel):
     error: JobErrorInfo | None = None
     usage: dict = {}
     params: dict = {}
+    attempts: int = 0                  # claims by workers so far (> 1: re-run after a lost worker)
+    resumed_from_step: int | None = None   # a re-run went on from this progress step (saved rows)
     links: JobLinks
 
 

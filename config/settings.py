@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     progress_interval_s: float = 0.25      # min seconds between progress writes per worker
     worker_heartbeat_s: float = 2.0        # worker info refresh; /readyz sees it for 3x this
     worker_grace_s: float = 20.0           # on SIGTERM: finish held work this long, then requeue it
+    checkpoint_every_steps: int = 10       # save each running image's row state every this many steps
+                                           # (a killed worker's job resumes there); 0 = not by steps
+    checkpoint_every_s: float = 30.0       # ... or after this many seconds with a step done; 0 = not by time
 
     # --- events and webhooks (app/events.py, jobs/events.py, jobs/webhooks.py) ------------
     webhook_allow: str = ""                # hosts, *.suffixes, IPs or CIDRs; "" = webhooks off

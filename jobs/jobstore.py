@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from latentd.jobs import keys
-from latentd.jobs.state import ADMIT, CLAIM, FINISH, IMAGE, REAP, REQUEUE, TOUCH, rq_time
+from latentd.jobs.state import ADMIT, CLAIM, FINISH, IMAGE, REAP, REQUEUE, SAVE_ROWS, TOUCH, rq_time
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class JobStore:
 
         self._admit, self._finish, self._claim = reg(ADMIT), reg(FINISH), reg(CLAIM)
         self._touch, self._image, self._reap, self._requeue = reg(TOUCH), reg(IMAGE), reg(REAP), reg(REQUEUE)
+        self._save_rows = reg(SAVE_ROWS)
 
     # --- the API side --------------------------------------------------------------------------
     def admit_on(self, pipe, job_id: str, owner: str, cap: int, fields: dict) -> None:
@@ -148,6 +149,24 @@ class JobStore:
         q = self.queue
         return bool(self._requeue(keys=[keys.job(job_id), keys.leases(q), keys.rq_queue(q), keys.rq_started(q)],
                                   args=[job_id, attempt, q]))
+
+    # --- checkpoints (saved row states, model/row_state.py) ------------------------------------
+    def save_rows_on(self, pipe, job_id: str, attempt: int, rows: dict[int, bytes]) -> None:
+        """Queue a fenced save of image index -> row-state bytes on `pipe` (one round trip for
+        all held jobs); its result in pipe.execute() is -1 (not ours) or the rows saved."""
+        argv = [attempt, self.ttl]
+        for k, data in rows.items():
+            argv += [int(k), data]
+        self._save_rows(keys=[keys.job(job_id), keys.checkpoint(job_id)], args=argv, client=pipe)
+
+    def save_rows(self, job_id: str, attempt: int, rows: dict[int, bytes]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        self.save_rows_on(pipe, job_id, attempt, rows)
+        return int(pipe.execute()[0])
+
+    def checkpoints(self, job_id: str) -> dict[int, bytes]:
+        """The job's saved row states by image index (empty when none)."""
+        return {int(k): v for k, v in self.redis.hgetall(keys.checkpoint(job_id)).items()}
 
     def reap(self, max_attempts: int, limit: int = 100, now: float | None = None) -> Reaped:
         """Requeue (front) or fail the jobs whose lease expired; return dead workers' inboxes."""

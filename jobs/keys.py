@@ -26,6 +26,7 @@ TEMPLATES = {
     "job": P + ":job:{job_id}",
     "image": P + ":img:{job_id}:{k}",
     "init_image": P + ":init:{job_id}",
+    "checkpoint": P + ":ckpt:{job_id}",
     "leases": P + ":{queue}:leases",
     "wait": P + ":{queue}:wait:{owner}",
     "owners": P + ":{queue}:owners",
@@ -89,6 +90,14 @@ def init_image(job_id: str) -> str:
     """An edit's inputs while the job needs them: hash {image: PNG, mask: PNG}, written at submit,
     deleted when the job ends (jobs/state.py end_job), TTL result_ttl_s as a backstop."""
     return _key("init_image", job_id=job_id)
+
+
+def checkpoint(job_id: str) -> str:
+    """A running job's saved row states (model/row_state.py bytes), hash image index -> bytes:
+    written fenced by attempt every few steps (jobs/state.py SAVE_ROWS), read when a requeued
+    job is claimed again so it resumes there; an image's field goes when it is recorded, the key
+    when the job ends, and its TTL (result_ttl_s) is a backstop."""
+    return _key("checkpoint", job_id=job_id)
 
 
 def leases(queue: str) -> str:

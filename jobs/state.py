@@ -12,6 +12,8 @@ Record (hash keys.job(id)); times are unix seconds as strings:
   execution(the rq:wip member) error(JSON {code,message}) compute_s done(images recorded)
   graceful(requeues on graceful stop, not counted against max_attempts) lost_worker
   p:<k>(steps done of image k)  img:<k>(JSON {index, seed, nsfw, warnings, timings})
+  resumed_from_step(the progress step the current attempt went on from, written with its
+  progress by TOUCH; set on a re-run)
   callback(webhook URL, set at submit; end_job queues its delivery)
 """
 from __future__ import annotations
@@ -65,6 +67,7 @@ local function end_job(id, queue, status, err, now, ttl, iso)
   redis.call('EXPIRE', rec, ttl)
   redis.call('EXPIRE', k_rq_job(id), ttl)
   redis.call('DEL', k_init_image(id))   -- an edit's init image: not needed any more
+  redis.call('DEL', k_checkpoint(id))   -- saved row states: nothing left to resume
   redis.call('PUBLISH', k_done_channel(id), status)
   -- the final event of the job's event stream (jobs/events.py), in the same transition
   local ev = k_events(id)
@@ -175,6 +178,7 @@ IMAGE = _END + r"""
 local r = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'n', 'queue')
 if r[1] ~= 'running' or r[2] ~= ARGV[2] then return -1 end
 if redis.call('HSETNX', KEYS[1], 'img:' .. ARGV[3], ARGV[4]) == 0 then return 0 end
+redis.call('HDEL', k_checkpoint(ARGV[1]), ARGV[3])     -- this image will not be resumed
 redis.call('XADD', k_events(ARGV[1]), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', 'image', 'data', ARGV[4])
 redis.call('EXPIRE', k_events(ARGV[1]), ARGV[8])
 redis.call('HSET', KEYS[1], 'p:' .. ARGV[3], ARGV[6])
@@ -185,6 +189,24 @@ if redis.call('HINCRBY', KEYS[1], 'done', 1) >= tonumber(r[3]) then
 end
 return 1
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+
+# Checkpoints: the row states (model/row_state.py bytes) of a running job's images, fenced like
+# every worker write: only the attempt that runs the job may save, and an image already recorded
+# gets no checkpoint. KEYS: record, checkpoint hash   ARGV: attempt, ttl, k, bytes, k, bytes, ...
+# -> -1 not ours (canceled, requeued, ended); else the number of rows saved
+SAVE_ROWS = r"""
+local r = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if r[1] ~= 'running' or r[2] ~= ARGV[1] then return -1 end
+local saved = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], 'img:' .. ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    saved = saved + 1
+  end
+end
+if saved > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+return saved
+"""
 
 # KEYS: leases, queue, workers   ARGV: now, max attempts, ttl, iso, limit, queue name
 # -> {requeued, failed, dead workers}
@@ -266,5 +288,7 @@ def record_to_dict(rec: dict, position: int | None = None) -> dict:
         "error": json.loads(r["error"]) if r.get("error") else None,
         "usage": {"compute_seconds": round(float(r.get("compute_s", 0) or 0), 6)},
         "attempts": int(r.get("attempt", 0) or 0),
+        # progress step a re-run went on from (saved rows + images done before); None: not re-run
+        "resumed_from_step": int(r["resumed_from_step"]) if r.get("resumed_from_step") else None,
         "params": params,
     }

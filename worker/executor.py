@@ -6,7 +6,8 @@ update_from_output):
   2. asks the pure scheduler which waiting requests to admit and which latent size steps,
   3. text-encodes all newly admitted requests together (`pipe.encode`: their distinct texts, one
      call on a GPU, one per text on the CPU where a batched call is not batch-invariant)
-     and creates their states (`pipe.start`: initial latent from the request's own seed),
+     and creates their states (`pipe.start`: initial latent from the request's own seed; or
+     `pipe.resume` from a saved row state, model/row_state.py, with a Resumed event),
   4. runs ONE batched U-Net step over the chosen size group (`pipe.step`; 2 rows per request for
      classifier-free guidance, each row with its own timestep, guidance, sampler state),
   5. finishes the requests that reached their last step in ONE batched VAE decode + safety check
@@ -28,12 +29,15 @@ Thread safety: `add` and `cancel` may be called from another thread than `iterat
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from latentd.worker.scheduler import Item, Limits, schedule
+
+log = logging.getLogger("latentd.worker")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,14 @@ class Preview:
 
 
 @dataclass(frozen=True)
+class Resumed:
+    """Admitted from a saved row state (model/row_state.py) at `step` instead of step 0."""
+    request_id: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
 class Failed:
     request_id: str
     code: str                   # docs/CONTRACTS.md §2 error codes
@@ -76,11 +88,12 @@ class _Entry:
     last_tick: int              # see scheduler.Item.last_tick
     state: object = None        # model.pipeline.RequestState once admitted
     compute_s: float = 0.0
+    resume: object = None       # model.row_state.RowState to start from (None: step 0)
 
     def item(self) -> Item:
         st = self.state
         return Item(self.request_id, self.key_name, self.arrival, self.size,
-                    st.step if st is not None else 0,
+                    st.step if st is not None else (self.resume.step if self.resume is not None else 0),
                     st.total if st is not None else self.req.run_steps, self.mem_mb, self.last_tick)
 
 
@@ -136,15 +149,17 @@ class BatchExecutor:
                       "finish_calls": 0, "text_s": 0.0, "unet_s": 0.0, "finish_s": 0.0}
 
     # --- the loop's side ---------------------------------------------------------------------
-    def add(self, request_id: str, key_name: str, req) -> None:
+    def add(self, request_id: str, key_name: str, req, resume=None) -> None:
         """Queue a complete request (model.pipeline.GenerationRequest with its size and an edit's
         strength: the worker's come from a checked JobSpec, the engine's own from
-        Pipeline.validate); it waits for admission. Nothing is resolved or validated here again."""
+        Pipeline.validate); it waits for admission. Nothing is resolved or validated here again.
+        resume: a model.row_state.RowState saved mid-run of this request: admitted there
+        (`pipe.resume`, a Resumed event) instead of at step 0; one that does not fit starts over."""
         if req.width is None or req.height is None:
             raise ValueError("BatchExecutor.add takes a complete request (Pipeline.validate fills it)")
         size = self._latent_size(req)
         entry = _Entry(request_id, key_name, req, next(self._arrival), size,
-                       self._estimate(size), self._tick)
+                       self._estimate(size), self._tick, resume=resume)
         with self._lock:
             self._cancels.discard(request_id)
             self._incoming.append(entry)
@@ -161,6 +176,12 @@ class BatchExecutor:
                 self._watch[request_id] = int(every)
             else:
                 self._watch.pop(request_id, None)
+
+    def state_of(self, request_id: str):
+        """The running request's model.pipeline.RequestState (None: waiting, done or unknown);
+        read from the iterating thread (the worker saves row states between iterations)."""
+        e = self._running.get(request_id)
+        return None if e is None else e.state
 
     @property
     def waiting_count(self) -> int:
@@ -228,7 +249,7 @@ class BatchExecutor:
         t0 = time.perf_counter()
         for e, cond in zip(ok, conds):
             try:
-                e.state = self.pipe.start(e.req, cond)   # latent (1, 4, h, w) from e.req.seed
+                e.state = self._start(e, cond, events)   # latent (1, 4, h, w) from e.req.seed
             except Exception as exc:
                 events.append(Failed(e.request_id, error_code(exc), _message(exc)))
                 continue
@@ -239,6 +260,19 @@ class BatchExecutor:
         for e in started:                   # starts are tiny (one randn each): equal shares
             e.compute_s += share
         return events
+
+    def _start(self, e: _Entry, cond, events: list):
+        """The request's state: resumed from its saved row when it has one that fits, else new."""
+        row, e.resume = e.resume, None
+        if row is not None:
+            try:
+                state = self.pipe.resume(e.req, cond, row)
+            except ValueError as exc:           # RowStateError: another request, model or plan
+                log.warning("request %s: saved row not resumed, starting over: %s", e.request_id, exc)
+            else:
+                events.append(Resumed(e.request_id, state.step, state.total))
+                return state
+        return self.pipe.start(e.req, cond)
 
     def _step(self, entries: list[_Entry]) -> tuple[list[_Entry], list[Failed]]:
         """One U-Net call over `entries` (same latent size); on an exception, bisect so that only

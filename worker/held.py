@@ -27,6 +27,7 @@ class Held:
     watch: int | None = None               # someone listens: preview every k steps (0: none)
     base_steps: int = 0                    # steps of images done by an earlier attempt
     sent_step: int = -1                    # progress last published to the event stream
+    resumed_from: int | None = None        # a re-run: the progress step it went on from (saved rows)
 
     def steps_done(self) -> int:
         return self.base_steps + sum(min(p, self.spec.run_steps) for p in self.progress.values())

@@ -26,7 +26,8 @@ from latentd.jobs.spec import JobSpec
 from latentd.model.errors import InvalidRequest
 from latentd.model.pipeline import GenerationRequest
 from latentd.worker import metrics
-from latentd.worker.executor import Failed, Finished, Preview, Progress
+from latentd.worker.checkpoint import Checkpointer
+from latentd.worker.executor import Failed, Finished, Preview, Progress, Resumed
 from latentd.worker.finishing import moderated, usage_share
 from latentd.worker.held import Held, HeldJobs, parse_rid
 from latentd.worker.recovery import REDIS_ERRORS
@@ -70,6 +71,9 @@ class Ledger:
         self.outbox: list[PendingImage | PendingFailure] = []
         self.live: list[tuple] = []            # (job id, type, data) for the event streams; lossy
         self.images = 0
+        # row states saved every few steps so that a requeued job resumes (worker/checkpoint.py)
+        self.ckpt = Checkpointer(rt.pipe, rt.model_name, settings.checkpoint_every_steps,
+                                 settings.checkpoint_every_s)
 
     def has_work(self) -> bool:
         """Jobs held or results not yet written."""
@@ -95,6 +99,8 @@ class Ledger:
                 finished += 1
             elif isinstance(ev, Failed):
                 self.fail(h, ev.code, ev.message)
+            elif isinstance(ev, Resumed):
+                self.resumed(h, k, ev)
         if len(self.live) > MAX_LIVE:        # Redis has been away: keep only the newest
             del self.live[:-MAX_LIVE]
         return stepped, finished
@@ -117,12 +123,23 @@ class Ledger:
                           "compute_seconds": round(float(ev.compute_s), 6)}}
         h.todo.discard(k)
         h.progress[k] = h.spec.run_steps
+        self.ckpt.forget(h, k)
         self.outbox.append(PendingImage(h.job_id, h.attempt, k, encoded, json.dumps(meta), ev.compute_s))
         self.images += 1
         metrics.IMAGES.inc()
         if img.nsfw:
             metrics.FLAGGED.inc()
         metrics.COMPUTE.labels(key=h.spec.owner).inc(ev.compute_s)
+
+    def resumed(self, h: Held, k: int, ev: Resumed) -> None:
+        """Image k went on from its saved row at ev.step: progress, the job's resumed_from_step
+        (written with the next touch) and the steps it did not run again."""
+        h.progress[k] = ev.step
+        h.resumed_from = (h.resumed_from or h.base_steps) + ev.step
+        h.dirty = True
+        self.ckpt.resumed(ev.request_id, ev.step, time.monotonic())
+        metrics.RESUMED_STEPS.inc(ev.step)
+        log.info("job %s image %d resumed at step %d of %d", h.job_id, k, ev.step, ev.total)
 
     def previewed(self, h: Held, k: int, ev) -> None:
         """A coarse preview (a PNG of a few cells, model/preview.py) for the job's listeners."""
@@ -162,6 +179,7 @@ class Ledger:
             return
         for k in h.todo:
             self.ex.cancel(h.rid(k))
+        self.ckpt.forget(h)
         if why != "ended":
             log.info("job %s dropped (%s)", job_id, why)
 
@@ -201,6 +219,26 @@ class Ledger:
                             attempt=item.attempt)
                 self.ended(item.job_id, "failed")
             self.outbox.pop(0)
+        self.save_rows()
+
+    def save_rows(self, force: bool = False) -> None:
+        """Save the row states that are due (worker/checkpoint.py): one fenced script per job, all
+        in one round trip; a job whose save is refused is no longer ours. force: every row that
+        moved since its last save (a graceful stop, before handing the jobs back)."""
+        t0, now = time.perf_counter(), time.monotonic()
+        due = self.ckpt.due(self.held.all(), self.ex, now, force)
+        if not due:
+            return
+        pipe = self.rt.redis.pipeline(transaction=False)
+        for h, rows, _ in due:
+            self.rt.jobs.save_rows_on(pipe, h.job_id, h.attempt, rows)
+        for (h, _, steps), res in zip(due, pipe.execute()):
+            if int(res) < 0:
+                self.drop(h.job_id, "not ours any more")
+                continue
+            self.ckpt.saved(h, steps, now)
+            metrics.CHECKPOINT_ROWS.inc(int(res))
+        metrics.CHECKPOINT_SECONDS.inc(time.perf_counter() - t0)
 
     def held_steps(self, job_id: str) -> int:
         h = self.held.get(job_id)
@@ -224,8 +262,10 @@ class Ledger:
             return
         entries = []
         for h in self.held.all():
-            entries.append(Touch(h.job_id, h.attempt,
-                                 {f"p:{k}": v for k, v in h.progress.items()} if h.dirty else {}))
+            fields = {f"p:{k}": v for k, v in h.progress.items()} if h.dirty else {}
+            if fields and h.resumed_from is not None:
+                fields["resumed_from_step"] = h.resumed_from
+            entries.append(Touch(h.job_id, h.attempt, fields))
             h.dirty = False
         now = time.time()
         hb = self.rt.hb
@@ -260,12 +300,17 @@ class Ledger:
                 continue
             h.sent_step = done
             total = h.spec.run_steps * h.spec.n
-            rate = (done - h.base_steps) / max(now - h.claimed_at, 1e-6)
+            rate = (done - (h.resumed_from or h.base_steps)) / max(now - h.claimed_at, 1e-6)
             eta = round((total - done) / rate, 2) if rate > 0 else None
             self.live.append((h.job_id, "running", {"step": done, "total": total, "eta_s": eta}))
 
     def hand_back(self) -> None:
-        """On stop: every job still held goes back to the queue front for another worker."""
+        """On stop: every job still held goes back to the queue front for another worker, its
+        running rows saved first so that it resumes where it stopped."""
+        try:
+            self.save_rows(force=True)
+        except REDIS_ERRORS:
+            log.warning("could not save row states on stop; held jobs resume from their last save")
         for h in self.held.all():
             try:
                 if not h.ending:
@@ -328,8 +373,12 @@ class Ledger:
         h.todo = set(reqs)
         h.progress = {k: 0 for k in reqs}
         h.base_steps = spec.run_steps * (spec.n - len(reqs))
+        if attempt > 1:
+            h.resumed_from = h.base_steps            # + the steps of rows resumed (Resumed events)
+            h.dirty = True
+        rows = self.ckpt.usable(job_id, attempt, c.spec_json, self.rt.jobs.checkpoints(job_id), reqs)
         for k, req in reqs.items():
-            self.ex.add(h.rid(k), spec.owner, req)
+            self.ex.add(h.rid(k), spec.owner, req, resume=rows.get(k))
         pipe = redis.pipeline(transaction=False)
         events.add(pipe, job_id, "running", {"attempt": attempt, "step": h.base_steps,
                                              "total": spec.run_steps * spec.n, "eta_s": None},

@@ -139,3 +139,11 @@ WEBHOOKS = Counter("latentd_worker_webhook_deliveries_total",
                    "Webhook delivery attempts by outcome (delivered, retry, gave_up, refused)",
                    ["outcome"])
 WEBHOOK_PENDING = Gauge("latentd_worker_webhooks_pending", "Webhook deliveries waiting (all workers)")
+RESUMED_STEPS = _m(Counter, "latentd_worker_resumed_steps_total",
+                   "Denoising steps not run again because a requeued job resumed from saved row states")
+CHECKPOINT_ROWS = _m(Counter, "latentd_worker_checkpoint_rows_total",
+                     "Row states of running images saved to Redis (checkpoints for resume)")
+CHECKPOINT_SECONDS = _m(Counter, "latentd_worker_checkpoint_seconds_total",
+                        "Seconds spent serialising and saving row states")
+CHECKPOINTS_IGNORED = _m(Counter, "latentd_worker_checkpoints_ignored_total",
+                         "Saved row states not resumed: they do not match the job (reason)", ["reason"])

@@ -46,6 +46,7 @@ def job_view(request: Request, owner: str, d: dict) -> dict:
     return {"id": d["id"], "kind": d.get("kind", "text"), "status": d["status"], "queue_position": d.get("queue_position"),
             "progress": d.get("progress") or {}, "timings": timings, "images": images,
             "error": d.get("error"), "usage": d.get("usage") or {}, "params": d.get("params") or {},
+            "attempts": d.get("attempts", 0), "resumed_from_step": d.get("resumed_from_step"),
             "links": lk}
 
 
