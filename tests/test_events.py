@@ -64,7 +64,9 @@ def test_openai_client_streams_partials_then_the_same_image(stack):
         assert p.size == "64x64" and p.output_format == "png" and p.created_at > 0
         assert open_png(base64.b64decode(p.b64_json)).size == (64, 64)
     done = events[-1]
-    assert done.usage.total_tokens == 0 and done.size == "64x64"
+    u = done.usage                      # that image's (jobs/usage.py): 8x8 latent positions x 6 steps
+    assert u.output_tokens == 64 * 6 and u.total_tokens == u.input_tokens + u.output_tokens
+    assert u.input_tokens_details.text_tokens > 0 and done.size == "64x64" and done.quality == "low"
     assert (done.model_extra or {}).get("seed") == 11
     assert (done.model_extra or {}).get("nsfw") in (True, False)
 
