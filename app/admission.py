@@ -105,7 +105,8 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
         raise ApiError(503, "queue_full", f"the queue is full ({e.cap} jobs waiting); retry later",
                        headers=retry) from None
     except NotReplicated as e:
-        raise ApiError(503, "replication_timeout", f"{e}; the job was canceled, retry later",
-                       headers=retry) from None
+        if not e.canceled:                  # it already ran: a retry with the key replays it
+            idempotency.keep()
+        raise ApiError(503, "replication_timeout", f"{e}; retry later", headers=retry) from None
     metrics.ADMITTED.labels(endpoint, entry.name).inc()
     return job_id, spec

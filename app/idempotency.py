@@ -146,5 +146,13 @@ def submit_kwargs(state) -> dict:
     return {"job_id": idem.job_id, "idempotency": (idem.owner, idem.key, ttl)}
 
 
+def keep() -> None:
+    """The refused admission's job exists and stays (it ended within the replication wait): keep
+    the key naming it, so a retry gets that job rather than a second one."""
+    idem = _current.get()
+    if idem is not None:
+        idem.job_id = None
+
+
 def replay_headers(idem: Idem | None) -> dict[str, str]:
     return {REPLAYED: "true"} if idem is not None and idem.replayed else {}

@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError, RedisError
 from latentd.jobs import keys
 from latentd.jobs.events import WATCH_TTL_S
 from latentd.jobs.idempotency import IdempotencyStore
-from latentd.jobs.jobstore import JobStore
+from latentd.jobs.jobstore import FinishResult, JobStore
 from latentd.jobs.models import deployment
 from latentd.jobs.spec import JobSpec
 from latentd.jobs.state import TERMINAL, record_to_dict
@@ -43,11 +43,13 @@ class QueueFull(Exception):
 
 
 class NotReplicated(Exception):
-    """WAIT saw fewer replicas than LATENTD_REDIS_MIN_REPLICAS in time; the job was canceled."""
+    """WAIT saw fewer replicas than LATENTD_REDIS_MIN_REPLICAS in time. `canceled`: the job was
+    canceled by this refusal; False: it had already ended (a fast job can finish within the wait),
+    so it is kept, and a retry with the same Idempotency-Key gets it instead of running again."""
 
-    def __init__(self, want: int, wait_ms: int):
+    def __init__(self, want: int, wait_ms: int, canceled: bool):
         super().__init__(f"admission not acknowledged by {want} Redis replica(s) in {wait_ms} ms")
-        self.want, self.wait_ms = want, wait_ms
+        self.want, self.wait_ms, self.canceled = want, wait_ms, canceled
 
 
 def _replicated(acks, want: int) -> bool:
@@ -140,9 +142,9 @@ class JobClient:
                 raise depth
             break
         if depth != -1 and min_replicas > 0 and not _replicated(results[-1], min_replicas):
-            jobs.finish(job_id, "canceled", {"code": "replication_timeout", "message":
-                        "admission not acknowledged by a Redis replica in time"}, owner=spec.owner)
-            raise NotReplicated(min_replicas, self.settings.redis_wait_ms)
+            res = jobs.finish(job_id, "canceled", {"code": "replication_timeout", "message":
+                              "admission not acknowledged by a Redis replica in time"}, owner=spec.owner)
+            raise NotReplicated(min_replicas, self.settings.redis_wait_ms, canceled=res == FinishResult.ENDED)
         if depth == -1:
             if init:
                 self.redis.delete(keys.init_image(job_id))
