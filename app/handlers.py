@@ -75,7 +75,7 @@ async def redis_refused_handler(request: Request, exc: Exception) -> JSONRespons
             exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
                   redis.exceptions.BusyLoadingError)):
         return await unhandled_handler(request, exc)
-    metrics.rejected(503, "redis_refused")
+    metrics.rejected(503, "unavailable")
     log.warning("redis refused a command on %s: %s", request.url.path, str(exc)[:200])
     return JSONResponse(error_body("unavailable", "the job store refuses writes right now; retry later",
                                    kind="server_error"),
