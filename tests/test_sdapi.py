@@ -244,3 +244,17 @@ def test_img2img_bad_input(stack, body, field):
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"]["field"] == field
     assert len(r.keys(keys.job("*"))) == before
+
+
+def test_playground_snippet_names_match_the_translation():
+    """The playground shows the /sdapi equivalent of its request with A1111's sampler names; its
+    copy of the names is app/a1111/names.py's."""
+    import re
+
+    from devkit.services import ROOT
+    from latentd.app.a1111 import names
+
+    js = (ROOT / "app" / "static" / "app.js").read_text()
+    table = json.loads(re.search(r"const A1111_SAMPLERS = (\{.*?\});", js).group(1))
+    assert table == {s.sampler: s.name for s in names.SAMPLERS if not s.karras}
+    assert 'id="sdapi-snippet"' in (ROOT / "app" / "static" / "index.html").read_text()

@@ -94,6 +94,26 @@ async function loadModel() {
   for (const [w, h] of sizes) list.append(new Option(`${w}x${h}`));
 }
 
+// --- the same request through AUTOMATIC1111's API (/sdapi/v1) ----------------------------------
+// A1111's names of latentd's samplers: app/a1111/names.py (tests/test_sdapi.py checks this copy).
+// Not fetched from /sdapi: its 401 asks for HTTP Basic, which a browser answers with a login dialog.
+const A1111_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"};
+
+function showA1111() {
+  const b = body(), a = {prompt: b.prompt};
+  if (b.negative_prompt) a.negative_prompt = b.negative_prompt;
+  const m = /^(\d+)x(\d+)$/.exec(b.size || "");
+  if (m) { a.width = Number(m[1]); a.height = Number(m[2]); }
+  if (b.n !== undefined) a.batch_size = b.n;
+  if (b.steps !== undefined) a.steps = b.steps;
+  if (b.guidance_scale !== undefined) a.cfg_scale = b.guidance_scale;
+  if (b.sampler) a.sampler_name = A1111_SAMPLERS[b.sampler] || b.sampler;
+  a.seed = b.seed !== undefined ? b.seed : -1;
+  const json = JSON.stringify(a).replace(/'/g, "'\\''");
+  $("sdapi-snippet").textContent = `curl ${location.origin}/sdapi/v1/txt2img -u "any:$LATENTD_KEY" \\\n` +
+    `  -H 'Content-Type: application/json' -d '${json}'`;
+}
+
 // --- the live view -----------------------------------------------------------------------------
 function stage(kind, src, label) {
   const img = $("live");
@@ -280,6 +300,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cancel").addEventListener("click", cancel);
   $("seed-clear").addEventListener("click", () => { $("seed").value = ""; });
   $("key").addEventListener("change", () => { saveKey(); clearErrors(); loadModel(); renderRecent(); });
+  $("form").addEventListener("input", showA1111);
   loadModel();
+  showA1111();
   renderRecent();
 });
