@@ -15,6 +15,8 @@ preflight) is not repeated; this adds:
 """
 from __future__ import annotations
 
+import re
+
 import base64
 import io
 import shutil
@@ -127,7 +129,7 @@ def test_flagged_images_are_stored_and_served_black(sec, module_redis):
         assert sync["data"][0]["nsfw"] is True
         assert _pixels(base64.b64decode(sync["data"][0]["b64_json"])).max() == 0
     text = httpx.get(sec["worker_metrics"]).text
-    flagged = [ln for ln in text.splitlines() if ln.startswith("latentd_worker_images_flagged_total ")]
+    flagged = [ln for ln in text.splitlines() if re.match(r"latentd_worker_images_flagged_total(\{[^}]*\})? ", ln)]
     assert flagged and float(flagged[0].split()[1]) >= 3
 
 
