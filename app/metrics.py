@@ -4,7 +4,8 @@
 - latentd_api_requests_total{route,method,status}
 - latentd_api_request_duration_seconds{route,method}  (histogram)
 - latentd_jobs_admitted_total{endpoint,model}
-- latentd_jobs_rejected_total{reason}      (invalid, unauthorized, rate_limited, queue_full, ...)
+- latentd_jobs_rejected_total{reason}      (invalid, unauthorized, rate_limited, queue_full,
+                                          replication_timeout, idempotency_key, ...)
 - latentd_queue_depth{model}, latentd_ready_workers{model}  (read from Redis at scrape time, one
   series per model of the deployment: latentd_ready_workers{model="x"} == 0 is a model nobody serves)
 
@@ -38,8 +39,10 @@ _REASONS = {401: "unauthorized", 413: "body_too_large", 429: "rate_limited", 400
 
 
 def rejected(status: int, code: str) -> None:
-    if code in ("queue_full", "not_ready", "unavailable"):
+    if code in ("queue_full", "not_ready", "unavailable", "replication_timeout"):
         REJECTED.labels(code).inc()
+    elif code.startswith("idempotency_key_"):      # reused with another request, or still admitting
+        REJECTED.labels("idempotency_key").inc()
     elif status in _REASONS:
         REJECTED.labels(_REASONS[status]).inc()
     elif status == 422:
