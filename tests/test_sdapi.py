@@ -96,8 +96,6 @@ def test_webuiapi_img2img_with_mask(api):
     init = Image.new("RGB", (64, 64), (200, 10, 10))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 24, 64))                      # repaint the left part
-    with pytest.raises(RuntimeError, match="inpaint_full_res"):   # webuiapi's default: only masked
-        api.img2img(images=[init], mask_image=mask, prompt="a green circle", **TINY)
     r = api.img2img(images=[init], mask_image=mask, inpaint_full_res=False, inpainting_fill=1,
                     denoising_strength=0.8, prompt="a green circle", seed=3, sampler_name="Euler", **TINY)
     out = r.images[0].convert("RGB")
@@ -108,6 +106,36 @@ def test_webuiapi_img2img_with_mask(api):
     r = api.img2img(images=[init], mask_image=mask, inpaint_full_res=False, inpainting_mask_invert=1,
                     mask_blur=0, prompt="a green circle", seed=3, **TINY)
     assert all(abs(a - b) <= 3 for a, b in zip(r.images[0].convert("RGB").getpixel((2, 32)), (200, 10, 10)))
+
+
+def test_webuiapi_img2img_only_masked(api):
+    """webuiapi's default inpaint_full_res=True: the masked region, grown by the padding and to
+    the output's aspect, is inpainted at the full output size and pasted back; outside the mask
+    the init image's pixels stay."""
+    init = Image.new("RGB", (64, 64), (200, 10, 10))
+    init.paste((10, 10, 200), (32, 0, 64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 20, 20))                       # a small square to repaint
+    r = api.img2img(images=[init], mask_image=mask, inpaint_full_res_padding=4, mask_blur=0,
+                    inpainting_fill=1, prompt="a green circle", seed=5, **TINY)
+    out = r.images[0].convert("RGB")
+    assert out.size == (64, 64)
+    assert out.getpixel((2, 40)) == (200, 10, 10) and out.getpixel((60, 40)) == (10, 10, 200)   # untouched
+    inside = [out.getpixel((x, y)) for x in range(8, 20) for y in range(8, 20)]
+    assert any(p != (200, 10, 10) for p in inside)        # the masked square was redrawn
+
+
+def test_only_masked_crop_geometry():
+    from latentd.app.a1111 import only_masked
+
+    sharp = Image.new("L", (64, 64), 0)
+    sharp.paste(255, (8, 8, 20, 20))
+    assert only_masked.region(sharp, 4) == (4, 4, 24, 24)                 # grown by the padding
+    assert only_masked.region(Image.new("L", (8, 8), 0), 4) is None       # nothing to repaint
+    # a 20x20 region for a 64x32 output: widened to 40x20, shifted back inside the image
+    assert only_masked.fit_aspect((4, 4, 24, 24), 64, 32, 64, 64) == (0, 4, 40, 24)
+    # a 10x60 region for a 64x32 output: as wide as the image allows
+    assert only_masked.fit_aspect((0, 0, 10, 60), 64, 32, 64, 64) == (0, 0, 64, 60)
 
 
 def test_models_options_per_key(stack, api):

@@ -7,6 +7,8 @@
 - inpainting_fill 0 ("fill"): the masked region of the init image is replaced by the colours
   around it, blurred (progressively finer Gaussian averages of the kept pixels), before it is
   encoded; 1 ("original"): the init image as it is (latentd's own inpainting).
+- inpaint_full_res ("only masked"): the masked region is inpainted at the output size and pasted
+  back (only_masked.py).
 The results go to admission as PNG bytes; it decodes and bounds them as for /v1/images/edits.
 """
 from __future__ import annotations
@@ -17,12 +19,14 @@ import io
 
 from PIL import Image, ImageFilter, ImageOps
 
+from latentd.app.a1111 import only_masked
 from latentd.app.errors import ApiError
 from latentd.model.edit_inputs import open_image
 from latentd.model.errors import InvalidRequest
 
 FILL_RADII = (128, 32, 8, 2)      # coarse to fine: near pixels win where there are some
 MAX_BLUR = 64
+MAX_PADDING = 256      # inpaint_full_res_padding, pixels around the masked region
 
 
 def b64_bytes(value: str, field: str) -> bytes:
@@ -84,12 +88,13 @@ def fill(image: Image.Image, repaint: Image.Image) -> Image.Image:
     return canvas.convert("RGB")
 
 
-def edit_inputs(body, max_pixels: int) -> tuple[bytes, bytes | None]:
-    """(init image PNG, mask PNG or None) from an img2img body (translate.py has checked the
-    switches). CPU work: call it in a worker thread."""
+def edit_inputs(body, max_pixels: int, size: tuple[int, int] | None = None):
+    """(init image PNG, mask PNG or None, only_masked.Paste or None) from an img2img body
+    (translate.py has checked the switches). `size`: the output size (None: the image's), which
+    "inpaint only masked" crops to. CPU work: call it in a worker thread."""
     image = _open(b64_bytes(body.init_images[0], "init_images"), "init_images", max_pixels).convert("RGB")
     if body.mask is None:
-        return _png(image), None
+        return _png(image), None, None
     raw = _open(b64_bytes(body.mask, "mask"), "mask", max_pixels)
     blur = (body.mask_blur, body.mask_blur) if body.mask_blur is not None else (body.mask_blur_x, body.mask_blur_y)
     if not all(0 <= b <= MAX_BLUR for b in blur):
@@ -98,4 +103,11 @@ def edit_inputs(body, max_pixels: int) -> tuple[bytes, bytes | None]:
     mask, sharp = mask_l(raw, image.size, body.mask_round, bool(body.inpainting_mask_invert), blur)
     if body.inpainting_fill == 0:
         image = fill(image, sharp)
-    return _png(image), _png(mask)
+    if not body.inpaint_full_res:
+        return _png(image), _png(mask), None
+    if not 0 <= body.inpaint_full_res_padding <= MAX_PADDING:
+        raise ApiError(422, "invalid_value", f"inpaint_full_res_padding: must be between 0 and {MAX_PADDING}, "
+                       f"got {body.inpaint_full_res_padding}", "inpaint_full_res_padding",
+                       {"min": 0, "max": MAX_PADDING})
+    image, mask, how = only_masked.crop(image, mask, sharp, size or image.size, body.inpaint_full_res_padding)
+    return _png(image), _png(mask), how

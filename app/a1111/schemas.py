@@ -91,8 +91,9 @@ class Img2ImgRequest(_Common):
     mask_blur_y: int = 4
     mask_round: bool = True
     inpainting_fill: int = Field(0, description="0 fill, 1 original (2 and 3 are refused)")
-    inpaint_full_res: bool = Field(False, description="only false: latentd inpaints the whole picture")
-    inpaint_full_res_padding: int = 0
+    inpaint_full_res: bool = Field(False, description="inpaint only the masked region (grown by the "
+                                   "padding) at the output size, pasted back")
+    inpaint_full_res_padding: int = Field(0, description="pixels around the masked region (0-256)")
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None

@@ -76,9 +76,6 @@ def check_switches(body, img2img: bool) -> None:
         if not off:
             raise refuse(field, f"{no}; send {allowed} or leave it out", allowed)
     if body.mask is not None:
-        if body.inpaint_full_res:
-            raise refuse("inpaint_full_res", "latentd inpaints the whole picture ('only masked' has no "
-                         "equivalent); send false", False)
         if body.inpainting_fill not in (0, 1):
             raise refuse("inpainting_fill", "0 (fill) or 1 (original); latent noise (2) and latent "
                          "nothing (3) have no equivalent", [0, 1])

@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic
 
 from latentd.app import metrics
-from latentd.app.a1111 import infotext, masks, names, prefs, translate
+from latentd.app.a1111 import infotext, masks, names, only_masked, prefs, translate
 from latentd.app.a1111.schemas import (Img2ImgRequest, ImagesResponse, PNGInfoRequest, PNGInfoResponse,
                                        ProgressResponse, SamplerItem, SchedulerItem, ScriptsList, SDModelItem,
                                        SdError, Txt2ImgRequest)
@@ -99,8 +99,11 @@ async def _generate(request: Request, body, owner: str, img2img: bool) -> dict:
     entry, info = st.models.pick(model)
     job_model = None if entry.name == st.models.default.name else entry.name
     req = translate.to_job_request(body, info, job_model, Limits.from_settings(st.settings).max_n, img2img)
+    paste = None
     if img2img:
-        image, mask = await anyio.to_thread.run_sync(masks.edit_inputs, body, st.settings.max_image_pixels)
+        out_size = tuple(int(v) for v in req.size.split("x")) if req.size else None
+        image, mask, paste = await anyio.to_thread.run_sync(masks.edit_inputs, body,
+                                                            st.settings.max_image_pixels, out_size)
         job_id, spec = await anyio.to_thread.run_sync(_admit, st, req, owner, image, mask)
     else:
         job_id, spec = _admit(st, req, owner, None, None)
@@ -120,8 +123,13 @@ async def _generate(request: Request, body, owner: str, img2img: bool) -> dict:
     images = []
     if body.send_images:
         def read():
-            return [base64.b64encode(st.jobs.image_bytes(job_id, im["index"], owner) or b"").decode()
-                    for im in d["images"]]
+            out = []
+            for im in d["images"]:
+                data = st.jobs.image_bytes(job_id, im["index"], owner) or b""
+                if paste is not None and data:          # "only masked": the crop back in place
+                    data = only_masked.paste(data, paste)
+                out.append(base64.b64encode(data).decode())
+            return out
         images = await anyio.to_thread.run_sync(read)
     sampler, scheduler = names.a1111_name(spec.sampler, spec.karras)
     params = body.model_dump()
