@@ -39,6 +39,21 @@ def check_moderation(state, owner: str, moderation: str) -> None:
                        "moderation", ["auto"])
 
 
+def check_priority(state, owner: str, priority: str) -> None:
+    """A priority above the key's cap (app/auth.py KeyStore.max_priority): 403 naming the field
+    and the priorities the key may use. With auth off there is no key and no cap."""
+    from latentd.app.auth import PRIORITY_ORDER
+
+    if state.keys is None:
+        return
+    cap = state.keys.max_priority(owner)
+    allowed = list(PRIORITY_ORDER[PRIORITY_ORDER.index(cap):])
+    if priority not in allowed:
+        raise ApiError(403, "permission_denied", f"priority: {priority!r} is above this API key's "
+                       f"cap of {cap!r} (an operator sets it: `latentd keys create NAME "
+                       f"--max-priority high|normal|low`)", "priority", allowed)
+
+
 def edit_inputs(image: bytes | None, mask: bytes | None, settings):
     """Decode and check an edit's uploads (model/edit_inputs.py): (PIL image, L mask or None),
     or (None, None) for a generation. Raises ApiError 422 naming `image` or `mask`."""
@@ -75,6 +90,7 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
                            mask_size=None if m is None else m.size)
     check_delivery(req, settings)
     check_moderation(state, owner, params.moderation)
+    check_priority(state, owner, params.priority)
     init = None
     if img is not None:
         from latentd.model.edit_inputs import normalised_png

@@ -1,6 +1,7 @@
 """API keys: `Authorization: Bearer <key>`. Only SHA-256 hashes of keys are stored (in
 LATENTD_API_KEYS as "name:hexhash,..." and/or the keys file, a JSON object {name: hexhash} or,
-for a key with permissions, {name: {"sha256": hexhash, "permissions": ["moderation_low"]}});
+for a key with settings, {name: {"sha256": hexhash, "permissions": ["moderation_low"],
+"max_priority": "normal"}});
 a presented key is hashed and compared with every stored hash in constant time
 (hmac.compare_digest, no early exit). The key's *name* is the owner id of its jobs; the key itself
 is never logged, stored, or put in an error or a metric label.
@@ -19,6 +20,12 @@ ANONYMOUS = "anonymous"        # owner of every job when auth is off
 # what a key may do beyond the default (keys file only; `latentd keys create --allow-...`):
 #   moderation_low  its requests may ask moderation "low" (flagged images come back unredacted)
 PERMISSIONS = ("moderation_low",)
+# the highest request `priority` a key may send (keys file "max_priority"; `latentd keys create
+# --max-priority`). A key without one may use every priority: keys made before priorities
+# existed keep working unchanged, and an operator lowers the cap for the keys that must not jump
+# the queue.
+PRIORITY_ORDER = ("high", "normal", "low")
+DEFAULT_MAX_PRIORITY = "high"
 
 
 def hash_key(key: str) -> str:
@@ -64,6 +71,9 @@ def _read_file(path: str) -> dict:
         if bad:
             raise ValueError(f"{path}: key {name!r} has unknown permissions {sorted(bad)} "
                              f"(known: {', '.join(PERMISSIONS)})")
+        if _max_priority(entry) not in PRIORITY_ORDER:
+            raise ValueError(f"{path}: key {name!r} has max_priority {_max_priority(entry)!r} "
+                             f"(known: {', '.join(PRIORITY_ORDER)})")
     return data
 
 
@@ -76,6 +86,16 @@ def _permissions(entry) -> list:
     return perms if isinstance(perms, list) else [perms]
 
 
+def _max_priority(entry) -> object:
+    return entry.get("max_priority", DEFAULT_MAX_PRIORITY) if isinstance(entry, dict) else DEFAULT_MAX_PRIORITY
+
+
+def read_max_priority(path: str) -> dict[str, str]:
+    """{name: its max_priority} of the keys file, for the keys whose cap is below the default."""
+    return {name: _max_priority(e) for name, e in _read_file(path).items()
+            if _max_priority(e) != DEFAULT_MAX_PRIORITY}
+
+
 def read_keys_file(path: str) -> dict[str, str]:
     """{name: hexhash} of the keys file ({} when there is none)."""
     return {name: _digest(entry) for name, entry in _read_file(path).items()}
@@ -86,7 +106,8 @@ def read_permissions(path: str) -> dict[str, frozenset[str]]:
     return {name: frozenset(_permissions(e)) for name, e in _read_file(path).items() if _permissions(e)}
 
 
-def add_key(path: str, name: str, permissions: tuple[str, ...] = ()) -> str:
+def add_key(path: str, name: str, permissions: tuple[str, ...] = (),
+            max_priority: str = DEFAULT_MAX_PRIORITY) -> str:
     """Create a key called `name` (with `permissions`, of PERMISSIONS), store only its hash in
     the keys file (atomically, mode 0600) and return the key (the only time it exists in clear)."""
     keys = _read_file(path)
@@ -95,10 +116,17 @@ def add_key(path: str, name: str, permissions: tuple[str, ...] = ()) -> str:
     bad = set(permissions) - set(PERMISSIONS)
     if bad:
         raise ValueError(f"unknown permissions {sorted(bad)} (known: {', '.join(PERMISSIONS)})")
+    if max_priority not in PRIORITY_ORDER:
+        raise ValueError(f"unknown max priority {max_priority!r} (known: {', '.join(PRIORITY_ORDER)})")
     key = new_key()
     digest = hash_key(key)
     _check_entry(name, digest, "name")
-    keys[name] = {"sha256": digest, "permissions": sorted(permissions)} if permissions else digest
+    entry: dict = {"sha256": digest}
+    if permissions:
+        entry["permissions"] = sorted(permissions)
+    if max_priority != DEFAULT_MAX_PRIORITY:
+        entry["max_priority"] = max_priority
+    keys[name] = entry if len(entry) > 1 else digest
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".keys.")
@@ -122,6 +150,12 @@ def load_permissions(settings) -> dict[str, frozenset[str]]:
     return {n: p for n, p in read_permissions(keys_path(settings)).items() if n not in env}
 
 
+def load_max_priority(settings) -> dict[str, str]:
+    """Per-key priority caps: the keys file's (a key named in LATENTD_API_KEYS has the default)."""
+    env = parse_keys(settings.api_keys)
+    return {n: p for n, p in read_max_priority(keys_path(settings)).items() if n not in env}
+
+
 def auth_enabled(settings) -> bool:
     return settings.auth.strip().lower() not in ("off", "0", "false", "no")
 
@@ -129,9 +163,15 @@ def auth_enabled(settings) -> bool:
 class KeyStore:
     """name -> SHA-256 digest; `owner(key)` is the name or None; `permits(name, what)`."""
 
-    def __init__(self, hashes: dict[str, str], permissions: dict[str, frozenset[str]] | None = None):
+    def __init__(self, hashes: dict[str, str], permissions: dict[str, frozenset[str]] | None = None,
+                 max_priority: dict[str, str] | None = None):
         self._items = [(name, bytes.fromhex(h)) for name, h in sorted(hashes.items())]
         self._permissions = dict(permissions or {})
+        self._max_priority = dict(max_priority or {})
+
+    def max_priority(self, name: str) -> str:
+        """The highest request priority the key called `name` may send."""
+        return self._max_priority.get(name, DEFAULT_MAX_PRIORITY)
 
     def permits(self, name: str, what: str) -> bool:
         """Whether the key called `name` has the permission `what` (PERMISSIONS)."""

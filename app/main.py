@@ -49,7 +49,8 @@ def key_store(settings: Settings) -> auth.KeyStore | None:
     if not auth.auth_enabled(settings):
         return None
     keys = auth.load_keys(settings)
-    return auth.KeyStore(keys, auth.load_permissions(settings)) if keys or settings.env != "dev" else None
+    return auth.KeyStore(keys, auth.load_permissions(settings),
+                         auth.load_max_priority(settings)) if keys or settings.env != "dev" else None
 
 
 @asynccontextmanager

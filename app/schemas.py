@@ -184,6 +184,7 @@ class JobCreated(BaseModel):
 class Progress(BaseModel):
     step: int = 0
     total: int = 0
+    parked: bool = False    # set aside (state kept) while the worker runs higher-priority work
 
 
 class JobImage(BaseModel):

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     worker_model: str | None = None        # the model (a name in `models`) a worker serves; None = the default
     worker_max_batch: int = 16             # max requests sharing one U-Net call
     worker_memory_budget_mb: int = 0       # 0 = no budget (executor admits by max_batch only)
+    # a higher-priority image steps without the lower-priority ones of its size (they sit out,
+    # at most 16 steps in a row): on a CPU a bigger call is slower, so high keeps its latency alone
+    worker_priority_alone: bool = True
     compile: str = "off"                   # off | on | max-autotune | cudagraphs (torch.compile the U-Net)
     job_timeout_s: float = 600.0           # a job running longer is stopped, error code "timeout"
     lease_s: float = 15.0                  # a running job's lease; refreshed every lease_s/3

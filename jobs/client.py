@@ -108,7 +108,7 @@ class JobClient:
         job._status = "queued"
         fields = {"id": job_id, "owner": spec.owner, "queue": queue, "spec": spec.to_json(),
                   "n": spec.n, "steps": spec.run_steps, "status": "queued", "created_at": repr(now),
-                  "attempt": 0, "compute_s": 0, "done": 0}
+                  "attempt": 0, "compute_s": 0, "done": 0, "priority": spec.priority}
         if callback_url:
             fields["callback"] = callback_url
         for tries in (1, 2):
@@ -127,7 +127,7 @@ class JobClient:
             job.save(pipeline=pipe)
             if idempotency is not None:          # before the admission: if Redis refuses this
                 IdempotencyStore.confirm_on(pipe, *idempotency)   # write it refuses that one too
-            jobs.admit_on(pipe, job_id, spec.owner, self.settings.queue_cap, fields)
+            jobs.admit_on(pipe, job_id, spec.owner, self.settings.queue_cap, fields, spec.priority)
             at = len(pipe) - 1
             min_replicas = self.settings.redis_min_replicas
             if min_replicas > 0:
@@ -178,10 +178,25 @@ class JobClient:
             return None
         position = None
         if rec.get(b"status") == b"queued":
-            queue = (rec.get(b"queue") or self.queue.encode()).decode()
-            pos = self.redis.lpos(keys.rq_queue(queue), job_id)
-            position = 0 if pos is None else int(pos)   # None: being claimed right now
+            position = self._position(rec, job_id)
         return record_to_dict(rec, position)
+
+    def _position(self, rec: dict, job_id: str) -> int:
+        """Jobs claimed before this one (about: fairness across owners reorders a priority): every
+        waiting job of a higher priority, then those ahead of it in its own priority's arrival
+        order. A job queued before priorities existed is found in RQ's list instead."""
+        queue = (rec.get(b"queue") or self.queue.encode()).decode()
+        prio = (rec.get(b"priority") or b"normal").decode()
+        prio = prio if prio in keys.PRIORITIES else "normal"
+        pipe = self.redis.pipeline(transaction=False)
+        for p in keys.PRIORITIES[:keys.PRIORITIES.index(prio)]:
+            pipe.llen(keys.queued_prio(queue, p))
+        pipe.lpos(keys.queued_prio(queue, prio), job_id)
+        pipe.lpos(keys.rq_queue(queue), job_id)
+        *ahead, pos, rq_pos = pipe.execute()
+        if pos is None:
+            pos = rq_pos
+        return sum(ahead) + (0 if pos is None else int(pos))   # None: being claimed right now
 
     def wait(self, job_id: str, owner: str, timeout_s: float) -> dict | None:
         """The job dict once terminal, or as it is after timeout_s. Subscribes before reading,

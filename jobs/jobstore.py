@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from latentd.jobs import keys
-from latentd.jobs.state import ADMIT, CLAIM, FINISH, IMAGE, REAP, REQUEUE, SAVE_ROWS, TOUCH, rq_time
+from latentd.jobs.state import (ADMIT, CLAIM, FINISH, IMAGE, PASSED_OVER_MAX, REAP, REQUEUE, SAVE_ROWS,
+                                TOUCH, rq_time)
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,15 @@ class JobStore:
         self._save_rows = reg(SAVE_ROWS)
 
     # --- the API side --------------------------------------------------------------------------
-    def admit_on(self, pipe, job_id: str, owner: str, cap: int, fields: dict) -> None:
+    def admit_on(self, pipe, job_id: str, owner: str, cap: int, fields: dict,
+                 priority: str = "normal") -> None:
         """Queue the admission on `pipe` as a bare EVALSHA (one round trip with the caller's
         other writes; redis-py's Script in a pipeline would first ask SCRIPT EXISTS). Its result
         in pipe.execute() is the queue depth, or -1 when the queue was full (nothing queued).
         On NoScriptError (Redis restarted) call load_admit() and run the pipeline again."""
         q = self.queue
         ks = [keys.rq_queue(q), keys.rq_job(job_id), keys.job(job_id), keys.RQ_QUEUES,
-              keys.wait(q, owner), keys.owners(q)]
+              keys.wait_of(q, priority, owner), keys.owners_of(q, priority), keys.queued_prio(q, priority)]
         argv = [int(cap), job_id, owner]
         for k, v in fields.items():
             argv += [k, v]
@@ -102,14 +104,18 @@ class JobStore:
         return None if res is None else FinishResult(int(res))
 
     # --- the worker side -----------------------------------------------------------------------
-    def claim(self, worker: str, lease_s: float, now: float | None = None) -> Claim | None:
-        """The next job, fairly across owners (this worker's inbox first), leased until
-        now + lease_s; None when the queue is empty."""
+    def claim(self, worker: str, lease_s: float, now: float | None = None,
+              lowest: str = "low") -> Claim | None:
+        """The next job: by priority (with jobs/state.py's starvation bound), then fairly across
+        owners (this worker's inbox first), leased until now + lease_s; None when the queue is
+        empty. lowest: take no job of a lower priority than this (a full worker claims only
+        what outranks its running work)."""
         now = time.time() if now is None else now
         q = self.queue
         got = self._claim(keys=[keys.rq_queue(q), keys.inbox(worker), keys.leases(q), keys.rq_started(q),
                                 keys.owners(q)],
-                          args=[worker, repr(now), repr(now + lease_s), rq_time(now), q])
+                          args=[worker, repr(now), repr(now + lease_s), rq_time(now), q,
+                                keys.PRIORITIES.index(lowest) + 1, PASSED_OVER_MAX])
         if not got:
             return None
         return Claim(got[0].decode(), int(got[1]), got[2], frozenset(json.loads(got[3])))

@@ -30,6 +30,10 @@ TEMPLATES = {
     "leases": P + ":{queue}:leases",
     "wait": P + ":{queue}:wait:{owner}",
     "owners": P + ":{queue}:owners",
+    "wait_prio": P + ":{queue}:{priority}:wait:{owner}",
+    "owners_prio": P + ":{queue}:{priority}:owners",
+    "queued_prio": P + ":{queue}:queued:{priority}",
+    "passed_over": P + ":{queue}:passed_over",
     "workers": P + ":{queue}:workers",
     "worker": P + ":worker:{name}",
     "inbox": P + ":inbox:{name}",
@@ -113,6 +117,35 @@ def wait(queue: str, owner: str) -> str:
 def owners(queue: str) -> str:
     """Owners that have waiting jobs, rotated by each claim: claims take turns across API keys."""
     return _key("owners", queue=queue)
+
+
+# Priorities (jobs/request.py PRIORITIES), claimed in this order. A `normal` job keeps the keys
+# above (wait, owners), so a deployment's queue from before priorities drains unchanged; `high`
+# and `low` have their own per-owner wait lists and owner rotations.
+PRIORITIES = ("high", "normal", "low")
+
+
+def wait_of(queue: str, priority: str, owner: str) -> str:
+    """An owner's waiting ids of one priority, FIFO."""
+    return wait(queue, owner) if priority == "normal" else _key("wait_prio", queue=queue,
+                                                                 priority=priority, owner=owner)
+
+
+def owners_of(queue: str, priority: str) -> str:
+    """Owners with waiting jobs of one priority, rotated by each claim of that priority."""
+    return owners(queue) if priority == "normal" else _key("owners_prio", queue=queue, priority=priority)
+
+
+def queued_prio(queue: str, priority: str) -> str:
+    """The waiting ids of one priority in arrival order (a job's queue_position counts the
+    higher priorities' lengths, then its place here)."""
+    return _key("queued_prio", queue=queue, priority=priority)
+
+
+def passed_over(queue: str) -> str:
+    """Hash priority -> claims that took a higher priority while this one had jobs waiting;
+    at jobs/state.py PASSED_OVER_MAX the next claim takes this priority (starvation bound)."""
+    return _key("passed_over", queue=queue)
 
 
 def workers(queue: str) -> str:

@@ -37,7 +37,9 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 QUALITIES = ("low", "medium", "high", "auto", "standard", "hd")
 QUALITY_AS = {"auto": "medium", "standard": "medium", "hd": "high"}
 BACKGROUNDS = ("transparent", "opaque", "auto")     # latentd draws opaque only (no alpha channel)
-MODERATIONS = ("auto", "low")       # low: a permitted key's flagged images come back unredacted
+MODERATIONS = ("auto", "low")
+# claim and batch order (jobs/state.py CLAIM, worker/scheduler.py); a key's cap: app/auth.py
+PRIORITIES = ("high", "normal", "low")       # low: a permitted key's flagged images come back unredacted
 # an edit's default strength by OpenAI's input_fidelity (absent: model/request.py DEFAULT_STRENGTH)
 FIDELITY_STRENGTH = {"high": {"img2img": 0.5, "inpaint": 0.75}, "low": {"img2img": 0.9, "inpaint": 1.0}}
 SURFACES = ("generation", "job", "edit", "spec", "cli", "playground")
@@ -150,6 +152,10 @@ FIELDS: tuple[Field, ...] = (
                         "`latentd generate` without --server: a diffusers folder, .safetensors or hub "
                         "id (absent: LATENTD_MODEL, else the bundled model)",
           _on(*ALL_API, "spec", "cli"), bounds={"max_length": 200}),
+    Field("priority", Literal[PRIORITIES], "high | normal | low: claimed and batched before lower "
+          "priorities, and a running lower-priority image is parked at a step boundary for it "
+          "(capped per API key: `latentd keys create --max-priority`)", _on(*ALL_API, "spec", "cli"),
+          default="normal"),
     # how the result is delivered: the API's only
     Field("response_format", Literal["url", "b64_json"], "url or b64_json (POST /v1/jobs: ignored)",
           _on(*ALL_API), default="url"),

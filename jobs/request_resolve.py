@@ -15,6 +15,7 @@ import secrets
 from dataclasses import asdict, make_dataclass
 
 from latentd.jobs.request import (BACKGROUNDS, BY_NAME, FIDELITY_STRENGTH, MODERATIONS, OUTPUT_FORMATS,
+                                  PRIORITIES,
                                   QUALITIES, QUALITY_AS, Limits, spec_names)
 from latentd.model.errors import InvalidRequest
 from latentd.model.request import DEFAULT_STRENGTH, MAX_SEED, check, is_int, kind_of, size_allowed
@@ -43,7 +44,7 @@ def _text(name: str, text, limits: Limits) -> str:
 def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None, guidance_scale=None,
             sampler=None, karras=None, eta=None, seed=None, strength=None, classifier_guidance=None,
             output_format=None, output_compression=None, model=None, quality=None, background=None,
-            moderation=None, input_fidelity=None, image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
+            moderation=None, input_fidelity=None, priority=None, image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
             limits: Limits = Limits()) -> Resolved:
     """The Resolved request, or InvalidRequest naming the first bad field and its allowed range.
 
@@ -85,6 +86,7 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
         raise InvalidRequest("background", "transparent is not available: the model draws no alpha "
                                            "channel (opaque images only)", ["opaque", "auto"])
     moderation = _one_of("moderation", _pick(moderation, BY_NAME["moderation"].default), MODERATIONS)
+    priority = _one_of("priority", _pick(priority, BY_NAME["priority"].default), PRIORITIES)
     fmt = _pick(output_format, BY_NAME["output_format"].default)
     if fmt not in OUTPUT_FORMATS:
         raise InvalidRequest("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}",
@@ -96,7 +98,7 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
     from latentd.model.classifier_spec import resolve as resolve_classifier
     targets, cscale = resolve_classifier(getattr(info, "classifier", None), classifier_guidance)
     r = Resolved(prompt=prompt, negative_prompt=negative_prompt, n=n,
-                 steps=steps, quality=quality, moderation=moderation,
+                 steps=steps, quality=quality, moderation=moderation, priority=priority,
                  guidance_scale=_pick(guidance_scale, info.default_guidance),
                  sampler=_pick(sampler, info.default_sampler), karras=_pick(karras, info.default_karras),
                  eta=_pick(eta, BY_NAME["eta"].default), seed=seed, strength=strength,

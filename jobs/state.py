@@ -15,6 +15,8 @@ Record (hash keys.job(id)); times are unix seconds as strings:
   resumed_from_step(the progress step the current attempt went on from, written with its
   progress by TOUCH; set on a re-run)
   callback(webhook URL, set at submit; end_job queues its delivery)
+  priority(high|normal|low, set at submit; absent: normal)
+  parked(1 while the worker has set the job's image(s) aside for higher-priority work, else 0)
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ from datetime import datetime, timezone
 from latentd.jobs.events import MAXLEN as EVENTS_MAXLEN
 
 TERMINAL = ("succeeded", "failed", "canceled")
+# Starvation bound of the claim order: a priority that had jobs waiting while this many claims in
+# a row took a higher priority is taken by the next claim (of a worker that may take it). So with
+# a steady stream of high jobs, one normal job and one low job are claimed after at most 8 high
+# ones (a low job waits at most about 2 x 8 claims: normal may be passed over too).
+PASSED_OVER_MAX = 8
 
 
 def rq_time(t: float | None = None) -> str:
@@ -37,17 +44,38 @@ def rq_time(t: float | None = None) -> str:
 # live in jobs/keys.py only. Shared Lua: fair-queue bookkeeping, and end_job (the caller has
 # checked that it may): removes the lease and the RQ started entry, mirrors the status into RQ's
 # job hash, sets the TTLs, publishes once.
+# Priorities: each has its own per-owner wait lists and owner rotation (normal keeps the
+# pre-priority key names, jobs/keys.py wait_of / owners_of) and an arrival-order list
+# (queued_prio) for queue positions.
 _FAIR = r"""
+local PRIOS = {'high', 'normal', 'low'}
+local function prio_of(id)
+  local p = redis.call('HGET', k_job(id), 'priority')
+  if p == 'high' or p == 'low' then return p end
+  return 'normal'
+end
+local function k_w(queue, prio, owner)
+  if prio == 'normal' then return k_wait(queue, owner) end
+  return k_wait_prio(queue, prio, owner)
+end
+local function k_o(queue, prio)
+  if prio == 'normal' then return k_owners(queue) end
+  return k_owners_prio(queue, prio)
+end
 local function unwait(queue, owner, id)
-  local w = k_wait(queue, owner)
+  local prio = prio_of(id)
+  local w = k_w(queue, prio, owner)
   redis.call('LREM', w, 0, id)
-  if redis.call('LLEN', w) == 0 then redis.call('LREM', k_owners(queue), 0, owner) end
+  if redis.call('LLEN', w) == 0 then redis.call('LREM', k_o(queue, prio), 0, owner) end
+  redis.call('LREM', k_queued_prio(queue, prio), 0, id)
 end
 local function rewait_front(queue, owner, id)
-  local w = k_wait(queue, owner)
+  local prio = prio_of(id)
+  local w = k_w(queue, prio, owner)
   if redis.call('LPUSH', w, id) == 1 then
-    redis.call('LPUSH', k_owners(queue), owner)
+    redis.call('LPUSH', k_o(queue, prio), owner)
   end
+  redis.call('LPUSH', k_queued_prio(queue, prio), id)
   redis.call('LPUSH', k_rq_queue(queue), id)
 end
 """
@@ -83,8 +111,8 @@ local function end_job(id, queue, status, err, now, ttl, iso)
 end
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
-# KEYS: rq queue, rq job, record, rq:queues, owner's wait list, owners
-# ARGV: cap, id, owner, field, value, ...
+# KEYS: rq queue, rq job, record, rq:queues, owner's wait list, owners (both of the job's
+# priority), the priority's arrival list   ARGV: cap, id, owner, field, value, ...
 ADMIT = r"""
 local cap = tonumber(ARGV[1])
 if cap > 0 and redis.call('LLEN', KEYS[1]) >= cap then
@@ -94,6 +122,7 @@ end
 redis.call('HSET', KEYS[3], unpack(ARGV, 4))
 redis.call('SADD', KEYS[4], KEYS[1])
 if redis.call('RPUSH', KEYS[5], ARGV[2]) == 1 then redis.call('RPUSH', KEYS[6], ARGV[3]) end
+redis.call('RPUSH', KEYS[7], ARGV[2])
 return redis.call('RPUSH', KEYS[1], ARGV[2])
 """
 
@@ -109,25 +138,60 @@ end_job(ARGV[1], r[4], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 return 1
 """
 
-# Fair across owners (API key names): owners with waiting jobs take turns (round robin over
-# the `owners` list), FIFO within an owner; RQ's queue list holds the same ids in arrival order.
-# KEYS: queue, inbox, leases, rq started, owners   ARGV: worker, now, lease expiry, iso, queue name
+# Priority first: high, then normal, then low, except that a priority passed over
+# PASSED_OVER_MAX times while it had jobs waiting goes first (the starvation bound, counted in
+# the passed_over hash). Within a priority, fair across owners (API key names): owners with
+# waiting jobs take turns (round robin over that priority's owners list), FIFO within an owner;
+# RQ's queue list holds every waiting id in arrival order.
+# KEYS: queue, inbox, leases, rq started, owners   ARGV: worker, now, lease expiry, iso, queue name,
+#   lowest priority to take (1 high .. 3 low: a full worker claims only what outranks its work),
+#   PASSED_OVER_MAX
 # -> false, or {id, attempt, spec, done-indexes JSON}
 CLAIM = _FAIR + r"""
+local q, lowest, bound = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local function pick()
+  local waiting, chosen = {}, nil
+  for l = 1, 3 do waiting[l] = redis.call('LLEN', k_o(q, PRIOS[l])) > 0 end
+  for l = lowest, 2, -1 do
+    if waiting[l] and tonumber(redis.call('HGET', k_passed_over(q), PRIOS[l]) or '0') >= bound then
+      chosen = l
+      break
+    end
+  end
+  if not chosen then
+    for l = 1, lowest do if waiting[l] and not chosen then chosen = l end end
+  end
+  if not chosen then return nil end
+  redis.call('HDEL', k_passed_over(q), PRIOS[chosen])
+  for l = chosen + 1, 3 do
+    if waiting[l] then redis.call('HINCRBY', k_passed_over(q), PRIOS[l], 1) end
+  end
+  return PRIOS[chosen]
+end
 for i = 1, 1000 do
-  local id = redis.call('LPOP', KEYS[2])
+  local id = nil
+  if lowest == 3 then id = redis.call('LPOP', KEYS[2]) end
   if id then
-    unwait(ARGV[5], redis.call('HGET', k_job(id), 'owner') or '', id)
+    unwait(q, redis.call('HGET', k_job(id), 'owner') or '', id)
   else
-    local owner = redis.call('LMOVE', KEYS[5], KEYS[5], 'LEFT', 'RIGHT')
-    if owner then
-      local w = k_wait(ARGV[5], owner)
+    local prio = pick()
+    if prio then
+      local ok = k_o(q, prio)
+      local owner = redis.call('LMOVE', ok, ok, 'LEFT', 'RIGHT')
+      local w = k_w(q, prio, owner)
       id = redis.call('LPOP', w)
-      if redis.call('LLEN', w) == 0 then redis.call('LREM', KEYS[5], 0, owner) end
-      if id then redis.call('LREM', KEYS[1], 1, id) else id = '' end
-    else
+      if redis.call('LLEN', w) == 0 then redis.call('LREM', ok, 0, owner) end
+      if id then
+        redis.call('LREM', KEYS[1], 1, id)
+        redis.call('LREM', k_queued_prio(q, prio), 1, id)
+      else
+        id = ''
+      end
+    elseif lowest == 3 then
       id = redis.call('LPOP', KEYS[1])      -- ids pushed by something other than submit()
       if not id then return false end
+    else
+      return false
     end
   end
   local rec = k_job(id)
@@ -280,7 +344,8 @@ def record_to_dict(rec: dict, position: int | None = None) -> dict:
         "kind": spec.get("kind", "text"),
         "status": r.get("status"),
         "queue_position": position,
-        "progress": {"step": step, "total": steps * n},
+        # parked: set aside (its state kept) while the worker runs higher-priority work
+        "progress": {"step": step, "total": steps * n, "parked": r.get("parked") == "1"},
         "created_at": t("created_at"),
         "started_at": t("started_at"),
         "finished_at": t("finished_at"),

@@ -1,7 +1,8 @@
 """`latentd keys create NAME`: make an API key, print it ONCE, store only its SHA-256 hash in the
 keys file (LATENTD_KEYS_FILE, or --file); `--allow-moderation-low` lets the key ask
-`moderation: "low"` (flagged images come back unredacted, marked nsfw). `latentd keys list` shows
-the names and their permissions."""
+`moderation: "low"` (flagged images come back unredacted, marked nsfw); `--max-priority` caps the
+request priority the key may send (default high: every priority). `latentd keys list` shows the
+names, their permissions and a cap below high."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +16,9 @@ def add_arguments(p) -> None:
     c.add_argument("--allow-moderation-low", action="store_true",
                    help='the key may send moderation "low": its flagged images come back '
                         "unredacted (with nsfw: true) instead of black")
+    c.add_argument("--max-priority", choices=("high", "normal", "low"), default="high",
+                   help="the highest request priority the key may send (default: high); a request "
+                        "above it gets 403 naming priority")
     ls = sub.add_parser("list", help="list key names (hashes are never shown)")
     ls.add_argument("--file", help="keys file (default: LATENTD_KEYS_FILE)")
 
@@ -29,11 +33,14 @@ def run(args) -> int:
     try:
         if args.keys_command == "list":
             perms = auth.read_permissions(path)
+            caps = auth.read_max_priority(path)
             for name in sorted(auth.read_keys_file(path)):
-                print(" ".join([name, *sorted(perms.get(name, ()))]))
+                cap = [f"max_priority={caps[name]}"] if name in caps else []
+                print(" ".join([name, *sorted(perms.get(name, ())), *cap]))
             return 0
         key = auth.add_key(path, args.name,
-                           ("moderation_low",) if args.allow_moderation_low else ())
+                           ("moderation_low",) if args.allow_moderation_low else (),
+                           max_priority=getattr(args, "max_priority", "high"))
     except ValueError as e:
         print(f"latentd keys: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ def test_submit_poll_png_of_the_requested_size(stack):
         job = wait_job(alice, created.json()["id"], timeout=60)
         assert job["status"] == "succeeded", job
         assert [im["seed"] for im in job["images"]] == [41, 42]
-        assert job["progress"] == {"step": 4, "total": 4}
+        assert job["progress"] == {"step": 4, "total": 4, "parked": False}
         assert job["timings"]["finished_at"] >= job["timings"]["started_at"] >= job["timings"]["created_at"]
         jid = job["id"]
         for k, im in enumerate(job["images"]):

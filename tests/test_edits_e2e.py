@@ -121,7 +121,7 @@ def test_img2img_job_and_webp_generation(edit_stack, init_png):
         assert job.status_code == 202, job.text
         done = wait_job(c, job.json()["id"], timeout=120)
         assert done["status"] == "succeeded" and done["kind"] == "img2img", done
-        assert done["progress"] == {"step": 7, "total": 7}              # int(12 x 0.6)
+        assert done["progress"] == {"step": 7, "total": 7, "parked": False}   # int(12 x 0.6)
         assert not edit_stack["redis"].client().exists(f"latentd:init:{done['id']}")
         gen = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "64x64",
                                                      "output_format": "webp", "seed": 5, **FAST})

@@ -48,7 +48,7 @@ def test_submit_is_json_rq_job_and_record(redis_server):
     assert job.args[0]["prompt"] == "a red cat" and job.args[0]["seed"] == 10
     d = c.get(jid, "alice")
     assert d["status"] == "queued" and d["queue_position"] == 0
-    assert d["progress"] == {"step": 0, "total": 12}
+    assert d["progress"] == {"step": 0, "total": 12, "parked": False}
     assert d["params"]["seed"] == 10 and "owner" not in d["params"]
     assert c.get(jid, "bob") is None
     assert c.get("../../etc/passwd", "alice") is None

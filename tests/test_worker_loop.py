@@ -52,7 +52,7 @@ def test_submit_to_png_with_metadata(shared):
     d = c.wait(jid, "alice", 60)
     assert d["status"] == "succeeded", (d, w.output())
     assert [(i["index"], i["seed"]) for i in d["images"]] == [(0, 41), (1, 42)]
-    assert d["progress"] == {"step": 6, "total": 6}
+    assert d["progress"] == {"step": 6, "total": 6, "parked": False}
     assert d["created_at"] <= d["started_at"] <= d["finished_at"]
     assert d["usage"]["compute_seconds"] > 0 and d["error"] is None
     pngs = [c.image_bytes(jid, k, "alice") for k in (0, 1)]

@@ -37,6 +37,7 @@ class Checkpointer:
         self.every_s = float(every_s)
         self._last: dict[str, tuple[int, float]] = {}   # request id -> (step saved, monotonic time)
         self._spec: dict[str, str] = {}                  # job id -> spec_hash
+        self._urgent: set[str] = set()                   # request ids to save at the next save
 
     @property
     def enabled(self) -> bool:
@@ -81,6 +82,11 @@ class Checkpointer:
         metrics.CHECKPOINTS_IGNORED.labels(reason=reason).inc()
         log.warning("job %s image %d: saved row state ignored (%s): %s", job_id, k, reason, why)
 
+    def urgent(self, rid: str) -> None:
+        """Save this row at the next save whatever the schedule (a parked row: if this worker
+        stops before it runs on, another resumes it where it was parked)."""
+        self._urgent.add(rid)
+
     def resumed(self, rid: str, step: int, now: float) -> None:
         """The request was admitted at `step` from its saved row: the next save counts from there."""
         self._last[rid] = (step, now)
@@ -88,7 +94,7 @@ class Checkpointer:
     # --- save --------------------------------------------------------------------------------
     def due(self, held, ex, now: float, force: bool = False) -> list[tuple]:
         """[(Held, {k: row bytes}, {k: step})] of the held jobs with rows to save now."""
-        if not self.enabled and not force:
+        if not self.enabled and not force and not self._urgent:
             return []
         out = []
         for h in held:
@@ -103,8 +109,9 @@ class Checkpointer:
                 last, at = self._last.setdefault(rid, (0, now))
                 moved = st.step - last
                 if moved <= 0:
+                    self._urgent.discard(rid)       # saved at this step already
                     continue
-                if (force or (self.every_steps and moved >= self.every_steps)
+                if (force or rid in self._urgent or (self.every_steps and moved >= self.every_steps)
                         or (self.every_s and now - at >= self.every_s)):
                     rows[k] = self.pipe.save_row(st, self.meta(h.job_id, h.attempt, k)).to_bytes()
                     steps[k] = st.step
@@ -115,11 +122,13 @@ class Checkpointer:
     def saved(self, h, steps: dict[int, int], now: float) -> None:
         for k, step in steps.items():
             self._last[h.rid(k)] = (step, now)
+            self._urgent.discard(h.rid(k))
 
     def forget(self, h, k: int | None = None) -> None:
         """Drop the bookkeeping of one image (finished) or of the whole job (dropped, ended)."""
         ks = range(h.spec.n) if k is None else (k,)
         for i in ks:
             self._last.pop(h.rid(i), None)
+            self._urgent.discard(h.rid(i))
         if k is None:
             self._spec.pop(h.job_id, None)

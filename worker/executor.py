@@ -13,6 +13,14 @@ update_from_output):
   5. finishes the requests that reached their last step in ONE batched VAE decode + safety check
      (`pipe.finish`), and returns events: Progress / Finished / Failed.
 
+Preemption (the scheduler's Decision.park): a parked request leaves the running set at the step
+boundary with its RequestState kept in memory (latents, sampler history, RNG state, edit
+tensors: model/row_state.py), waits like a queued one, and is admitted again later without
+encoding or starting anew: it goes on from the same state, so its image is the one it would have
+been alone (steps are batch-invariant on the CPU; DESIGN 19). Parked / Unparked events tell the
+worker, which also saves the parked row to Redis (worker/checkpoint.py) so that the job resumes
+on another worker if this one stops.
+
 Compute accounting: every batched call's wall time is split over the requests in it (equal
 shares: every request contributes the same number of rows to a call, e.g. 2 U-Net rows with CFG,
 as all requests in one step share one latent size); a request's `compute_s` is the sum of its
@@ -71,6 +79,22 @@ class Resumed:
 
 
 @dataclass(frozen=True)
+class Parked:
+    """Set aside at step `step` for higher-priority work; its state is kept."""
+    request_id: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Unparked:
+    """Admitted again after `parked_s` seconds parked; it goes on from its kept state."""
+    request_id: str
+    step: int
+    parked_s: float
+
+
+@dataclass(frozen=True)
 class Failed:
     request_id: str
     code: str                   # docs/CONTRACTS.md §2 error codes
@@ -89,12 +113,16 @@ class _Entry:
     state: object = None        # model.pipeline.RequestState once admitted
     compute_s: float = 0.0
     resume: object = None       # model.row_state.RowState to start from (None: step 0)
+    priority: int = 1           # 0 high, 1 normal, 2 low (scheduler.Item.priority)
+    parked_at: float | None = None   # perf_counter when parked (its state is kept)
+    queued: int = 0             # the iteration it was added (scheduler.Item.queued: aging)
 
     def item(self) -> Item:
         st = self.state
         return Item(self.request_id, self.key_name, self.arrival, self.size,
                     st.step if st is not None else (self.resume.step if self.resume is not None else 0),
-                    st.total if st is not None else self.req.run_steps, self.mem_mb, self.last_tick)
+                    st.total if st is not None else self.req.run_steps, self.mem_mb, self.last_tick,
+                    self.priority, self.queued)
 
 
 def error_code(exc: BaseException) -> str:
@@ -123,7 +151,8 @@ def estimate_mb(size: tuple[int, int], dtype_bytes: int = 4) -> float:
 class BatchExecutor:
     def __init__(self, pipe, max_batch: int = 16, memory_budget_mb: float | None = None, *,
                  memory_estimate: Callable[[tuple[int, int]], float] | None = None,
-                 band: float = Limits.band, max_skip: int = Limits.max_skip, preview=None):
+                 band: float = Limits.band, max_skip: int = Limits.max_skip, preview=None,
+                 priority_alone: bool = Limits.priority_alone):
         """band / max_skip: shortest-remaining-first within a size group (worker/scheduler.py);
         band=float("inf") steps every running request of the group in every call.
         preview: a model.preview.LatentRGB; watched requests (see watch()) then get Preview
@@ -134,7 +163,7 @@ class BatchExecutor:
             raise ValueError("max_batch must be >= 1")
         self.pipe = pipe
         self.limits = Limits(max_batch=max_batch, memory_budget_mb=memory_budget_mb, band=band,
-                             max_skip=max_skip)
+                             max_skip=max_skip, priority_alone=priority_alone)
         self._estimate = memory_estimate or self._default_estimate
         self._lock = threading.Lock()
         self._incoming: list[_Entry] = []       # added since the last iteration (under _lock)
@@ -146,20 +175,23 @@ class BatchExecutor:
         self._tick = 0
         self.stats = {"unet_calls": 0, "images_finished": 0, "last_batch_size": 0,
                       "iterations": 0, "request_steps": 0, "failed": 0, "text_calls": 0,
-                      "finish_calls": 0, "text_s": 0.0, "unet_s": 0.0, "finish_s": 0.0}
+                      "finish_calls": 0, "text_s": 0.0, "unet_s": 0.0, "finish_s": 0.0,
+                      "preemptions": 0, "parked_s": 0.0}
 
     # --- the loop's side ---------------------------------------------------------------------
-    def add(self, request_id: str, key_name: str, req, resume=None) -> None:
+    def add(self, request_id: str, key_name: str, req, resume=None, priority: int = 1) -> None:
         """Queue a complete request (model.pipeline.GenerationRequest with its size and an edit's
         strength: the worker's come from a checked JobSpec, the engine's own from
         Pipeline.validate); it waits for admission. Nothing is resolved or validated here again.
         resume: a model.row_state.RowState saved mid-run of this request: admitted there
-        (`pipe.resume`, a Resumed event) instead of at step 0; one that does not fit starts over."""
+        (`pipe.resume`, a Resumed event) instead of at step 0; one that does not fit starts over.
+        priority: 0 high, 1 normal, 2 low (admitted first; parks lower-priority running work)."""
         if req.width is None or req.height is None:
             raise ValueError("BatchExecutor.add takes a complete request (Pipeline.validate fills it)")
         size = self._latent_size(req)
         entry = _Entry(request_id, key_name, req, next(self._arrival), size,
-                       self._estimate(size), self._tick, resume=resume)
+                       self._estimate(size), self._tick, resume=resume, priority=int(priority),
+                       queued=self._tick)
         with self._lock:
             self._cancels.discard(request_id)
             self._incoming.append(entry)
@@ -180,8 +212,25 @@ class BatchExecutor:
     def state_of(self, request_id: str):
         """The running request's model.pipeline.RequestState (None: waiting, done or unknown);
         read from the iterating thread (the worker saves row states between iterations)."""
-        e = self._running.get(request_id)
+        e = self._running.get(request_id) or self._waiting.get(request_id)   # (parked: kept)
         return None if e is None else e.state
+
+    @property
+    def parked_count(self) -> int:
+        return sum(e.state is not None for e in list(self._waiting.values()))
+
+    def claim_limit(self) -> int | None:
+        """The worst priority a FULL executor should still take on (a request that would park
+        running work at the next step), or None: nothing it runs can be parked, or a request
+        that outranks its running work is already waiting. Read from the iterating thread."""
+        if not self._running:
+            return None
+        worst = max(e.priority for e in self._running.values())
+        with self._lock:
+            waiting = [*self._waiting.values(), *self._incoming]
+        if worst == 0 or any(w.priority < worst for w in waiting):
+            return None
+        return worst - 1
 
     @property
     def waiting_count(self) -> int:
@@ -218,7 +267,22 @@ class BatchExecutor:
         for rid, reason in d.reject:
             self._waiting.pop(rid)
             events.append(Failed(rid, "out_of_memory", reason))
-        events += self._admit([self._waiting.pop(rid) for rid in d.admit])
+        now = time.perf_counter()
+        for rid in d.park:               # at the step boundary: the state stays as it is
+            e = self._running.pop(rid)
+            e.last_tick, e.parked_at = self._tick, now
+            self._waiting[rid] = e
+            self.stats["preemptions"] += 1
+            events.append(Parked(rid, e.state.step, e.state.total))
+        admitted = [self._waiting.pop(rid) for rid in d.admit]
+        for e in admitted:
+            if e.state is not None:      # a parked request: on from its kept state
+                parked_s = now - (e.parked_at or now)
+                self.stats["parked_s"] += parked_s
+                e.parked_at, e.last_tick = None, self._tick - 1
+                self._running[e.request_id] = e
+                events.append(Unparked(e.request_id, e.state.step, parked_s))
+        events += self._admit([e for e in admitted if e.state is None])
 
         group = [self._running[rid] for rid in d.run if rid in self._running]
         self.stats["last_batch_size"] = len(group)

@@ -28,6 +28,8 @@ class Held:
     base_steps: int = 0                    # steps of images done by an earlier attempt
     sent_step: int = -1                    # progress last published to the event stream
     resumed_from: int | None = None        # a re-run: the progress step it went on from (saved rows)
+    parked: dict[int, float] = field(default_factory=dict)   # image -> monotonic time it was parked
+    priority: int = 1                      # 0 high, 1 normal, 2 low
 
     def steps_done(self) -> int:
         return self.base_steps + sum(min(p, self.spec.run_steps) for p in self.progress.values())

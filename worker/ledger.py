@@ -22,12 +22,13 @@ from latentd.jobs import events, keys
 from latentd.jobs.encode import encode_image
 from latentd.jobs.errors import StoreError
 from latentd.jobs.jobstore import Claim, ImageResult, Touch
+from latentd.jobs.keys import PRIORITIES
 from latentd.jobs.spec import JobSpec
 from latentd.model.errors import InvalidRequest
 from latentd.model.pipeline import GenerationRequest
 from latentd.worker import metrics
 from latentd.worker.checkpoint import Checkpointer
-from latentd.worker.executor import Failed, Finished, Preview, Progress, Resumed
+from latentd.worker.executor import Failed, Finished, Parked, Preview, Progress, Resumed, Unparked
 from latentd.worker.finishing import moderated, usage_share
 from latentd.worker.held import Held, HeldJobs, parse_rid
 from latentd.worker.recovery import REDIS_ERRORS
@@ -101,6 +102,17 @@ class Ledger:
                 self.fail(h, ev.code, ev.message)
             elif isinstance(ev, Resumed):
                 self.resumed(h, k, ev)
+            elif isinstance(ev, Parked):
+                h.parked[k] = time.monotonic()
+                h.dirty = True
+                self.ckpt.urgent(ev.request_id)
+                metrics.PREEMPTIONS.inc()
+                log.info("job %s image %d parked at step %d of %d for higher-priority work",
+                         job_id, k, ev.step, ev.total)
+            elif isinstance(ev, Unparked):
+                h.parked.pop(k, None)
+                h.dirty = True
+                metrics.PARKED_SECONDS.inc(ev.parked_s)
         if len(self.live) > MAX_LIVE:        # Redis has been away: keep only the newest
             del self.live[:-MAX_LIVE]
         return stepped, finished
@@ -265,6 +277,8 @@ class Ledger:
             fields = {f"p:{k}": v for k, v in h.progress.items()} if h.dirty else {}
             if fields and h.resumed_from is not None:
                 fields["resumed_from_step"] = h.resumed_from
+            if h.dirty:
+                fields["parked"] = 1 if h.parked else 0
             entries.append(Touch(h.job_id, h.attempt, fields))
             h.dirty = False
         now = time.time()
@@ -331,6 +345,15 @@ class Ledger:
             if got is None:
                 return
             self.start_job(got, now)
+        # Full: a job that outranks the running work is still taken (one at a time), so that the
+        # executor parks lower-priority rows for it at the next step instead of it waiting in
+        # the queue for them to finish.
+        while (limit := self.ex.claim_limit()) is not None:
+            now = time.time()
+            got = self.rt.jobs.claim(self.name, self.s.lease_s, now=now, lowest=PRIORITIES[limit])
+            if got is None:
+                return
+            self.start_job(got, now)
 
     def start_job(self, c: Claim, now: float) -> None:
         job_id, attempt, done = c.job_id, c.attempt, c.done
@@ -348,8 +371,11 @@ class Ledger:
             return
         redis, model_name = self.rt.redis, self.rt.model_name
         created = redis.hget(keys.job(job_id), "created_at")
+        h.priority = PRIORITIES.index(spec.priority)
         if attempt == 1 and created:
             metrics.QUEUE_WAIT.observe(max(0.0, now - float(created)))
+            metrics.QUEUE_WAIT_BY_PRIORITY.labels(priority=spec.priority).observe(
+                max(0.0, now - float(created)))
         if spec.model not in (None, "", model_name):
             self.fail(h, "invalid_request", f"model: {spec.model!r} is not served by this "
                                             f"worker (it serves {model_name!r})")
@@ -378,7 +404,7 @@ class Ledger:
             h.dirty = True
         rows = self.ckpt.usable(job_id, attempt, c.spec_json, self.rt.jobs.checkpoints(job_id), reqs)
         for k, req in reqs.items():
-            self.ex.add(h.rid(k), spec.owner, req, resume=rows.get(k))
+            self.ex.add(h.rid(k), spec.owner, req, resume=rows.get(k), priority=h.priority)
         pipe = redis.pipeline(transaction=False)
         events.add(pipe, job_id, "running", {"attempt": attempt, "step": h.base_steps,
                                              "total": spec.run_steps * spec.n, "eta_s": None},

@@ -138,6 +138,7 @@ class MainLoop:
             metrics.BATCH_SIZE.observe(stepped)
         metrics.RUNNING.set(ledger.ex.running_count)
         metrics.WAITING.set(ledger.ex.waiting_count)
+        metrics.PARKED.set(ledger.ex.parked_count)
 
     def redis_phase(self) -> None:
         ledger = self.ledger

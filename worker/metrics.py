@@ -34,7 +34,8 @@ def bind(model: str) -> None:
     labels appear at once (at 0), so a scrape shows the model before its first job."""
     ForModel.model = model
     for m in (QUEUE_WAIT, RUN_TIME, STEP_TIME, BATCH_SIZE, RUNNING, WAITING, UNET_CALLS,
-              UNET_PER_IMAGE, IMAGES, FLAGGED, MODEL_LOAD, PREVIEWS):
+              UNET_PER_IMAGE, IMAGES, FLAGGED, MODEL_LOAD, PREVIEWS, PREEMPTIONS, PARKED_SECONDS,
+              PARKED):
         m.labels()
 
 
@@ -42,6 +43,14 @@ _T = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 
 QUEUE_WAIT = _m(Histogram, "latentd_worker_queue_wait_seconds",
                        "Seconds from submit to first claim by a worker", buckets=_T)
+QUEUE_WAIT_BY_PRIORITY = _m(Histogram, "latentd_worker_queue_wait_by_priority_seconds",
+                            "Seconds from submit to first claim by a worker, by request priority",
+                            ["priority"], buckets=_T)
+PREEMPTIONS = _m(Counter, "latentd_worker_preemptions_total",
+                 "Running images parked at a step boundary for higher-priority work (their state kept)")
+PARKED_SECONDS = _m(Counter, "latentd_worker_parked_seconds_total",
+                    "Seconds images spent parked before they ran on")
+PARKED = _m(Gauge, "latentd_worker_parked_requests", "Images parked now (state kept, waiting to run on)")
 RUN_TIME = _m(Histogram, "latentd_worker_run_seconds",
                      "Seconds from claim to the job's end (all its images)", buckets=_T)
 STEP_TIME = _m(Histogram, "latentd_worker_step_seconds",

@@ -112,7 +112,8 @@ class WorkerProcess:
 
         def new_executor() -> BatchExecutor:
             return BatchExecutor(pipe, max_batch=s.worker_max_batch, memory_budget_mb=budget_mb,
-                                 memory_estimate=estimate, preview=preview)
+                                 memory_estimate=estimate, preview=preview,
+                                 priority_alone=s.worker_priority_alone)
 
         governor = None
         if device == "cpu":                      # share the cores with whatever else runs here

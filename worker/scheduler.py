@@ -6,6 +6,18 @@ of its arguments, so it is unit-tested without a model (tests/test_scheduler.py)
 
 Policy (one call to `schedule` per worker iteration):
 
+0. Priority (Item.priority: 0 high, 1 normal, 2 low) comes before everything below: admission
+   takes the best priority first (fairness and FCFS order requests of equal priority), and when
+   the running set is full a waiting request PARKS the running request of the worst priority
+   below its own (latest arrival first; Decision.park): the executor keeps that request's state
+   and admits it again later, where it stopped (DESIGN 19). Starvation bound: a request queued
+   more than `Limits.priority_age` iterations ago (Item.queued) counts as the best priority
+   present, so it is admitted at the next free slot and never parked again, however much high
+   work keeps coming.
+   With `Limits.priority_alone` a size group that holds a higher-priority request steps that
+   priority alone (lower ones sit out, bounded by `max_skip` as in 3.): on a CPU a call's cost
+   grows with its rows, so a high request runs at its latency alone rather than at a full batch's.
+
 1. Admission (waiting -> running), bounded by `Limits.max_batch` (size of the running set, over
    all latent sizes) and `Limits.memory_budget_mb` (sum of the items' estimates).
    Fair across API keys by max-min fair share of running slots: the next request admitted is the
@@ -52,8 +64,10 @@ class Item:
     step: int = 0               # steps done
     total: int = 1              # steps in all
     mem_mb: float = 0.0         # estimated device memory while running
-    last_tick: int = 0          # waiting: iteration it was queued; running: iteration it last
-                                # stepped, or the one before its admission if it has not yet
+    last_tick: int = 0          # waiting: iteration it was queued (or parked); running: iteration
+                                # it last stepped, or the one before its admission if it has not yet
+    priority: int = 1           # 0 high, 1 normal, 2 low (jobs/request.py PRIORITIES' index)
+    queued: int | None = None   # iteration it first queued, for aging (None: last_tick)
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,8 @@ class Limits:
     band: float = 2.0                     # step together: remaining <= band * r_min + band_slack
     band_slack: int = 4
     max_skip: int = 16                    # skipped this many iterations -> steps regardless
+    priority_age: int = 200               # waited this many iterations -> counts as high (0: never)
+    priority_alone: bool = True           # a group's best priority steps without the lower ones
 
 
 @dataclass(frozen=True)
@@ -71,12 +87,17 @@ class Decision:
     reject: tuple[tuple[str, str], ...] = ()      # (id, reason): can never be admitted
     group: tuple[int, int] | None = None          # latent size that steps this iteration
     run: tuple[str, ...] = ()                     # ids that step (running + admitted, that size)
+    park: tuple[str, ...] = ()                    # running ids to set aside (state kept) for
+                                                  # higher-priority waiting requests
 
 
 def schedule(running: list[Item], waiting: list[Item], limits: Limits,
              now: int | None = None) -> Decision:
     """`now`: this iteration's tick (default: one past the newest last_tick)."""
-    admit, reject = _admit(running, waiting, limits)
+    tick = now if now is not None else max((c.last_tick for c in [*running, *waiting]), default=0) + 1
+    admit, reject, park = _admit(running, waiting, limits, tick)
+    parked = set(park)
+    running = [r for r in running if r.request_id not in parked]
     by_id = {w.request_id: w for w in waiting}
     # A newly admitted request counts as having waited no longer than the most recently stepped
     # running group (see 2. above).
@@ -90,14 +111,33 @@ def schedule(running: list[Item], waiting: list[Item], limits: Limits,
     for c in candidates:
         groups[c.size].append(c)
     if not groups:
-        return Decision(admit=tuple(admit), reject=tuple(reject))
+        return Decision(admit=tuple(admit), reject=tuple(reject), park=tuple(park))
     eligible = {size: _eligible(members, limits, now) for size, members in groups.items()}
-    group = min(groups, key=lambda s: (_last_ran(groups[s]),
+    group = min(groups, key=lambda s: (_group_priority(groups[s], limits, now),
+                                      _last_ran(groups[s]),
                                       all(c.step == 0 for c in groups[s]),
                                       -len(eligible[s]),
                                       min(c.arrival for c in groups[s])))
     run = tuple(c.request_id for c in sorted(eligible[group], key=lambda c: c.arrival))
-    return Decision(admit=tuple(admit), reject=tuple(reject), group=group, run=run)
+    return Decision(admit=tuple(admit), reject=tuple(reject), group=group, run=run, park=tuple(park))
+
+
+def rank(item: Item, limits: Limits, now: int, floor: int = 0) -> int:
+    """Item's priority, or `floor` (the best priority present) once it has waited longer than
+    limits.priority_age: aging lifts a request to the best priority there is, never above the
+    requests of its own priority (so it does not reorder work of one priority)."""
+    since = item.last_tick if item.queued is None else item.queued
+    if limits.priority_age and now - since > limits.priority_age:
+        return min(floor, item.priority)
+    return item.priority
+
+
+def _group_priority(members: list[Item], limits: Limits, now: int) -> int:
+    """A group with higher-priority work runs first, unless that would keep the others waiting
+    past max_skip (then it takes its round-robin turn)."""
+    if not limits.priority_alone or now - _last_ran(members) > limits.max_skip:
+        return 0
+    return min(c.priority for c in members)
 
 
 def _last_ran(members: list[Item]) -> int:
@@ -108,33 +148,53 @@ def _last_ran(members: list[Item]) -> int:
 
 
 def _eligible(members: list[Item], limits: Limits, now: int) -> list[Item]:
-    """Members that step if this group runs: the shortest remaining band, plus the aged."""
-    r_min = min(c.total - c.step for c in members)
+    """Members that step if this group runs: the shortest remaining band (of the group's best
+    priority, with priority_alone), plus the aged."""
+    best = min(c.priority for c in members) if limits.priority_alone else None
+    top = [c for c in members if best is None or c.priority == best]
+    r_min = min(c.total - c.step for c in top)
     cut = limits.band * r_min + limits.band_slack
     return [c for c in members
-            if c.total - c.step <= cut or now - c.last_tick > limits.max_skip]
+            if (c in top and c.total - c.step <= cut) or now - c.last_tick > limits.max_skip]
 
 
-def _admit(running: list[Item], waiting: list[Item], limits: Limits):
+def _admit(running: list[Item], waiting: list[Item], limits: Limits, now: int):
     budget = limits.memory_budget_mb
     slots = limits.max_batch - len(running)
     mem_free = None if budget is None else budget - sum(r.mem_mb for r in running)
     held: dict[str, int] = defaultdict(int)          # running slots per key
     for r in running:
         held[r.key] += 1
-    queues: dict[str, list[Item]] = defaultdict(list)  # per key, oldest last (pop() is O(1))
-    for w in sorted(waiting, key=lambda w: w.arrival, reverse=True):
+    floor = min((c.priority for c in [*running, *waiting]), default=0)
+
+    def rk(item: Item) -> int:
+        return rank(item, limits, now, floor)
+
+    queues: dict[str, list[Item]] = defaultdict(list)  # per key, next last (pop() is O(1))
+    for w in sorted(waiting, key=lambda w: (rk(w), w.arrival), reverse=True):
         queues[w.key].append(w)
+    # who a waiting request of a better priority may park: the worst rank, the latest arrival
+    # first (an aged request is never parked; an aged waiting one is admitted first, parks nobody)
+    parkable = sorted(running, key=lambda r: (rk(r), r.arrival))
 
     admit: list[str] = []
     reject: list[tuple[str, str]] = []
+    park: list[str] = []
     while queues:
-        key = min(queues, key=lambda k: (held[k], queues[k][-1].arrival))
+        key = min(queues, key=lambda k: (rk(queues[k][-1]), held[k], queues[k][-1].arrival))
         head = queues[key][-1]
         if budget is not None and head.mem_mb > budget:
             reject.append((head.request_id, f"needs about {head.mem_mb:.0f} MB, more than the "
                                             f"worker's memory budget of {budget:.0f} MB"))
         elif slots <= 0 or (mem_free is not None and head.mem_mb > mem_free):
+            if parkable and rk(parkable[-1]) > head.priority:
+                victim = parkable.pop()
+                park.append(victim.request_id)
+                held[victim.key] -= 1
+                slots += 1
+                if mem_free is not None:
+                    mem_free += victim.mem_mb
+                continue
             break   # full: stop rather than skip ahead (no starvation of the head)
         else:
             admit.append(head.request_id)
@@ -145,4 +205,4 @@ def _admit(running: list[Item], waiting: list[Item], limits: Limits):
         queues[key].pop()
         if not queues[key]:
             del queues[key]
-    return admit, reject
+    return admit, reject, park
