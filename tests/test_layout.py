@@ -95,6 +95,20 @@ def test_no_import_cycles_between_modules():
         visit(n)
 
 
+def test_every_package_folder_is_in_the_wheel():
+    """The wheel lists its packages explicitly (the folders map into latentd.*): a new package
+    folder missing from pyproject.toml would import from the source tree and fail when installed."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    where = {v: k for k, v in cfg["package-dir"].items()}
+    found = set()
+    for folder in ("app", "worker", "jobs", "model", "config", "training", "latentd"):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT).parts
+            top = where.get(parts[0], "latentd" if parts[0] == "latentd" else None)
+            found.add(".".join([top, *parts[1:]]))
+    assert found <= set(cfg["packages"]), sorted(found - set(cfg["packages"]))
+
+
 def test_devkit_not_in_the_wheel():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert not any("devkit" in p for p in cfg["packages"])
