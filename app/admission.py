@@ -1,13 +1,17 @@
 """Admission: route to the model (app/models.py: 422 for an unknown one) -> validate against it
--> per-key rate limit -> queue cap (inside JobClient.submit, one Lua script) -> enqueued on that
+-> a deadline the queue ahead makes unreachable (app/quota.py) -> per-key rate limit -> per-key
+quota (app/quota.py) -> queue cap (inside JobClient.submit, one Lua script) -> enqueued on that
 model's queue. Each step rejects early with a 4xx/503 and enqueues nothing.
 """
 from __future__ import annotations
+
+import uuid
 
 from pydantic import ValidationError
 
 from latentd.app import idempotency, metrics
 from latentd.app.errors import ApiError
+from latentd.app.quota import check_deadline
 from latentd.app.ratelimit import RateLimiter
 from latentd.app.schemas import ImagesGenerationRequest, invalid, to_job_params
 from latentd.model.errors import InvalidRequest
@@ -101,6 +105,8 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
     replay = idempotency.begin(state, endpoint, entry.queue, params, req, init)
     if replay is not None:           # the same Idempotency-Key and request: its first job
         return replay
+    # a deadline the queue ahead makes unreachable: refused before anything is counted
+    check_deadline(state, entry, params.deadline_s, getattr(params, "priority", None))
     limiter: RateLimiter = state.limiter
     wait = limiter.take(owner, params.n)
     if wait:
@@ -113,16 +119,29 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
         err = e.errors()[0]
         field = ".".join(str(p) for p in err.get("loc", ())) or "body"
         raise ApiError(422, "invalid_value", f"{field}: {err.get('msg')}", field) from None
+    submit_kw = idempotency.submit_kwargs(state)
+    quota = state.keys.quota(owner) if state.keys is not None else {}
+    taken = None
+    if quota:      # counted before the submit (one Lua call); the record's qday refunds it later
+        submit_kw["job_id"] = submit_kw.get("job_id") or uuid.uuid4().hex
+        taken = state.quotas.take(owner, quota, params.n, submit_kw["job_id"])
+        submit_kw["record"] = {"qday": taken.day}
     try:
         job_id = state.jobs.submit(spec, callback_url=getattr(req, "callback_url", None),
                                    watch=watch(spec) if watch else None, init=init, queue=entry.queue,
-                                   **idempotency.submit_kwargs(state))
+                                   **submit_kw)
     except QueueFull as e:
+        if taken:
+            state.quotas.refund(owner, taken, submit_kw["job_id"])
         raise ApiError(503, "queue_full", f"the queue is full ({e.cap} jobs waiting); retry later",
                        headers=retry) from None
     except NotReplicated as e:
         if not e.canceled:                  # it already ran: a retry with the key replays it
             idempotency.keep()
         raise ApiError(503, "replication_timeout", f"{e}; retry later", headers=retry) from None
+    except Exception:
+        if taken:                           # nothing admitted (Redis refused the writes)
+            state.quotas.refund(owner, taken, submit_kw["job_id"])
+        raise
     metrics.ADMITTED.labels(endpoint, entry.name).inc()
     return job_id, spec

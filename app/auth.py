@@ -1,7 +1,8 @@
 """API keys: `Authorization: Bearer <key>`. Only SHA-256 hashes of keys are stored (in
 LATENTD_API_KEYS as "name:hexhash,..." and/or the keys file, a JSON object {name: hexhash} or,
 for a key with settings, {name: {"sha256": hexhash, "permissions": ["moderation_low"],
-"max_priority": "normal"}});
+"max_priority": "normal", "quota": {"images": 1000, "compute_s": 3600, "concurrent": 4}}},
+quotas: app/quota.py);
 a presented key is hashed and compared with every stored hash in constant time
 (hmac.compare_digest, no early exit). The key's *name* is the owner id of its jobs; the key itself
 is never logged, stored, or put in an error or a metric label.
@@ -74,7 +75,20 @@ def _read_file(path: str) -> dict:
         if _max_priority(entry) not in PRIORITY_ORDER:
             raise ValueError(f"{path}: key {name!r} has max_priority {_max_priority(entry)!r} "
                              f"(known: {', '.join(PRIORITY_ORDER)})")
+        _quota(entry, f"{path}: key {name!r} quota")
     return data
+
+
+def _quota(entry, where: str = "quota") -> dict:
+    """A key's quotas (app/quota.py QUOTAS), checked: ValueError naming the bad one."""
+    from latentd.app.quota import check_quota
+
+    return check_quota(entry.get("quota", {}), where) if isinstance(entry, dict) else {}
+
+
+def read_quotas(path: str) -> dict[str, dict]:
+    """{name: {images?, compute_s?, concurrent?}} of the keys file, for the keys with a quota."""
+    return {name: _quota(e) for name, e in _read_file(path).items() if _quota(e)}
 
 
 def _digest(entry) -> object:
@@ -107,7 +121,7 @@ def read_permissions(path: str) -> dict[str, frozenset[str]]:
 
 
 def add_key(path: str, name: str, permissions: tuple[str, ...] = (),
-            max_priority: str = DEFAULT_MAX_PRIORITY) -> str:
+            max_priority: str = DEFAULT_MAX_PRIORITY, quota: dict | None = None) -> str:
     """Create a key called `name` (with `permissions`, of PERMISSIONS), store only its hash in
     the keys file (atomically, mode 0600) and return the key (the only time it exists in clear)."""
     keys = _read_file(path)
@@ -118,6 +132,7 @@ def add_key(path: str, name: str, permissions: tuple[str, ...] = (),
         raise ValueError(f"unknown permissions {sorted(bad)} (known: {', '.join(PERMISSIONS)})")
     if max_priority not in PRIORITY_ORDER:
         raise ValueError(f"unknown max priority {max_priority!r} (known: {', '.join(PRIORITY_ORDER)})")
+    quota = _quota({"quota": quota or {}}, "quota")   # checked before anything is written
     key = new_key()
     digest = hash_key(key)
     _check_entry(name, digest, "name")
@@ -126,6 +141,8 @@ def add_key(path: str, name: str, permissions: tuple[str, ...] = (),
         entry["permissions"] = sorted(permissions)
     if max_priority != DEFAULT_MAX_PRIORITY:
         entry["max_priority"] = max_priority
+    if quota:
+        entry["quota"] = quota
     keys[name] = entry if len(entry) > 1 else digest
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -156,6 +173,12 @@ def load_max_priority(settings) -> dict[str, str]:
     return {n: p for n, p in read_max_priority(keys_path(settings)).items() if n not in env}
 
 
+def load_quotas(settings) -> dict[str, dict]:
+    """Per-key quotas: the keys file's (a key named in LATENTD_API_KEYS has none)."""
+    env = parse_keys(settings.api_keys)
+    return {n: q for n, q in read_quotas(keys_path(settings)).items() if n not in env}
+
+
 def auth_enabled(settings) -> bool:
     return settings.auth.strip().lower() not in ("off", "0", "false", "no")
 
@@ -164,10 +187,15 @@ class KeyStore:
     """name -> SHA-256 digest; `owner(key)` is the name or None; `permits(name, what)`."""
 
     def __init__(self, hashes: dict[str, str], permissions: dict[str, frozenset[str]] | None = None,
-                 max_priority: dict[str, str] | None = None):
+                 max_priority: dict[str, str] | None = None, quotas: dict[str, dict] | None = None):
         self._items = [(name, bytes.fromhex(h)) for name, h in sorted(hashes.items())]
         self._permissions = dict(permissions or {})
         self._max_priority = dict(max_priority or {})
+        self._quotas = dict(quotas or {})
+
+    def quota(self, name: str) -> dict:
+        """The key's quotas ({} : none), app/quota.py."""
+        return self._quotas.get(name, {})
 
     def max_priority(self, name: str) -> str:
         """The highest request priority the key called `name` may send."""

@@ -13,7 +13,8 @@ from fastapi import FastAPI
 
 from latentd.app import auth, handlers, signing
 from latentd.app.metrics import MetricsMiddleware
-from latentd.app.routes import edits, images, jobs, playground, sdapi, system
+from latentd.app.quota_headers import QuotaHeadersMiddleware
+from latentd.app.routes import edits, images, jobs, playground, sdapi, system, usage
 from latentd.app.state import app_state, attach, build_state
 from latentd.app.uploads import UPLOAD_PATHS
 from latentd.config.settings import Settings, get_settings
@@ -50,7 +51,8 @@ def key_store(settings: Settings) -> auth.KeyStore | None:
         return None
     keys = auth.load_keys(settings)
     return auth.KeyStore(keys, auth.load_permissions(settings),
-                         auth.load_max_priority(settings)) if keys or settings.env != "dev" else None
+                         auth.load_max_priority(settings),
+                         quotas=auth.load_quotas(settings)) if keys or settings.env != "dev" else None
 
 
 @asynccontextmanager
@@ -75,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     st = build_state(settings, key_store(settings))
     attach(app, st)
     handlers.install(app)
-    for r in (images.router, edits.router, jobs.router, system.router, playground.router, sdapi.router):
+    for r in (images.router, edits.router, jobs.router, system.router, playground.router, sdapi.router,
+              usage.router):
         app.include_router(r)
     if not settings.metrics_port:
         system.add_metrics_route(app)
@@ -89,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(handlers.BodyLimitMiddleware, limit=settings.max_body_bytes,
                        large_limit=settings.max_edit_body_bytes,
                        large_paths=UPLOAD_PATHS + sdapi.UPLOAD_PATHS)
+    app.add_middleware(QuotaHeadersMiddleware)     # inside the metrics one: every answer, 429s too
     app.add_middleware(MetricsMiddleware)
     log.info("latentd API: auth %s, %d key(s), models %s (default %s)",
              "on" if st.keys is not None else "OFF", len(st.keys or ()),

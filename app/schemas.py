@@ -251,3 +251,27 @@ class Health(BaseModel):
     models: dict[str, int] | None = None       # model -> its ready workers
     no_workers: list[str] | None = None        # models nobody serves now (their jobs wait)
     reason: str | None = None
+
+
+class UsageTotals(BaseModel):
+    """Summed over jobs that ended (GET /v1/usage); each job's own are its `usage` field."""
+    images: int = 0                    # images made (recorded)
+    compute_seconds: float = 0.0       # worker time charged (a stopped job's so far included)
+    steps: int = 0                     # denoising steps run
+    jobs: int = 0                      # jobs that ended (succeeded, failed or canceled)
+
+
+class UsageDay(BaseModel):
+    date: str                          # UTC day (YYYY-MM-DD) the jobs ended
+    total: UsageTotals
+    by_model: dict[str, UsageTotals]
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    start: str                         # first UTC day, inclusive
+    end: str                           # last UTC day, inclusive
+    total: UsageTotals
+    by_model: dict[str, UsageTotals]
+    days: list[UsageDay]               # every day of the range, oldest first (zeros included)
+    quota: dict[str, int] = {}         # the key's quotas (app/quota.py), {} without one

@@ -16,6 +16,7 @@ from latentd.app import signing
 from latentd.app.auth import KeyStore
 from latentd.app.breaker import BreakerPool
 from latentd.app.models import ModelSource
+from latentd.app.quota import Quotas
 from latentd.app.ratelimit import RateLimiter
 from latentd.config.settings import Settings
 from latentd.jobs.client import JobClient
@@ -34,6 +35,7 @@ class AppState:
     secret: bytes                          # signs image URLs (app/signing.py)
     limiter: RateLimiter
     models: ModelSource
+    quotas: Quotas                         # per-key quotas' counters (app/quota.py)
     _waits: anyio.CapacityLimiter | None = field(default=None, repr=False)
 
     def waits(self) -> anyio.CapacityLimiter:
@@ -69,11 +71,12 @@ def make_async_redis(settings: Settings):
 def build_state(settings: Settings, keys: KeyStore | None) -> AppState:
     redis = make_redis(settings)
     jobs = JobClient(redis, settings)
+    aredis = make_async_redis(settings)
     return AppState(settings=settings, redis=redis, breaker=redis.connection_pool,
-                    aredis=make_async_redis(settings), jobs=jobs, keys=keys,
+                    aredis=aredis, jobs=jobs, keys=keys,
                     secret=signing.secret_bytes(settings),
                     limiter=RateLimiter(redis, settings.rate_limit_per_s, settings.rate_limit_burst),
-                    models=ModelSource(jobs))
+                    models=ModelSource(jobs), quotas=Quotas(redis, aredis))
 
 
 def attach(app: FastAPI, state: AppState) -> None:

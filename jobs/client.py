@@ -76,7 +76,7 @@ class JobClient:
     def submit(self, spec: JobSpec, callback_url: str | None = None,
                watch: tuple[str, int] | None = None, init: dict[str, bytes] | None = None,
                queue: str | None = None, job_id: str | None = None,
-               idempotency: tuple[str, str, int] | None = None) -> str:
+               idempotency: tuple[str, str, int] | None = None, record: dict | None = None) -> str:
         """Enqueue a validated spec on `queue` (a model's: queue_of; None: the default model's);
         returns the job id. Raises QueueFull (nothing enqueued; the cap is per queue).
         callback_url: POST the record there when the job ends (jobs/webhooks.py; checked by the
@@ -86,6 +86,8 @@ class JobClient:
         keys.init_image until the job ends (never in the spec, the RQ job or the record the owner
         reads). job_id: the id reserved by an Idempotency-Key claim (else a new one);
         idempotency: (owner, key, ttl_s) of that claim, marked admitted in the same round trip.
+        record: more fields of the job record (the quota day, `qday`, of a job counted against a
+        key's quota: jobs/state.py refunds and charges it when the job ends).
 
         Redis refusing the writes (OOM, READONLY) raises its ResponseError with nothing admitted
         (the RQ job hash and the init image are removed again). With LATENTD_REDIS_MIN_REPLICAS
@@ -111,6 +113,7 @@ class JobClient:
                   "attempt": 0, "compute_s": 0, "done": 0, "priority": spec.priority}
         if callback_url:
             fields["callback"] = callback_url
+        fields.update(record or {})
         for tries in (1, 2):
             # One round trip (admit_on); after a Redis restart, load the script and go again.
             pipe = self.redis.pipeline(transaction=False)

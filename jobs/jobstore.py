@@ -94,13 +94,17 @@ class JobStore:
         self.redis.script_load(self._admit.script)
 
     def finish(self, job_id: str, status: str, error: dict | None, *, owner: str = "",
-               attempt: int | None = None, now: float | None = None) -> FinishResult | None:
+               attempt: int | None = None, now: float | None = None,
+               compute_s: float = 0.0) -> FinishResult | None:
         """End a queued or running job. owner: only if it is theirs ('' = any); attempt: only if
-        that attempt is the running one (None = unfenced). None: no such job (or not theirs)."""
+        that attempt is the running one (None = unfenced). None: no such job (or not theirs).
+        compute_s: the worker's compute on images it did not record (a job stopped mid-run),
+        added to the job's compute_s as it ends, so usage and quotas charge it."""
         now = time.time() if now is None else now
         res = self._finish(keys=[keys.job(job_id)],
                            args=[job_id, owner, "" if attempt is None else attempt, status,
-                                 json.dumps(error) if error else "", repr(now), self.ttl, rq_time(now)])
+                                 json.dumps(error) if error else "", repr(now), self.ttl, rq_time(now),
+                                 repr(float(compute_s))])
         return None if res is None else FinishResult(int(res))
 
     # --- the worker side -----------------------------------------------------------------------

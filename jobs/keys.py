@@ -45,6 +45,10 @@ TEMPLATES = {
     "ratelimit": P + ":ratelimit:{owner}",
     "idempotency": P + ":idem:{owner}:{key_hash}",
     "sdapi_model": P + ":sdapi:model:{owner}",
+    "quota": P + ":quota:{owner}:{day}",
+    "active": P + ":active:{owner}",
+    "usage": P + ":usage:{owner}:{day}",
+    "runtimes": P + ":{queue}:runtimes",
 }
 
 
@@ -216,12 +220,45 @@ def sdapi_model(owner: str) -> str:
     return _key("sdapi_model", owner=owner)
 
 
+QUOTA_TTL_S = 2 * 86400                       # a day's quota counters outlive the day, then go
+USAGE_TTL_S = 400 * 86400                     # usage kept per day: a year and a bit (GET /v1/usage)
+RUNTIMES_KEPT = 20                            # recent run times per queue (deadline estimates)
+
+
+def quota(owner: str, day: str) -> str:
+    """An owner's quota counters of one UTC day (YYYY-MM-DD), hash {images: admitted images
+    (refunded when a job ends without them), compute_s: compute-seconds of jobs that ended that
+    day}; written only for keys with a quota (app/quota.py), TTL QUOTA_TTL_S."""
+    return _key("quota", owner=owner, day=day)
+
+
+def active(owner: str) -> str:
+    """zset job id -> admission time: an owner's queued and running jobs, for its `concurrent`
+    quota; end_job removes an id, and admission prunes ids whose job ended or was never written."""
+    return _key("active", owner=owner)
+
+
+def usage(owner: str, day: str) -> str:
+    """An owner's usage of one UTC day (the day a job ended), hash "<queue>|images",
+    "<queue>|compute_s", "<queue>|steps", "<queue>|jobs" (a queue is one model's), written by
+    end_job (jobs/state.py) for every job, TTL USAGE_TTL_S; read by GET /v1/usage."""
+    return _key("usage", owner=owner, day=day)
+
+
+def runtimes(queue: str) -> str:
+    """The run seconds (claim to end) of the queue's last RUNTIMES_KEPT succeeded jobs, newest
+    first: the measured rate of the admission's deadline estimate (app/quota.py)."""
+    return _key("runtimes", queue=queue)
+
+
 @cache
 def lua_prelude() -> str:
     """Lua functions k_<name>(parts...) for every template, e.g.
     `local function k_wait(queue, owner) return 'latentd:' .. queue .. ':wait:' .. owner end`,
     and the fixed keys as K_WEBHOOKS_DUE, K_RQ_QUEUES."""
-    lines = [f"local K_RQ_QUEUES = '{RQ_QUEUES}'", f"local K_WEBHOOKS_DUE = '{WEBHOOKS_DUE}'"]
+    lines = [f"local K_RQ_QUEUES = '{RQ_QUEUES}'", f"local K_WEBHOOKS_DUE = '{WEBHOOKS_DUE}'",
+             f"local QUOTA_TTL_S = {QUOTA_TTL_S}", f"local USAGE_TTL_S = {USAGE_TTL_S}",
+             f"local RUNTIMES_KEPT = {RUNTIMES_KEPT}"]
     for name, template in TEMPLATES.items():
         args, parts = [], []
         for literal, field, _spec, _conv in Formatter().parse(template):

@@ -31,6 +31,7 @@ from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAM
 MAX_N = 16                  # images per request, the hard cap (deployments lower it: LATENTD_MAX_N)
 MAX_PROMPT_CHARS = 4000     # the text encoder truncates at 77 tokens anyway; this bounds payloads
 MAX_IMAGE_PIXELS = 4096 * 4096   # an uploaded init image / mask, before it is resized
+MAX_DEADLINE_S = 86400      # a day: a job that may wait longer has no deadline worth stating
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 # OpenAI's quality: a step preset of the model (model/info.py ModelInfo.quality_steps); auto is
 # the model's default (medium), DALL-E's standard / hd are medium / high
@@ -182,6 +183,11 @@ FIELDS: tuple[Field, ...] = (
     Field("callback_url", str, "POST the job's record here when it ends (a host on the server's "
                                "LATENTD_WEBHOOK_ALLOW)", _on(*ALL_API),
           bounds={"min_length": 1, "max_length": 2048}),
+    Field("deadline_s", int, "Seconds from admission the job has: refused at once (429) when the "
+          "queue ahead cannot start it in time; failed deadline_exceeded when not started by then "
+          "(no step runs), or stopped at its next step when still running then (compute so far "
+          f"charged); 1 to {MAX_DEADLINE_S}, absent: none",
+          _on(*ALL_API, "spec", "cli"), bounds={"ge": 1, "le": MAX_DEADLINE_S}),
     # what resolving makes of the fields above, as a job carries it
     Field("width", int, "Pixels (resolved from size, the init image or the model's native size; "
                         "a spec built by hand may leave it out: the model's native size)",

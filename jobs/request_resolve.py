@@ -14,8 +14,8 @@ import re
 import secrets
 from dataclasses import asdict, make_dataclass
 
-from latentd.jobs.request import (BACKGROUNDS, BY_NAME, FIDELITY_STRENGTH, MODERATIONS, OUTPUT_FORMATS,
-                                  PRIORITIES,
+from latentd.jobs.request import (BACKGROUNDS, BY_NAME, FIDELITY_STRENGTH, MAX_DEADLINE_S, MODERATIONS,
+                                  OUTPUT_FORMATS, PRIORITIES,
                                   QUALITIES, QUALITY_AS, Limits, spec_names)
 from latentd.model.errors import InvalidRequest
 from latentd.model.request import DEFAULT_STRENGTH, MAX_SEED, check, is_int, kind_of, size_allowed
@@ -44,7 +44,7 @@ def _text(name: str, text, limits: Limits) -> str:
 def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None, guidance_scale=None,
             sampler=None, karras=None, eta=None, seed=None, strength=None, classifier_guidance=None,
             output_format=None, output_compression=None, model=None, quality=None, background=None,
-            moderation=None, input_fidelity=None, priority=None, image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
+            moderation=None, input_fidelity=None, priority=None, deadline_s=None, image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
             limits: Limits = Limits()) -> Resolved:
     """The Resolved request, or InvalidRequest naming the first bad field and its allowed range.
 
@@ -87,6 +87,9 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
                                            "channel (opaque images only)", ["opaque", "auto"])
     moderation = _one_of("moderation", _pick(moderation, BY_NAME["moderation"].default), MODERATIONS)
     priority = _one_of("priority", _pick(priority, BY_NAME["priority"].default), PRIORITIES)
+    if deadline_s is not None and (not is_int(deadline_s) or not 1 <= deadline_s <= MAX_DEADLINE_S):
+        raise InvalidRequest("deadline_s", f"must be an integer number of seconds between 1 and "
+                                           f"{MAX_DEADLINE_S}, got {deadline_s!r}", {"min": 1, "max": MAX_DEADLINE_S})
     fmt = _pick(output_format, BY_NAME["output_format"].default)
     if fmt not in OUTPUT_FORMATS:
         raise InvalidRequest("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}",
@@ -99,6 +102,7 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
     targets, cscale = resolve_classifier(getattr(info, "classifier", None), classifier_guidance)
     r = Resolved(prompt=prompt, negative_prompt=negative_prompt, n=n,
                  steps=steps, quality=quality, moderation=moderation, priority=priority,
+                 deadline_s=deadline_s,
                  guidance_scale=_pick(guidance_scale, info.default_guidance),
                  sampler=_pick(sampler, info.default_sampler), karras=_pick(karras, info.default_karras),
                  eta=_pick(eta, BY_NAME["eta"].default), seed=seed, strength=strength,

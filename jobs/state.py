@@ -80,7 +80,46 @@ local function rewait_front(queue, owner, id)
 end
 """
 
-_END = _FAIR + r"""
+# Accounting when a job ends, in the same transition (so it happens exactly once): the owner's
+# usage of the UTC day it ended (GET /v1/usage; by queue, i.e. by model), the owner's quota
+# counters (only for a job admitted under a quota: it carries `qday`, the UTC day its images were
+# counted): images it did not make are refunded to that day, its compute-seconds charged to
+# today; it leaves the owner's concurrent set; a succeeded job's run time feeds the deadline
+# estimate (keys.runtimes).
+_ACCOUNT = r"""
+local function account(id, queue, status, now, iso)
+  local rec = k_job(id)
+  local r = redis.call('HMGET', rec, 'owner', 'compute_s', 'done', 'n', 'steps', 'qday', 'started_at')
+  local owner = r[1] or ''
+  local compute = tonumber(r[2] or '0') or 0
+  local done = tonumber(r[3] or '0') or 0
+  local n = tonumber(r[4] or '0') or 0
+  local steps = tonumber(r[5] or '0') or 0
+  local ran = 0
+  for k = 0, n - 1 do ran = ran + math.min(tonumber(redis.call('HGET', rec, 'p:' .. k) or '0') or 0, steps) end
+  local day = string.sub(iso, 1, 10)
+  local u = k_usage(owner, day)
+  redis.call('HINCRBY', u, queue .. '|jobs', 1)
+  redis.call('HINCRBY', u, queue .. '|images', done)
+  redis.call('HINCRBY', u, queue .. '|steps', ran)
+  redis.call('HINCRBYFLOAT', u, queue .. '|compute_s', string.format('%.6f', compute))
+  redis.call('EXPIRE', u, USAGE_TTL_S)
+  redis.call('ZREM', k_active(owner), id)
+  if r[6] and r[6] ~= '' then
+    if n > done then redis.call('HINCRBY', k_quota(owner, r[6]), 'images', done - n) end
+    local q = k_quota(owner, day)
+    redis.call('HINCRBYFLOAT', q, 'compute_s', string.format('%.6f', compute))
+    redis.call('EXPIRE', q, QUOTA_TTL_S)
+  end
+  if status == 'succeeded' and r[7] then
+    local rt = k_runtimes(queue)
+    redis.call('LPUSH', rt, string.format('%.3f', math.max(0, tonumber(now) - tonumber(r[7]))))
+    redis.call('LTRIM', rt, 0, RUNTIMES_KEPT - 1)
+  end
+end
+"""
+
+_END = _FAIR + _ACCOUNT + r"""
 local function end_job(id, queue, status, err, now, ttl, iso)
   local rec = k_job(id)
   local exe = redis.call('HGET', rec, 'execution')
@@ -96,6 +135,7 @@ local function end_job(id, queue, status, err, now, ttl, iso)
   redis.call('EXPIRE', k_rq_job(id), ttl)
   redis.call('DEL', k_init_image(id))   -- an edit's init image: not needed any more
   redis.call('DEL', k_checkpoint(id))   -- saved row states: nothing left to resume
+  account(id, queue, status, now, iso)
   redis.call('PUBLISH', k_done_channel(id), status)
   -- the final event of the job's event stream (jobs/events.py), in the same transition
   local ev = k_events(id)
@@ -126,7 +166,8 @@ redis.call('RPUSH', KEYS[7], ARGV[2])
 return redis.call('RPUSH', KEYS[1], ARGV[2])
 """
 
-# KEYS: record   ARGV: id, owner ('' = any), attempt ('' = unfenced), status, error JSON, now, ttl, iso
+# KEYS: record   ARGV: id, owner ('' = any), attempt ('' = unfenced), status, error JSON, now, ttl, iso,
+#   compute_s (optional: the worker's compute on images not recorded, charged as the job ends)
 # -> nil unknown/other owner; 0 already terminal; -1 not this attempt's; 1 ended now
 FINISH = _END + r"""
 local r = redis.call('HMGET', KEYS[1], 'owner', 'status', 'attempt', 'queue')
@@ -134,6 +175,9 @@ if not r[1] then return nil end
 if ARGV[2] ~= '' and r[1] ~= ARGV[2] then return nil end
 if r[2] ~= 'queued' and r[2] ~= 'running' then return 0 end
 if ARGV[3] ~= '' and (r[2] ~= 'running' or r[3] ~= ARGV[3]) then return -1 end
+if ARGV[9] and ARGV[9] ~= '' and tonumber(ARGV[9]) > 0 then
+  redis.call('HINCRBYFLOAT', KEYS[1], 'compute_s', ARGV[9])
+end
 end_job(ARGV[1], r[4], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 return 1
 """
@@ -351,7 +395,10 @@ def record_to_dict(rec: dict, position: int | None = None) -> dict:
         "finished_at": t("finished_at"),
         "images": images,
         "error": json.loads(r["error"]) if r.get("error") else None,
-        "usage": {"compute_seconds": round(float(r.get("compute_s", 0) or 0), 6)},
+        # what GET /v1/usage sums (end_job's accounting counts the same fields): images
+        # recorded, denoising steps run (the progress), compute charged
+        "usage": {"compute_seconds": round(float(r.get("compute_s", 0) or 0), 6),
+                  "images": int(r.get("done", 0) or 0), "steps": step},
         "attempts": int(r.get("attempt", 0) or 0),
         # progress step a re-run went on from (saved rows + images done before); None: not re-run
         "resumed_from_step": int(r["resumed_from_step"]) if r.get("resumed_from_step") else None,

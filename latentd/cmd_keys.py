@@ -1,7 +1,8 @@
 """`latentd keys create NAME`: make an API key, print it ONCE, store only its SHA-256 hash in the
 keys file (LATENTD_KEYS_FILE, or --file); `--allow-moderation-low` lets the key ask
 `moderation: "low"` (flagged images come back unredacted, marked nsfw); `--max-priority` caps the
-request priority the key may send (default high: every priority). `latentd keys list` shows the
+request priority the key may send (default high: every priority); `--quota` sets its quotas
+(app/quota.py: images and compute-seconds per UTC day, concurrent jobs). `latentd keys list` shows the
 names, their permissions and a cap below high."""
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def add_arguments(p) -> None:
     c.add_argument("--max-priority", choices=("high", "normal", "low"), default="high",
                    help="the highest request priority the key may send (default: high); a request "
                         "above it gets 403 naming priority")
+    c.add_argument("--quota", metavar="Q=N,...",
+                   help="per-key quotas, any of images=N (images per UTC day), compute_s=N "
+                        "(compute-seconds per UTC day), concurrent=N (jobs queued or running at "
+                        "once), e.g. images=1000,compute_s=3600,concurrent=4")
     ls = sub.add_parser("list", help="list key names (hashes are never shown)")
     ls.add_argument("--file", help="keys file (default: LATENTD_KEYS_FILE)")
 
@@ -34,13 +39,19 @@ def run(args) -> int:
         if args.keys_command == "list":
             perms = auth.read_permissions(path)
             caps = auth.read_max_priority(path)
+            quotas = auth.read_quotas(path)
             for name in sorted(auth.read_keys_file(path)):
                 cap = [f"max_priority={caps[name]}"] if name in caps else []
-                print(" ".join([name, *sorted(perms.get(name, ())), *cap]))
+                quota = [f"quota={','.join(f'{k}={v}' for k, v in quotas[name].items())}"] \
+                    if name in quotas else []
+                print(" ".join([name, *sorted(perms.get(name, ())), *cap, *quota]))
             return 0
+        from latentd.app.quota import parse_quota
+
+        quota = parse_quota(args.quota) if getattr(args, "quota", None) is not None else None
         key = auth.add_key(path, args.name,
                            ("moderation_low",) if args.allow_moderation_low else (),
-                           max_priority=getattr(args, "max_priority", "high"))
+                           max_priority=getattr(args, "max_priority", "high"), quota=quota)
     except ValueError as e:
         print(f"latentd keys: {e}", file=sys.stderr)
         return 2

@@ -232,6 +232,12 @@ class BatchExecutor:
             return None
         return worst - 1
 
+    def compute_of(self, request_id: str) -> float:
+        """Compute charged so far to a request that has not finished (0.0: unknown or done); read
+        from the iterating thread, before cancelling it, so a job stopped mid-run pays its share."""
+        e = self._running.get(request_id) or self._waiting.get(request_id)
+        return 0.0 if e is None else e.compute_s
+
     @property
     def waiting_count(self) -> int:
         with self._lock:

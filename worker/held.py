@@ -30,6 +30,7 @@ class Held:
     resumed_from: int | None = None        # a re-run: the progress step it went on from (saved rows)
     parked: dict[int, float] = field(default_factory=dict)   # image -> monotonic time it was parked
     priority: int = 1                      # 0 high, 1 normal, 2 low
+    due_at: float | None = None            # unix s: created_at + the spec's deadline_s (None: none)
 
     def steps_done(self) -> int:
         return self.base_steps + sum(min(p, self.spec.run_steps) for p in self.progress.values())

@@ -58,6 +58,7 @@ class PendingFailure:
     attempt: int
     code: str
     message: str
+    compute_s: float = 0.0                 # spent on images it did not record (charged as it ends)
 
 
 class Ledger:
@@ -171,18 +172,24 @@ class Ledger:
         if h.ending:
             return
         h.ending = True
+        spent = sum(self.ex.compute_of(h.rid(k)) for k in h.todo)   # its unfinished images' share
         for k in h.todo:
             self.ex.cancel(h.rid(k))
-        self.outbox.append(PendingFailure(h.job_id, h.attempt, code, message))
+        self.outbox.append(PendingFailure(h.job_id, h.attempt, code, message, spent))
         metrics.FAILURES.labels(reason=code).inc()
         log.warning("job %s failed: %s: %s", h.job_id, code, message)
 
     def check_timeouts(self) -> None:
-        now = time.monotonic()
+        """Called before every step: a job past its timeout or its deadline (deadline_s after
+        admission) stops here, within one step."""
+        now, wall = time.monotonic(), time.time()
         for h in self.held.all():
             if not h.ending and h.todo and now > h.deadline:    # (all done: only writes left)
                 limit = h.spec.timeout_s or self.s.job_timeout_s
                 self.fail(h, "timeout", f"the job ran longer than its timeout of {limit:g}s")
+            elif not h.ending and h.todo and h.due_at is not None and wall > h.due_at:
+                self.fail(h, "deadline_exceeded", f"the job was still running at its deadline "
+                                                  f"({h.spec.deadline_s}s after admission); stopped")
 
     def drop(self, job_id: str, why: str) -> None:
         """Forget a job that is no longer ours (canceled, requeued elsewhere, or ended)."""
@@ -228,7 +235,7 @@ class Ledger:
                     self.drop(item.job_id, "not ours any more")
             else:
                 jobs.finish(item.job_id, "failed", {"code": item.code, "message": item.message},
-                            attempt=item.attempt)
+                            attempt=item.attempt, compute_s=item.compute_s)
                 self.ended(item.job_id, "failed")
             self.outbox.pop(0)
         self.save_rows()
@@ -376,6 +383,12 @@ class Ledger:
             metrics.QUEUE_WAIT.observe(max(0.0, now - float(created)))
             metrics.QUEUE_WAIT_BY_PRIORITY.labels(priority=spec.priority).observe(
                 max(0.0, now - float(created)))
+        if spec.deadline_s is not None and created:
+            h.due_at = float(created) + spec.deadline_s
+            if now >= h.due_at:              # not started in time: fail it before any step runs
+                self.fail(h, "deadline_exceeded", f"no worker started the job within its deadline "
+                          f"({spec.deadline_s}s after admission; it waited {now - float(created):.1f}s)")
+                return
         if spec.model not in (None, "", model_name):
             self.fail(h, "invalid_request", f"model: {spec.model!r} is not served by this "
                                             f"worker (it serves {model_name!r})")
