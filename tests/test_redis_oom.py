@@ -41,6 +41,10 @@ def fill(r) -> int:
         try:
             r.set(f"junk:{n}", b"x" * 4096)
         except redis_lib.exceptions.OutOfMemoryError:
+            # refused once; memory can still dip just under the limit (freed buffers), which would
+            # let a small admission through: put the limit well below what is used (noeviction
+            # keeps every key and refuses every write)
+            r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 64 * 1024)
             return n
         n += 1
 
