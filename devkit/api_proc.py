@@ -127,15 +127,15 @@ def open_png(data: bytes):
 @contextlib.contextmanager
 def service_stack(model: str, api_settings: dict | None = None, **worker_settings):
     """A whole service on loopback: a fresh redis-server, the API (keys alice and bob, no rate
-    limit unless api_settings set one) and one ready `latentd worker` on `model`; all stopped on
-    exit. Yields {"api": ApiProc, "worker": WorkerProc, "redis": RedisServer}."""
+    limit, unless api_settings say otherwise) and one ready `latentd worker` on `model`; all
+    stopped on exit. Yields {"api": ApiProc, "worker": WorkerProc, "redis": RedisServer}."""
     from devkit.services import RedisServer, WorkerProc
 
     redis_srv = RedisServer().start()
     api = worker = None
     try:
-        api = ApiProc(redis_srv.url, api_keys=KEYS, model=str(model),
-                      **{"rate_limit_per_s": 0, **(api_settings or {})}).start()
+        api = ApiProc(redis_srv.url, **{"api_keys": KEYS, "model": str(model), "rate_limit_per_s": 0,
+                                        **(api_settings or {})}).start()
         worker = WorkerProc(redis_srv.url, str(model), **worker_settings).start().wait_ready(180)
         yield {"api": api, "worker": worker, "redis": redis_srv}
     finally:
@@ -144,3 +144,35 @@ def service_stack(model: str, api_settings: dict | None = None, **worker_setting
         if api:
             api.stop()
         redis_srv.stop()
+
+
+@contextlib.contextmanager
+def models_stack(models: str, worker_models: tuple[str, ...], unserved: tuple[str, ...] = ()):
+    """A deployment of several models (LATENTD_MODELS=`models`): a fresh redis-server, the API
+    and one `latentd worker --model ...` supervisor serving `worker_models` (NAME or NAME=PATH),
+    ready when /readyz names exactly `unserved` as the models without a worker."""
+    import httpx
+
+    from devkit.services import RedisServer, WorkerProc, free_port, poll
+
+    redis = RedisServer().start()
+    api = worker = None
+    try:
+        api = ApiProc(redis.url, api_keys=KEYS, models=models, rate_limit_per_s=0).start()
+        args = tuple(a for m in worker_models for a in ("--model", m))
+        worker = WorkerProc(redis.url, None, models=models, worker_metrics_port=free_port(),
+                            worker_heartbeat_s=0.5, args=args).start()
+
+        def served():
+            body = httpx.get(api.url + "/readyz", timeout=5).json()
+            assert worker.alive(), worker.output()
+            return body if body.get("no_workers") == list(unserved) else None
+        poll(served, timeout=240, every=0.2)
+        yield {"api": api, "redis": redis, "worker": worker}
+    finally:
+        if worker:
+            worker.terminate()
+            worker.stop()
+        if api:
+            api.stop()
+        redis.stop()

@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_CONF = ROOT / "deploy" / "redis.conf"
 
 
+def poll(what, timeout=180.0, every=0.05):
+    """Call `what` until it returns something truthy (returned), failing after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting; last: {got!r}"
+        time.sleep(every)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -106,3 +106,18 @@ def with_cli(settings, given: list[str]) -> tuple[str, list[str]]:
             raise ValueError(f"--model: model {name!r} is given twice")
         names.append(name)
     return ",".join(f"{n}={p}" for n, p in listed), names
+
+
+def settings_with_flags(given: list[str] | None):
+    """The settings of a command that starts the API or workers as child processes, with its
+    `--model` flags as the whole deployment: they replace LATENTD_MODELS in this process's
+    environment, which the children inherit. Raises ValueError naming --model."""
+    import os
+
+    from latentd.config.settings import get_settings
+
+    get_settings.cache_clear()
+    if given:
+        os.environ["LATENTD_MODELS"] = with_cli(get_settings().model_copy(update={"models": ""}), given)[0]
+        get_settings.cache_clear()
+    return get_settings()

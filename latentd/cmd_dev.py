@@ -152,17 +152,11 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)     # `kill <pid>` stops everything, like Ctrl-C
 
     from latentd.app import auth
-    from latentd.config.settings import get_settings
-    from latentd.jobs.models import deployment, with_cli
+    from latentd.jobs.models import deployment, settings_with_flags
 
     os.environ["LATENTD_ENV"] = "dev"
-    get_settings.cache_clear()
     try:
-        if args.model:
-            os.environ["LATENTD_MODELS"] = with_cli(get_settings().model_copy(update={"models": ""}),
-                                                    args.model)[0]
-            get_settings.cache_clear()
-        s = get_settings()
+        s = settings_with_flags(args.model)
         models = deployment(s)
     except ValueError as e:
         print(f"latentd dev: {e}", file=sys.stderr)

@@ -25,16 +25,10 @@ def run(args) -> int:
             os.environ[var] = str(getattr(args, flag))
     if args.insecure_no_auth:
         os.environ["LATENTD_AUTH"] = "off"
-    from latentd.config.settings import get_settings
-    from latentd.jobs.models import deployment, with_cli
+    from latentd.jobs.models import deployment, settings_with_flags
 
-    get_settings.cache_clear()
     try:
-        if args.model:
-            os.environ["LATENTD_MODELS"] = with_cli(get_settings().model_copy(update={"models": ""}),
-                                                    args.model)[0]
-            get_settings.cache_clear()
-        s = get_settings()
+        s = settings_with_flags(args.model)
         deployment(s)
     except ValueError as e:
         print(f"latentd serve: {e}", file=sys.stderr)

@@ -17,8 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from devkit.api_proc import ALICE, BOB, KEYS, ApiProc, open_png, wait_job
-from devkit.services import RedisServer, WorkerProc
+from devkit.api_proc import ALICE, BOB, open_png, service_stack, wait_job
 from tests.test_security import flag_everything
 
 FAST = {"size": "64x64", "sampler": "euler", "seed": 5}
@@ -48,20 +47,8 @@ def stack(tiny_model, tmp_path_factory):
     keys_file = folder / "keys.json"
     carol = _create_key(keys_file, "carol", "--allow-moderation-low")
     dave = _create_key(keys_file, "dave")
-    redis_srv = RedisServer().start()
-    api = worker = None
-    try:
-        api = ApiProc(redis_srv.url, api_keys=KEYS, keys_file=keys_file, model=model,
-                      rate_limit_per_s=0).start()
-        worker = WorkerProc(redis_srv.url, str(model)).start().wait_ready(180)
-        yield {"api": api, "redis": redis_srv, "model": model, "carol": carol, "dave": dave,
-               "keys_file": keys_file}
-    finally:
-        if worker:
-            worker.stop()
-        if api:
-            api.stop()
-        redis_srv.stop()
+    with service_stack(model, api_settings={"keys_file": keys_file}) as st:
+        yield {**st, "model": model, "carol": carol, "dave": dave, "keys_file": keys_file}
 
 
 def _client(stack, key: str) -> openai.OpenAI:

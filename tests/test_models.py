@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import urllib.parse
 
 import httpx
@@ -14,8 +13,8 @@ import openai
 import pytest
 from PIL import Image
 
-from devkit.api_proc import ALICE, BOB, KEYS, ApiProc, configs_only_model
-from devkit.services import RedisServer, WorkerProc, free_port, scrape
+from devkit.api_proc import ALICE, BOB, configs_only_model, models_stack
+from devkit.services import poll, scrape
 from latentd.config.settings import Settings
 from latentd.jobs import keys
 from latentd.jobs.client import JobClient
@@ -28,41 +27,12 @@ FAST = {"steps": 2, "sampler": "euler"}
 NAMES = ["shapes", "tiny", "idle"]
 
 
-def poll(what, timeout=180.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting; last: {got!r}"
-        time.sleep(every)
-
-
 @pytest.fixture(scope="module")
 def multi(tiny_model):
     idle = configs_only_model()
     models = f"shapes={BUNDLED},tiny={tiny_model},idle={idle}"
-    redis = RedisServer().start()
-    api = worker = None
-    try:
-        api = ApiProc(redis.url, api_keys=KEYS, models=models, rate_limit_per_s=0).start()
-        worker = WorkerProc(redis.url, None, models=models, worker_metrics_port=free_port(),
-                            worker_heartbeat_s=0.5,
-                            args=("--model", "shapes", "--model", f"tiny={tiny_model}")).start()
-
-        def served():
-            body = httpx.get(api.url + "/readyz", timeout=5).json()
-            assert worker.alive(), worker.output()
-            return body if body.get("no_workers") == ["idle"] else None
-        poll(served, timeout=240, every=0.2)
-        yield {"api": api, "redis": redis, "worker": worker}
-    finally:
-        if worker:
-            worker.terminate()
-            worker.stop()
-        if api:
-            api.stop()
-        redis.stop()
+    with models_stack(models, ("shapes", f"tiny={tiny_model}"), unserved=("idle",)) as stack:
+        yield stack
 
 
 def png_model(b64: str) -> tuple[str, tuple[int, int]]:

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from devkit.api_proc import ApiProc, wait_job
-from devkit.services import ROOT, RedisServer, WorkerProc
+from devkit.api_proc import ApiProc, service_stack, wait_job
+from devkit.services import ROOT
 from latentd.app import auth
 
 LONG = {"prompt": "long", "size": "64x64", "n": 16, "steps": 150}     # seconds at batch 1
@@ -36,21 +36,10 @@ def stack(tiny_model, tmp_path_factory):
     keys = {"alice": auth.add_key(path, "alice"),
             "bob": auth.add_key(path, "bob", quota={"images": 3}),
             "carol": auth.add_key(path, "carol", quota={"concurrent": 1, "compute_s": 3600})}
-    redis_srv = RedisServer().start()
     settings = dict(keys_file=path, api_keys="", model=tiny_model, rate_limit_per_s=0, env="dev", max_n=16,
                     worker_max_batch=1)
-    api = worker = None
-    try:
-        api = ApiProc(redis_srv.url, **settings).start()
-        worker = WorkerProc(redis_srv.url, tiny_model, worker_max_batch=1).start().wait_ready(180)
-        yield {"api": api, "worker": worker, "redis": redis_srv, "keys": keys, "settings": settings,
-               "keys_file": path}
-    finally:
-        if worker:
-            worker.stop()
-        if api:
-            api.stop()
-        redis_srv.stop()
+    with service_stack(tiny_model, api_settings=settings, worker_max_batch=1) as st:
+        yield {**st, "keys": keys, "settings": settings, "keys_file": path}
 
 
 def test_bad_deadline_and_bad_quota_settings_name_the_field(stack, tmp_path):

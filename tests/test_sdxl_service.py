@@ -9,18 +9,15 @@ import io
 import json
 import shutil
 
-import httpx
 import numpy as np
 import openai
 import pytest
 from PIL import Image
 
-from devkit.api_proc import ALICE, KEYS, ApiProc
-from devkit.services import RedisServer, WorkerProc, free_port
+from devkit.api_proc import ALICE, models_stack
 from latentd.model.family import SDXL_SIZES
 from latentd.model.info import BUNDLED
 from tests.test_edits_engine import init_image, mask_image
-from tests.test_models import poll
 
 FAST = {"steps": 3, "sampler": "euler", "seed": 3}
 BUCKETS = [f"{w}x{h}" for w, h in SDXL_SIZES]
@@ -39,26 +36,8 @@ def xl1024(tiny_sdxl, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stack(tiny_sdxl, xl1024):
     models = f"shapes={BUNDLED},xl={tiny_sdxl},xl1024={xl1024}"
-    redis = RedisServer().start()
-    api = worker = None
-    try:
-        api = ApiProc(redis.url, api_keys=KEYS, models=models, rate_limit_per_s=0).start()
-        worker = WorkerProc(redis.url, None, models=models, worker_metrics_port=free_port(), worker_heartbeat_s=0.5,
-                            args=("--model", "shapes", "--model", f"xl={tiny_sdxl}")).start()
-
-        def served():
-            body = httpx.get(api.url + "/readyz", timeout=5).json()
-            assert worker.alive(), worker.output()
-            return body if body.get("no_workers") == ["xl1024"] else None
-        poll(served, timeout=240, every=0.2)
-        yield {"api": api, "redis": redis, "worker": worker}
-    finally:
-        if worker:
-            worker.terminate()
-            worker.stop()
-        if api:
-            api.stop()
-        redis.stop()
+    with models_stack(models, ("shapes", f"xl={tiny_sdxl}"), unserved=("xl1024",)) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
