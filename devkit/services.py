@@ -20,14 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_CONF = ROOT / "deploy" / "redis.conf"
 
 
-def poll(what, timeout=180.0, every=0.05):
-    """Call `what` until it returns something truthy (returned), failing after `timeout` s."""
+def poll(what, timeout=180.0, every=0.05, name: str = "a condition"):
+    """Call `what` until it returns something truthy (returned), failing after `timeout` s with
+    `name`. every=0 checks back to back (to catch a worker between two fast steps)."""
     deadline = time.monotonic() + timeout
     while True:
         got = what()
         if got:
             return got
-        assert time.monotonic() < deadline, f"timed out waiting; last: {got!r}"
+        assert time.monotonic() < deadline, f"timed out waiting for {name}; last: {got!r}"
         time.sleep(every)
 
 

@@ -6,7 +6,6 @@ Polls with deadlines, never sleeps."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -196,17 +195,8 @@ def test_an_unknown_priority_is_refused_naming_the_allowed_values():
 
 # --- end to end: preemption at a step boundary ----------------------------------------------------
 
-def poll(what, fn, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-    raise AssertionError(f"{what}: not after {timeout}s")
-
-
 def test_a_high_job_preempts_a_full_batch_of_low_ones_and_every_image_is_its_solo_run(stack):
-    from devkit.services import free_port, scrape
+    from devkit.services import free_port, poll, scrape
 
     w = stack.start(worker_max_batch=2, progress_interval_s=0, checkpoint_every_steps=1000,
                     checkpoint_every_s=0, worker_metrics_port=free_port())
@@ -216,17 +206,18 @@ def test_a_high_job_preempts_a_full_batch_of_low_ones_and_every_image_is_its_sol
     high = JobSpec(prompt="a high one", owner="o", steps=10, seed=99, priority="high")
     low_ids = [c.submit(s) for s in lows]
     p = lambda j: int(stack.record(j).get("p:0", 0) or 0)  # noqa: E731
-    poll("the batch full of running lows", lambda: p(low_ids[0]) >= 3 and p(low_ids[1]) >= 3)
+    poll(lambda: p(low_ids[0]) >= 3 and p(low_ids[1]) >= 3, 90.0, every=0,
+         name="the batch full of running lows")
     assert stack.record(low_ids[2])["status"] == "queued"          # a third low waits in Redis
     before = {j: p(j) for j in low_ids[:2]}
     hid = c.submit(high)
-    poll("the high job stepped", lambda: p(hid) >= 1, timeout=60)
+    poll(lambda: p(hid) >= 1, 60, every=0, name="the high job stepped")
     after = {j: p(j) for j in low_ids[:2]}
     # it started within one step of arriving (a tick of claiming, then the next step boundary)
     assert all(after[j] - before[j] <= 2 for j in after), (before, after)
-    parked = poll("a low job shown parked, its row saved to Redis",
-                  lambda: next((j for j in low_ids[:2] if c.get(j, "o")["progress"]["parked"]
-                                and r.exists(keys.checkpoint(j))), None), timeout=30)
+    parked = poll(lambda: next((j for j in low_ids[:2] if c.get(j, "o")["progress"]["parked"]
+                                and r.exists(keys.checkpoint(j))), None), 30, every=0,
+                  name="a low job shown parked, its row saved to Redis")
     assert c.wait(hid, "o", 60)["status"] == "succeeded", w.output()
     ends = {j: c.wait(j, "o", 120) for j in low_ids}
     assert all(d["status"] == "succeeded" for d in ends.values()), w.output()

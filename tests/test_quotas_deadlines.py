@@ -12,22 +12,12 @@ import time
 import pytest
 
 from devkit.api_proc import ApiProc, service_stack, wait_job
-from devkit.services import ROOT
+from devkit.services import ROOT, poll
 from latentd.app import auth
 
 LONG = {"prompt": "long", "size": "64x64", "n": 16, "steps": 150}     # seconds at batch 1
 QUICK = {"prompt": "quick", "size": "64x64", "steps": 2, "sampler": "euler"}
 TERMINAL = ("succeeded", "failed", "canceled")
-
-
-def poll(fn, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached in {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +88,12 @@ def _running(c, jid):
 def test_job_not_started_by_its_deadline_fails_without_a_step(stack):
     with stack["api"].client(stack["keys"]["alice"]) as c:
         blocker = c.post("/v1/jobs", json=LONG).json()["id"]
-        poll(lambda: _running(c, blocker), what="blocker running")
+        poll(lambda: _running(c, blocker), 60, every=0.02, name="blocker running")
         late = c.post("/v1/jobs", json={**QUICK, "deadline_s": 1})
         assert late.status_code == 202, late.text          # nothing ahead of it in the queue
         late_id = late.json()["id"]
         due = time.time() + 1.2        # (admitted just now: its deadline is 1 s after admission)
-        poll(lambda: time.time() > due, what="deadline passed")
+        poll(lambda: time.time() > due, 60, every=0.02, name="deadline passed")
         c.delete(f"/v1/jobs/{blocker}")
         job = wait_job(c, late_id, timeout=60)
         assert job["status"] == "failed" and job["error"]["code"] == "deadline_exceeded", job

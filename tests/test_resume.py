@@ -5,11 +5,10 @@ rows that do not match their job are ignored. Polls with deadlines, never sleeps
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from devkit.services import assert_exactly_once, free_port, scrape
+from devkit.services import assert_exactly_once, free_port, poll, scrape
 from latentd.jobs import keys
 from latentd.jobs.jobstore import ImageResult, JobStore
 from latentd.jobs.spec import JobSpec
@@ -18,15 +17,6 @@ from latentd.worker.checkpoint import spec_hash
 
 Q = "latentd"
 K = 4                                   # LATENTD_CHECKPOINT_EVERY_STEPS in these tests
-
-
-def poll(what, fn, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-    raise AssertionError(f"{what}: not after {timeout}s")
 
 
 def saved_steps(r, jid) -> dict[int, int]:
@@ -50,10 +40,10 @@ def test_sigkilled_worker_job_resumes_from_its_last_saved_step(stack, sampler):
     c, r = stack.client(), stack.redis.client()
     spec = JobSpec(prompt="a red circle", owner="o", steps=120, n=2, seed=5, sampler=sampler)
     jid = c.submit(spec)
-    poll("rows saved at step >= 3K", lambda: (lambda s: len(s) == 2 and min(s.values()) >= 3 * K)(
-        saved_steps(r, jid)))
+    poll(lambda: (lambda s: len(s) == 2 and min(s.values()) >= 3 * K)(
+        saved_steps(r, jid)), 60.0, every=0, name="rows saved at step >= 3K")
     # the worst moment: K - 1 steps past the last save (the next one is due at the next step)
-    poll("a step before a save", lambda: int(stack.record(jid)["p:0"]) % K == K - 1, timeout=30)
+    poll(lambda: int(stack.record(jid)["p:0"]) % K == K - 1, 30, every=0, name="a step before a save")
     a.kill()
     at_kill = {k: int(stack.record(jid)[f"p:{k}"]) for k in (0, 1)}
     saved = saved_steps(r, jid)
@@ -81,7 +71,7 @@ def test_graceful_stop_saves_every_row_and_the_next_worker_loses_nothing(stack):
     c, r = stack.client(), stack.redis.client()
     spec = JobSpec(prompt="a blue square", owner="o", steps=60, seed=9, sampler="ddpm")
     jid = c.submit(spec)
-    poll("progress >= 5", lambda: int(stack.record(jid).get("p:0", 0) or 0) >= 5)
+    poll(lambda: int(stack.record(jid).get("p:0", 0) or 0) >= 5, 60.0, every=0, name="progress >= 5")
     assert a.terminate() == 0
     step = saved_steps(r, jid)[0]
     assert step >= 5 and stack.record(jid)["status"] == "queued"
