@@ -1,8 +1,10 @@
 """The X-RateLimit-*-<Q> headers of a key's quotas (app/quota.py) on every response to it."""
 from __future__ import annotations
 
-from latentd.app.auth import basic_password, bearer
+from starlette.requests import Request
 
+from latentd.app.deps import token_of
+from latentd.app.state import app_state
 
 
 class QuotaHeadersMiddleware:
@@ -17,11 +19,10 @@ class QuotaHeadersMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        st = scope["app"].state.latentd
+        st = app_state(scope["app"])
         owner = quota = None
         if st.keys is not None:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            token = bearer(header) or basic_password(header)
+            token = token_of(Request(scope))            # as owner_of reads it
             owner = st.keys.owner(token) if token else None
             quota = st.keys.quota(owner) if owner else None
         if not quota:

@@ -85,12 +85,12 @@ def rq_started(queue: str) -> str:
 
 # --- ours ---------------------------------------------------------------------------------------
 def job(job_id: str) -> str:
-    """Job record hash (see docs/CONTRACTS.md §2, 'Redis layout')."""
+    """Job record hash (see docs/CONTRACTS.md, 'Redis layout')."""
     return _key("job", job_id=job_id)
 
 
 def image(job_id: str, k: int) -> str:
-    """PNG bytes of image k (RedisStore)."""
+    """The encoded bytes of image k, in the job's output_format (RedisStore)."""
     return _key("image", job_id=job_id, k=k)
 
 
