@@ -222,7 +222,8 @@ class JobClient:
 
     def image_bytes(self, job_id: str, k: int, owner: str) -> bytes | None:
         """Stored bytes of image k of the caller's own job, in the job's output_format (PNG by
-        default; jobs.encode.media_type tells which); flagged images are stored black."""
+        default; jobs.encode.media_type tells which); a flagged image is stored black unless its job
+        asked moderation=low (a key with that permission)."""
         if not _ID.match(job_id or "") or not isinstance(k, int) or k < 0:
             return None
         own, img, spec = self.redis.hmget(keys.job(job_id), "owner", f"img:{k}", "spec")
