@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentd.model import lora_runtime
+
 
 class Attention(nn.Module):
     """Multi-head attention softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, Eq. 1).
@@ -111,9 +113,11 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 def _pointwise(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """A Linear, or a 1x1 Conv2d applied as the same matrix product on (B, HW, C) tokens (one
-    matmul instead of a convolution and two layout copies; the weights keep their stored shape)."""
+    matmul instead of a convolution and two layout copies; the weights keep their stored shape).
+    The conv's module is not called, so its LoRA deltas are added here (model/lora_runtime.py)."""
     if isinstance(layer, nn.Conv2d):
-        return F.linear(h, layer.weight.flatten(1), layer.bias)   # (C_out, C_in, 1, 1) -> (C_out, C_in)
+        out = F.linear(h, layer.weight.flatten(1), layer.bias)    # (C_out, C_in, 1, 1) -> (C_out, C_in)
+        return lora_runtime.apply(layer, h, out)
     return layer(h)
 
 

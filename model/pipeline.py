@@ -31,6 +31,8 @@ from latentd.model.edit import EditState, Encoder, blend, overlay, start_edit
 from latentd.model.errors import ModelLoadError
 from latentd.model.guidance import guide
 from latentd.model.info import BUNDLED, ModelInfo
+from latentd.model import lora_format, lora_runtime
+from latentd.model.lora_runtime import RowMix, mix_key, text_mix
 from latentd.model.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, complete, kind_of, start_step
 from latentd.model.precision import check_dtype, parse_dtype, to_device, vae_dtype
 from latentd.model.samplers import Plan, denoise_step, make_plan, step_coeffs
@@ -63,6 +65,9 @@ class GenerationRequest:
     init_image: Image.Image | None = field(default=None, compare=False, repr=False)  # img2img / inpaint
     mask: Image.Image | None = field(default=None, compare=False, repr=False)  # white = repaint
     strength: float | None = None   # edits: 0 < s <= 1 (None before Pipeline.validate: its default)
+    # LoRA adapters bound to this model (Pipeline.load_lora) and their scales, applied to this
+    # request's rows only (model/lora_runtime.py); () = none
+    loras: tuple = field(default=(), repr=False)
 
     @property
     def kind(self) -> str:
@@ -175,6 +180,13 @@ class Pipeline:
         self.latent_shift = vae.config.shift_factor
         self._plans: dict[tuple, Plan] = {}
         self.encoder = Encoder(vae, self.latent_scale, self.latent_shift, self.device, self.vae_dtype)
+        self.lora_shapes = lora_format.attach_model(self)          # layer key -> weight shape
+
+    def load_lora(self, source, name: str | None = None):
+        """A LoRA file (path) or (state dict, metadata) bound to this model: LoraAdapter on the
+        pipeline's device and dtype; LoraFormatError (a ValueError naming the file and layer)
+        for another adapter kind or another base model."""
+        return lora_format.load(self, source, name)
 
     @property
     def text(self):
@@ -207,8 +219,10 @@ class Pipeline:
             return []
         t0 = time.perf_counter()
         zero_empty = self.conditioner.zero_empty_negative     # SDXL: no negative prompt -> zeros
-        texts = sorted({r.prompt for r in reqs}
-                       | {r.negative_prompt for r in reqs if r.negative_prompt or not zero_empty})
+        # a text is encoded once per distinct text-encoder adapter mix it is used with
+        texts = sorted({(r.prompt, text_mix(r.loras)) for r in reqs}
+                       | {(r.negative_prompt, text_mix(r.loras)) for r in reqs if r.negative_prompt or not zero_empty},
+                       key=lambda k: (k[0], mix_key(k[1])))
         if self.device.type == "cpu":
             # Batch invariance: PyTorch's CPU elementwise kernels run SIMD over the flattened
             # tensor and finish its last numel % 32 float32 elements (per thread chunk) with the
@@ -218,12 +232,14 @@ class Pipeline:
             # prompt's (1, 77, D) hidden state depended on which other prompts shared the call.
             # One (1, 77) call per text: a text's tensors have the same shape whatever the batch.
             # The encoder runs once per request (not per step), so this costs little.
-            parts = [self.text.embed([t]) for t in texts]
-            hidden = torch.cat([h for h, _, _ in parts])                   # (U, 77, D)
-            pooled = None if parts[0][1] is None else torch.cat([p for _, p, _ in parts])   # (U, P)
-            cut = [c[0] for _, _, c in parts]
-        else:
-            hidden, pooled, cut = self.text.embed(texts)                   # (U, 77, D), (U, P) | None
+            parts = [self._embed([t], mix) for t, mix in texts]
+        else:                                                              # one call per adapter mix
+            mixes = sorted({mix for _, mix in texts}, key=mix_key)
+            texts = [k for mix in mixes for k in texts if k[1] == mix]
+            parts = [self._embed([t for t, m in texts if m == mix], mix) for mix in mixes]
+        hidden = torch.cat([h for h, _, _ in parts])                       # (U, 77, D)
+        pooled = None if parts[0][1] is None else torch.cat([p for _, p, _ in parts])   # (U, P)
+        cut = [c for _, _, cs in parts for c in cs]
         hidden = hidden.to(self.device, self.dtype)
         if pooled is not None:
             pooled = pooled.to(self.device, self.dtype)
@@ -232,9 +248,10 @@ class Pipeline:
         out = []
         for r in reqs:
             warnings = []
-            if cut[row[r.prompt]]:
+            mix = text_mix(r.loras)
+            if cut[row[(r.prompt, mix)]]:
                 warnings.append(f"prompt truncated to {self.text.max_length} tokens")
-            i, j = row[r.prompt], row.get(r.negative_prompt)
+            i, j = row[(r.prompt, mix)], row.get((r.negative_prompt, mix))
             if j is not None and cut[j]:
                 warnings.append(f"negative prompt truncated to {self.text.max_length} tokens")
             cond = hidden[i][None]                                         # (1, 77, D)
@@ -245,6 +262,11 @@ class Pipeline:
                 c.uncond_pooled = pooled[j][None] if j is not None else torch.zeros_like(c.pooled)
             out.append(c)
         return out
+
+    def _embed(self, texts: list[str], mix) -> tuple:
+        """The conditioner's embed(texts) with a text-encoder adapter mix on every row."""
+        with lora_runtime.active(RowMix([mix] * len(texts), self.device) if mix else None):
+            return self.text.embed(texts)
 
     def start(self, req: GenerationRequest, cond: Conditioning) -> RequestState:
         """Plan a complete request (validated before: Pipeline.validate, or the service's
@@ -386,10 +408,13 @@ class Pipeline:
             added = {key: torch.cat([states[i].added_uncond[key] for i in un] + [s.added[key] for s in states])
                      for key in states[0].added}
         n = x.shape[0]
+        rows = [states[i].req.loras for i in un] + [s.req.loras for s in states]     # adapters per row
         if n == 1:
             x, tt, context = torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, context])
             added = None if added is None else {key: torch.cat([v, v]) for key, v in added.items()}
-        out = (self.unet(x, tt, context) if added is None else self.unet(x, tt, context, added))[:n].float()
+            rows = rows * 2
+        with lora_runtime.active(RowMix(rows, self.device) if any(rows) else None):
+            out = (self.unet(x, tt, context) if added is None else self.unet(x, tt, context, added))[:n].float()
         return out[:len(un)], out[len(un):]
 
     def _classifier_guidance(self, states, z, t, k, guided: torch.Tensor) -> torch.Tensor:

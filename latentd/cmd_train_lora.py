@@ -1,0 +1,42 @@
+"""`latentd train-lora`: train the bundled star adapter (training/lora_train.py)."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="base model folder (default: the bundled shapes model)")
+    p.add_argument("--out", default=None,
+                   help="adapter file (default: loras/star.safetensors in the model folder)")
+    p.add_argument("--state", default=None,
+                   help="resumable training state (default: OUT with .state.pt); an existing one is continued")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--minutes-budget", type=float, default=None,
+                   help="wall-clock cap: saves its state and stops; run again to continue")
+    p.add_argument("--quick", action="store_true", help="3 steps of batch 8 (smoke test)")
+    p.add_argument("--threads", type=int, default=2)
+
+
+def run(args) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # spinning OpenMP threads starve a shared CPU
+    import dataclasses
+
+    import torch
+
+    from latentd.model.info import BUNDLED
+    from latentd.training.lora_train import LoraTrainConfig, train
+
+    torch.set_num_threads(args.threads)
+    model = args.model or BUNDLED
+    out = args.out or os.path.join(model, "loras", "star.safetensors")
+    state = args.state or os.path.splitext(out)[0] + ".state.pt"
+    tc = LoraTrainConfig()
+    if args.quick:
+        tc = dataclasses.replace(tc, steps=3, batch=8, warmup=1)
+    if args.steps:
+        tc = dataclasses.replace(tc, steps=args.steps)
+    train(model, out, state, tc, log=lambda m: print(m, file=sys.stderr, flush=True),
+          minutes_budget=args.minutes_budget)
+    print(out)
+    return 0
