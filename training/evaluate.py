@@ -28,12 +28,12 @@ def caption_list(subset: int | None = None) -> list[tuple[int, int, int]]:
 def judge(images, truth: list[tuple[int, int, int]]) -> dict:
     """Checker accuracy of PIL images against (color, shape, background) indices."""
     ok = {k: [] for k in ATTRS}
-    by_shape = {s: [] for s in data.SHAPES}
+    by_shape = {s: [] for s in data.ALL_SHAPES}
     for im, (c, s, b) in zip(images, truth):
-        v = classify(im).correct(data.COLOR_NAMES[c], data.SHAPES[s], data.BG_NAMES[b])
+        v = classify(im).correct(data.COLOR_NAMES[c], data.ALL_SHAPES[s], data.BG_NAMES[b])
         for k in ATTRS:
             ok[k].append(v[k])
-        by_shape[data.SHAPES[s]].append(v["shape"])
+        by_shape[data.ALL_SHAPES[s]].append(v["shape"])
     r = {k: float(np.mean(v)) for k, v in ok.items()}
     r["shape_by_class"] = {s: float(np.mean(v)) if v else None for s, v in by_shape.items()}
     r["n"] = len(truth)
@@ -48,7 +48,7 @@ def generate(pipe, caps, seeds: int, guidance: float, steps: int, sampler: str, 
     reqs, truth = [], []
     for k in range(seeds):
         for c, s, b in caps:
-            reqs.append(GenerationRequest(prompt=data.caption(data.COLOR_NAMES[c], data.SHAPES[s], data.BG_NAMES[b]),
+            reqs.append(GenerationRequest(prompt=data.caption(data.COLOR_NAMES[c], data.ALL_SHAPES[s], data.BG_NAMES[b]),
                                           steps=steps, guidance_scale=guidance, sampler=sampler, seed=seed0 + k))
             truth.append((c, s, b))
     images, t0 = [], time.perf_counter()
