@@ -91,11 +91,22 @@ def parse(state: dict[str, torch.Tensor], meta: dict[str, str], where: str) -> t
     return fmt, pairs
 
 
+TEXT_MODEL = "text_model."      # transformers < 5 nests CLIP's layers under text_model; 5 does not
+
+
+def _norm(key: str) -> str:
+    """A layer key without CLIP's optional text_model. level, so files of either kind bind."""
+    comp, _, path = key.partition(":")
+    if comp != "unet" and path.startswith(TEXT_MODEL):
+        path = path[len(TEXT_MODEL):]
+    return f"{comp}:{path}"
+
+
 def _peft_key(name: str) -> str | None:
     comp, _, path = name.partition(".")
     if comp == "base_model" and path.startswith("model."):       # a bare PEFT U-Net adapter
         return "unet:" + path[len("model."):]
-    return f"{comp}:{path}" if comp in COMPONENTS else None
+    return _norm(f"{comp}:{path}") if comp in COMPONENTS else None
 
 
 def _sgm_names(unet_cfg) -> dict[str, str]:
@@ -113,8 +124,10 @@ def _kohya_index(shapes: dict[str, tuple], unet_cfg) -> dict[str, str]:
     index = {}
     sgm = _sgm_names(unet_cfg) if unet_cfg is not None else None
     for key in shapes:
-        comp, path = key.split(":", 1)
+        comp, path = _norm(key).split(":", 1)
         index[f"{comp}:{path.replace('.', '_')}"] = key
+        if comp != "unet":
+            index[f"{comp}:{(TEXT_MODEL + path).replace('.', '_')}"] = key
         if comp == "unet" and sgm is not None:
             p = path + "."
             for orig, ours in sgm["prefixes"].items():
@@ -138,10 +151,11 @@ def bind(name: str, state: dict[str, torch.Tensor], meta: dict[str, str], shapes
     if made_for != family:
         raise LoraFormatError(f"{where}: an adapter for {made_for} models, this model is {family}")
     kindex = _kohya_index(shapes, unet_cfg) if fmt == "kohya" else None
+    by_norm = {_norm(k): k for k in shapes}
     layers = {}
     for raw, (down, up, alpha) in pairs.items():
         if fmt == "peft":
-            key = _peft_key(raw)
+            key = by_norm.get(_peft_key(raw) or "")
         else:
             prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if raw.startswith(p)), None)
             key = None if prefix is None else kindex.get(f"{KOHYA_PREFIXES[prefix]}:{raw[len(prefix):]}")
