@@ -10,6 +10,7 @@ COMMANDS = {
     "generate": "latentd.cmd_generate",     # engine: text -> PNG
     "train-shapes": "latentd.cmd_train",    # train the bundled model
     "train-lora": "latentd.cmd_train_lora", # train the bundled star adapter
+    "train-lcm": "latentd.cmd_train_lcm",   # distil the bundled few-step LCM adapter
     "serve": "latentd.cmd_serve",           # API server
     "worker": "latentd.cmd_worker",         # GPU/CPU worker
     "workers": "latentd.cmd_workers",       # list live workers and their metrics addresses
