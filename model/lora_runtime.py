@@ -100,6 +100,7 @@ class RowMix:
     index tensor (None: every row) and each row's scale (request scale x alpha / r, per layer)."""
 
     def __init__(self, rows: list[RowAdapters], device: torch.device | str = "cpu"):
+        self.rows, self.device = list(rows), device
         by_name: dict[str, tuple[LoraAdapter, list[int], list[float]]] = {}
         for i, mix in enumerate(rows):
             for adapter, scale in mix:
@@ -119,6 +120,11 @@ class RowMix:
 
     def __bool__(self) -> bool:
         return bool(self.groups)
+
+    def subset(self, rows: list[int]) -> "RowMix | None":
+        """The mix of a call on these rows of this one (in this order)."""
+        mix = RowMix([self.rows[i] for i in rows], self.device)
+        return mix if mix else None
 
     def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         key = getattr(module, KEY_ATTR, None)
@@ -155,6 +161,10 @@ def active(mix: RowMix | None):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def current() -> RowMix | None:
+    return _ACTIVE.get()
 
 
 def apply(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -172,13 +172,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         # x: (B, 4, h, w) noisy latent z_t; t: (B,) per-sample timesteps; context: (B, 77, D) text
-        t = torch.as_tensor(t, device=x.device)
-        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        cfg = self.config
-        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(emb.to(x.dtype))                  # (B, 4*C0)
-        if self.add_embedding is not None:
-            emb = emb + self._added_embedding(added, x.shape[0], emb.dtype)
+        emb = self.embed(x, t, added)                               # (B, 4*C0)
         context = context.to(x.dtype)
 
         x = self.conv_in(x)                                         # (B, C0, h, w)
@@ -189,6 +183,17 @@ class UNet(nn.Module):
             else:
                 x = block(x, emb, context, skips)
         return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()   # (B, 4, h, w)
+
+    def embed(self, x: torch.Tensor, t, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The time embedding (plus SDXL's added embedding) of every row: (B, 4*C0)."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        cfg = self.config
+        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(emb.to(x.dtype))                  # (B, 4*C0)
+        if self.add_embedding is not None:
+            emb = emb + self._added_embedding(added, x.shape[0], emb.dtype)
+        return emb
 
     def _added_embedding(self, added: dict[str, torch.Tensor] | None, b: int, dtype: torch.dtype) -> torch.Tensor:
         """SDXL's added embedding (Podell et al. 2023, §2.2): every micro-conditioning number gets
