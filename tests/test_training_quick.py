@@ -111,3 +111,23 @@ def test_recipe_resume_skips_finished_stages(tmp_path):
     recipe.run(fresh, seed=1, quick=True, log=logs.append, minutes_budget=1e-9)
     assert any("time budget" in m for m in logs), logs
     assert json.load(open(tmp_path / "n" / ".train" / "state.json"))["done"] == []
+
+
+def test_adapter_recipes_write_bindable_adapters_and_resume(tmp_path):
+    """`latentd train-lora --quick` and `train-lcm --quick` write adapters the bundled model binds
+    (diffusers/PEFT layout with latentd's metadata); a second run on the same state continues."""
+    from latentd.cli import main
+    from latentd.model import lora_catalog
+    from latentd.model.pipeline import GenerationRequest, load_pipeline
+
+    pipe = load_pipeline(None, safety=False)
+    for cmd, name, parts in (("train-lora", "star", ("text_encoder", "unet")), ("train-lcm", "lcm", ("unet",))):
+        out = tmp_path / f"{name}.safetensors"
+        assert main([cmd, "--quick", "--out", str(out), "--threads", "1"]) == 0
+        info = lora_catalog.describe(out, name)
+        assert info.format == "peft" and info.components == parts and info.meta["step"] == 3
+        adapter = pipe.load_lora(out)
+        assert pipe.generate([GenerationRequest("a red star on a white background", steps=2,
+                                                loras=((adapter, 1.0),))])[0].image.size == (64, 64)
+        assert main([cmd, "--quick", "--steps", "5", "--out", str(out), "--threads", "1"]) == 0
+        assert lora_catalog.describe(out, name).meta["step"] == 5
