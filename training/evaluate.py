@@ -15,6 +15,12 @@ from latentd.training.shape_checker import classify
 ATTRS = ("color", "shape", "background", "all")
 
 
+def star_captions() -> list[tuple[int, int, int]]:
+    """(color, star, background) indices of the 18 star captions."""
+    star = data.ALL_SHAPES.index(data.STAR)
+    return [(c, star, b) for c in range(len(data.COLOR_NAMES)) for b in range(len(data.BG_NAMES))]
+
+
 def caption_list(subset: int | None = None) -> list[tuple[int, int, int]]:
     """(color, shape, background) indices; a subset (<= 18) spreads over all colours, shapes and
     backgrounds."""
@@ -41,15 +47,16 @@ def judge(images, truth: list[tuple[int, int, int]]) -> dict:
 
 
 def generate(pipe, caps, seeds: int, guidance: float, steps: int, sampler: str, batch: int = 18,
-             seed0: int = 1000):
-    """Images of every caption in caps x seeds (seed0 + k) through the engine; returns
-    (images, truth, prompts, seconds per image)."""
+             seed0: int = 1000, **request):
+    """Images of every caption in caps x seeds (seed0 + k) through the engine (`request`: more
+    GenerationRequest fields, e.g. loras); returns (images, truth, prompts, seconds per image)."""
     from latentd.model.pipeline import GenerationRequest
     reqs, truth = [], []
     for k in range(seeds):
         for c, s, b in caps:
             reqs.append(GenerationRequest(prompt=data.caption(data.COLOR_NAMES[c], data.ALL_SHAPES[s], data.BG_NAMES[b]),
-                                          steps=steps, guidance_scale=guidance, sampler=sampler, seed=seed0 + k))
+                                          steps=steps, guidance_scale=guidance, sampler=sampler, seed=seed0 + k,
+                                          **request))
             truth.append((c, s, b))
     images, t0 = [], time.perf_counter()
     for i in range(0, len(reqs), batch):
