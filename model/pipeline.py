@@ -33,7 +33,8 @@ from latentd.model.guidance import guide
 from latentd.model.info import BUNDLED, ModelInfo
 from latentd.model import lora_format, lora_runtime
 from latentd.model.lora_runtime import RowMix, mix_key, text_mix
-from latentd.model.request import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, complete, kind_of, start_step
+from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, complete, default_eta,
+                                   kind_of, start_step)
 from latentd.model.precision import check_dtype, parse_dtype, to_device, vae_dtype
 from latentd.model.samplers import Plan, denoise_step, make_plan, step_coeffs
 from latentd.model.schedule import NoiseSchedule, schedule_from_config
@@ -54,9 +55,10 @@ class GenerationRequest:
     height: int | None = None
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE
-    sampler: str = DEFAULT_SAMPLER  # ddpm | ddim | euler | euler_a | dpmpp_2m
+    sampler: str = DEFAULT_SAMPLER  # model.request.SAMPLERS
     karras: bool = False
-    eta: float = 0.0                # ddim only
+    eta: float | None = None        # ddim, tcd (model.request.ETA_SAMPLERS); None -> the sampler's default
+    timestep_spacing: str | None = None  # linspace | leading | trailing; None -> the scheduler config's
     seed: int = 0                   # 0 <= seed < 2**63
     # classifier guidance (model/classifier.py): ((head, label), ...) sorted, and its scale;
     # () = none. Build with model.classifier_spec.resolve from the API's {"color": ..., "scale": ...}.
@@ -195,7 +197,7 @@ class Pipeline:
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self, req: GenerationRequest) -> GenerationRequest:
-        """The engine's boundary for its own callers: the request with its size and an edit's
+        """The engine's boundary for its own callers: the request with its size, eta and an edit's
         strength filled in (model.request.complete), or InvalidRequest(field, message naming the
         allowed range). The service resolves before and sends complete requests."""
         return complete(self.info, req)
@@ -206,9 +208,11 @@ class Pipeline:
         return self.info.classifier
 
     def _plan(self, r: GenerationRequest) -> Plan:
-        key = (r.sampler, r.steps, r.karras, float(r.eta), r.strength)
+        eta = float(default_eta(r.sampler, r.eta))
+        key = (r.sampler, r.steps, r.karras, eta, r.strength, r.timestep_spacing)
         if key not in self._plans:
-            self._plans[key] = make_plan(self.schedule, r.sampler, r.steps, r.karras, r.eta, r.strength)
+            self._plans[key] = make_plan(self.schedule, r.sampler, r.steps, r.karras, eta, r.strength,
+                                         r.timestep_spacing)
         return self._plans[key]
 
     # -- step-level API --------------------------------------------------------------------------

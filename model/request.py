@@ -21,8 +21,17 @@ import math
 
 from latentd.model.errors import InvalidRequest
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m")
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "tcd")
 KARRAS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")  # sigma-space samplers (Karras et al. 2022)
+# few-step samplers of consistency-distilled models: they step on the skipping grid of
+# model/consistency.py (at most its ORIGINAL_STEPS points), not on a timestep spacing
+GRID_SAMPLERS = ("lcm", "tcd")
+SPACING_SAMPLERS = tuple(s for s in SAMPLERS if s not in GRID_SAMPLERS)
+SPACINGS = ("linspace", "leading", "trailing")   # timestep_spacing: None = the model's scheduler config
+# eta: DDIM's stochasticity (Song et al. 2021, eq. 16) and TCD's gamma (Zheng et al. 2024);
+# a request without one gets its sampler's default (diffusers' TCDScheduler.step: 0.3), else 0
+ETA_SAMPLERS = ("ddim", "tcd")
+DEFAULT_ETA = {"tcd": 0.3}
 MAX_SEED = 2**63            # seeds: 0 <= seed < 2**63 (torch.Generator.manual_seed takes an int64)
 MAX_GUIDANCE = 30.0
 
@@ -39,6 +48,34 @@ DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
 
 def kind_of(has_image: bool, has_mask: bool) -> str:
     return "text" if not has_image else ("inpaint" if has_mask else "img2img")
+
+
+def default_eta(sampler: str, eta: float | None = None) -> float:
+    """`eta` itself, or the sampler's default eta when it is None (DEFAULT_ETA, else 0)."""
+    return DEFAULT_ETA.get(sampler, 0.0) if eta is None else eta
+
+
+def check_eta(sampler: str, eta) -> None:
+    """eta: a number in [0, 1], nonzero only for ETA_SAMPLERS."""
+    if not is_num(eta) or not 0.0 <= eta <= 1.0:
+        raise InvalidRequest("eta", f"must be a number between 0 and 1, got {eta!r}", {"min": 0, "max": 1})
+    if eta and sampler not in ETA_SAMPLERS:
+        raise InvalidRequest("eta", f"eta applies to the {' and '.join(ETA_SAMPLERS)} samplers only, "
+                                    f"not {sampler!r}", list(ETA_SAMPLERS))
+
+
+def check_spacing(sampler: str, spacing) -> None:
+    """timestep_spacing: None (the model's scheduler config) or one of SPACINGS, for the samplers
+    that step on a spacing."""
+    if spacing is None:
+        return
+    if spacing not in SPACINGS:
+        raise InvalidRequest("timestep_spacing", f"must be one of {', '.join(SPACINGS)}, got {spacing!r}",
+                             list(SPACINGS))
+    if sampler not in SPACING_SAMPLERS:
+        raise InvalidRequest("timestep_spacing", f"applies to {', '.join(SPACING_SAMPLERS)} only; "
+                                                 f"{sampler!r} steps on its own skipping grid",
+                             list(SPACING_SAMPLERS))
 
 
 def start_step(steps: int, strength: float | None) -> int:
@@ -80,9 +117,9 @@ def check_size(info, width, height, field: str | None = None) -> None:
 
 def check(info, r, size_field: str | None = None) -> None:
     """Validate a complete request `r` (any object with width, height, steps, guidance_scale,
-    sampler, karras, eta, seed, strength, classifier_targets, classifier_scale, and optionally n
-    and kind) against the model `info` (model.info.ModelInfo). Fills nothing in; raises
-    InvalidRequest(field, message, allowed) for the first bad field."""
+    sampler, karras, eta, seed, strength, classifier_targets, classifier_scale, and optionally n,
+    kind and timestep_spacing) against the model `info` (model.info.ModelInfo). Fills nothing in;
+    raises InvalidRequest(field, message, allowed) for the first bad field."""
     for name in ("prompt", "negative_prompt"):
         if not isinstance(getattr(r, name), str):
             raise InvalidRequest(name, "must be a string", "a string")
@@ -104,10 +141,14 @@ def check(info, r, size_field: str | None = None) -> None:
     if r.karras and r.sampler not in info.karras_samplers:
         raise InvalidRequest("karras", f"Karras sigmas apply to {', '.join(info.karras_samplers)} "
                                        f"only, not {r.sampler!r}", list(info.karras_samplers))
-    if not is_num(r.eta) or not 0.0 <= r.eta <= 1.0:
-        raise InvalidRequest("eta", f"must be a number between 0 and 1, got {r.eta!r}", {"min": 0, "max": 1})
-    if r.eta and r.sampler != "ddim":
-        raise InvalidRequest("eta", f"eta applies to the ddim sampler only, not {r.sampler!r}", ["ddim"])
+    if r.sampler in GRID_SAMPLERS:
+        from latentd.model.consistency import ORIGINAL_STEPS
+        if steps > ORIGINAL_STEPS:
+            raise InvalidRequest("steps", f"{r.sampler} takes at most {ORIGINAL_STEPS} steps (the points "
+                                          f"of its skipping grid), got {steps}",
+                                 {"min": 1, "max": ORIGINAL_STEPS})
+    check_eta(r.sampler, r.eta)
+    check_spacing(r.sampler, getattr(r, "timestep_spacing", None))
     n = getattr(r, "n", 1)
     if not is_int(r.seed) or not 0 <= r.seed < MAX_SEED:
         raise InvalidRequest("seed", f"must be an integer with 0 <= seed < 2**63, got {r.seed!r}",
@@ -136,7 +177,8 @@ def _check_strength(kind: str, strength, steps: int) -> None:
 
 def complete(info, req):
     """An engine request (model.pipeline.GenerationRequest) with its size (the init image's, else
-    the model's native size) and an edit's strength (DEFAULT_STRENGTH) filled in, then checked.
+    the model's native size), its sampler's eta (default_eta) and an edit's strength
+    (DEFAULT_STRENGTH) filled in, then checked.
     For callers of the engine itself; the service resolves once before and sends complete ones."""
     image, mask = req.init_image, req.mask
     if mask is not None and image is None:
@@ -156,6 +198,8 @@ def complete(info, req):
             fill["height"] = info.native_height
     if kind != "text" and req.strength is None:
         fill["strength"] = DEFAULT_STRENGTH[kind]
+    if req.eta is None:
+        fill["eta"] = default_eta(req.sampler)
     out = dataclasses.replace(req, **fill) if fill else req
     check(info, out, size_field)
     return out

@@ -4,8 +4,8 @@ A RequestState (model/pipeline.py) after `step` steps is fully described by
   - latent    (1, C, h, w) float32, the chain's x in the sampler's space,
   - x0_prev   (1, C, h, w) float32, the last step's x0 estimate (DPM-Solver++ 2M's history;
               absent before the first step),
-  - rng       (G,) uint8, the request's torch.Generator state (DDPM / Euler a / DDIM eta > 0 draw
-              their noise from it every step),
+  - rng       (G,) uint8, the request's torch.Generator state (DDPM, Euler a, LCM, DDIM and TCD
+              with eta > 0 draw their noise from it),
   - an edit's tensors (model/edit.py EditState): image_latent and noise (1, C, h, w) and mask
     (1, 1, h, w) for inpainting with a 4-channel U-Net, extra (1, C + 1, h, w) for an inpainting
     U-Net,

@@ -18,9 +18,18 @@ closed form, Ho et al. 2020 §2, in the sampler's space). Inpainting with a text
 blends, after step i, the init latent noised to the next row's level back into the unmasked
 region: columns ka, kb hold (alpha/c_in, sigma/c_in) of row i+1, and (1, 0) after the last step.
 
-Spaces: ddpm, ddim and dpmpp_2m run on the variance-preserving latent x = alpha x0 + sigma eps
-(alpha = sqrt(abar), sigma = sqrt(1 - abar)); euler and euler_a on the variance-exploding latent
-x = x0 + sigma_ve eps (Karras et al. 2022), which the U-Net sees as c_in x, c_in = 1/sqrt(sigma_ve^2 + 1).
+Spaces: ddpm, ddim, dpmpp_2m, lcm and tcd run on the variance-preserving latent
+x = alpha x0 + sigma eps (alpha = sqrt(abar), sigma = sqrt(1 - abar)); euler and euler_a on the
+variance-exploding latent x = x0 + sigma_ve eps (Karras et al. 2022), which the U-Net sees as
+c_in x, c_in = 1/sqrt(sigma_ve^2 + 1).
+
+Timesteps: ddpm, ddim, euler, euler_a and dpmpp_2m follow a timestep spacing (the request's, else
+the scheduler config's); lcm and tcd step on the consistency skipping grid (model/consistency.py)
+and ignore the config's spacing and steps_offset, as diffusers' LCMScheduler and TCDScheduler do.
+Their edits run the tail of the full plan too, which is what diffusers' StableDiffusionImg2Img /
+Inpaint pipelines do with these schedulers; diffusers' LatentConsistencyModelImg2ImgPipeline
+instead runs all `steps` on the grid's first int(ORIGINAL_STEPS * strength) points
+(set_timesteps(strength=...)), which latentd does not do.
 """
 from __future__ import annotations
 
@@ -29,10 +38,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from latentd.model import consistency
 from latentd.model.errors import InvalidRequest
 from latentd.model.guidance import to_x0_eps
 from latentd.model.request import KARRAS_SAMPLERS as KARRAS
-from latentd.model.request import SAMPLERS, start_step
+from latentd.model.request import (SAMPLERS, SPACING_SAMPLERS, check_eta, check_spacing, default_eta,
+                                   start_step)
 from latentd.model.precision import to_device
 from latentd.model.schedule import (NoiseSchedule, dpm_timesteps, interp_sigmas, karras_sigmas,
                             sigma_to_t, spaced_timesteps)
@@ -80,9 +91,10 @@ def _vp_from_sigma(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_plan(sched: NoiseSchedule, sampler: str, steps: int, karras: bool = False,
-              eta: float = 0.0, strength: float | None = None) -> Plan:
-    """The Plan for one request (pure: same inputs, same plan). strength: an edit's plan, the
-    last int(steps * strength) rows of the full one."""
+              eta: float | None = None, strength: float | None = None, spacing: str | None = None) -> Plan:
+    """The Plan for one request (pure: same inputs, same plan). eta: None = the sampler's default
+    (model.request.default_eta). strength: an edit's plan, the last int(steps * strength) rows of
+    the full one. spacing: linspace | leading | trailing, None = the scheduler config's."""
     if sampler not in SAMPLERS:
         raise InvalidRequest("sampler", f"unknown sampler {sampler!r}; one of: {', '.join(SAMPLERS)}")
     if karras and sampler not in KARRAS:
@@ -90,10 +102,14 @@ def make_plan(sched: NoiseSchedule, sampler: str, steps: int, karras: bool = Fal
     T = sched.num_train_timesteps
     if not 1 <= steps <= T:
         raise InvalidRequest("steps", f"must be between 1 and {T}")
-    spacing = sched.get("timestep_spacing", _DEFAULT_SPACING[sampler])
+    eta = default_eta(sampler, eta)
+    check_eta(sampler, eta)
+    check_spacing(sampler, spacing)
+    if sampler in SPACING_SAMPLERS and spacing is None:
+        spacing = sched.get("timestep_spacing", _DEFAULT_SPACING[sampler])
     offset = int(sched.get("steps_offset", 0))
     build = {"ddpm": _ddpm, "ddim": _ddim, "euler": _euler, "euler_a": _euler,
-             "dpmpp_2m": _dpmpp_2m}[sampler]
+             "dpmpp_2m": _dpmpp_2m, "lcm": _lcm, "tcd": _tcd}[sampler]
     start = start_step(steps, strength)
     if start >= steps:
         raise InvalidRequest("strength", f"int(steps x strength) must be at least 1, got {strength!r}")
@@ -115,9 +131,10 @@ def _plan(sampler, steps, init_sigma, clip, draws, **cols) -> Plan:
     return Plan(sampler, n, float(init_sigma), coeffs, np.asarray(draws, dtype=bool))
 
 
-def _clip(sched: NoiseSchedule) -> float | None:
-    """x0 clipping of DDPM/DDIM configs (clip_sample, default on as in their reference schedulers)."""
-    return float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample", True) else None
+def _clip(sched: NoiseSchedule, default: bool = True) -> float | None:
+    """x0 clipping of DDPM/DDIM/LCM configs (clip_sample; its default: on for DDPM and DDIM, off
+    for LCM, as in their reference schedulers)."""
+    return float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample", default) else None
 
 
 def _ddpm(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> Plan:
@@ -237,6 +254,59 @@ def _dpmpp_2m(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> P
             b[i], d[i] = phi * (1.0 + 0.5 / r), -phi * 0.5 / r
     return _plan(sampler, steps, 1.0, None, np.zeros(n, dtype=bool), t=t, c_in=1.0,
                  alpha=alpha[:-1], sigma=sigma[:-1], a=a, b=b, d=d)
+
+
+def _grid(sched, steps) -> np.ndarray:
+    """(steps,) descending int64 timesteps of LCM/TCD: the skipping grid's (Luo et al. 2023) N points,
+    largest first, at indices floor(linspace(0, N, steps, endpoint=False))."""
+    n = int(sched.get("original_inference_steps", consistency.ORIGINAL_STEPS))
+    if steps > n:
+        raise InvalidRequest("steps", f"at most {n} steps on the skipping grid of {n} points")
+    origin = consistency.origin_timesteps(sched.num_train_timesteps, n)[::-1]     # (N,) descending
+    return origin[np.floor(np.linspace(0, len(origin), steps, endpoint=False)).astype(np.int64)]
+
+
+def _lcm(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> Plan:
+    """Multistep latent consistency sampling (Luo et al. 2023; Song et al. 2023, Algorithm 1): the
+    consistency function f = c_skip x + c_out x0 (eq. 5, model/consistency.py) maps x at t to the
+    trajectory's origin, which is noised again to the next grid point,
+        x_prev = sqrt(abar_prev) (c_skip x + c_out x0) + sqrt(1 - abar_prev) z,
+    z drawn at every step but the last, whose output is f itself (so the previous timestep is
+    never below 0 and set_alpha_to_one does not matter). x0 is clipped only if the config says
+    clip_sample (LCMScheduler's default: off)."""
+    acp = sched.alphas_cumprod
+    t = _grid(sched, steps)
+    abar = acp[t]
+    last = np.arange(steps) == steps - 1
+    abar_prev = np.where(last, 1.0, acp[np.append(t[1:], 0)])        # 1: f itself at the last step
+    scaling = float(sched.get("timestep_scaling", consistency.TIMESTEP_SCALING))
+    c_skip, c_out = consistency.boundary_scalings(t.astype(np.float64), timestep_scaling=scaling)
+    alpha, sigma = _vp(abar)
+    keep = np.sqrt(abar_prev)
+    return _plan(sampler, steps, 1.0, _clip(sched, default=False), ~last, t=t.astype(np.float64),
+                 c_in=1.0, alpha=alpha, sigma=sigma, a=keep * c_skip, b=keep * c_out,
+                 s=np.sqrt(1.0 - abar_prev))
+
+
+def _tcd(sched, sampler, steps, spacing, offset, karras, eta, start=0) -> Plan:
+    """Strategic stochastic sampling of Trajectory Consistency Distillation (Zheng et al. 2024),
+    gamma = eta: from t, jump along the trajectory to s = floor((1 - gamma) t_prev) with
+    the model's (x0, eps), then forward-diffuse from s to the next grid point t_prev:
+        x_s    = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps,
+        x_prev = sqrt(abar_prev / abar_s) x_s + sqrt(1 - abar_prev / abar_s) z,
+    z drawn at every step but the last when gamma > 0; gamma = 0 (and the last step, t_prev = 0)
+    is x_prev = x_s. s is computed in float32, as diffusers' TCDScheduler does; no x0 clipping."""
+    acp = sched.alphas_cumprod
+    t = _grid(sched, steps)
+    prev = np.append(t[1:], 0)
+    s_t = np.floor(np.float32(1.0 - eta) * prev.astype(np.float32)).astype(np.int64)
+    abar, abar_prev, abar_s = acp[t], acp[prev], acp[s_t]
+    draws = np.full(steps, eta > 0) & (np.arange(steps) < steps - 1)
+    ratio = np.where(draws, abar_prev / abar_s, 1.0)                  # 1: x_prev = x_s
+    alpha, sigma = _vp(abar)
+    return _plan(sampler, steps, 1.0, None, draws, t=t.astype(np.float64), c_in=1.0, alpha=alpha,
+                 sigma=sigma, b=np.sqrt(ratio * abar_s), c=np.sqrt(ratio * (1.0 - abar_s)),
+                 s=np.sqrt(1.0 - ratio))
 
 
 def step_coeffs(plans: list[Plan], idx: list[int], device=None) -> dict[str, torch.Tensor]:
