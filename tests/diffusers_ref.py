@@ -16,19 +16,23 @@ SCHEDULERS = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler",
                  {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),         # its eta is a pipeline call argument (diffusers' default 0)
 }
 
 
 def reference(folder, sampler: str, guidance: float, seed: int, steps: int = 10,
-              pipeline: str = "StableDiffusionPipeline", overlay: bool = False, **call) -> np.ndarray:
+              pipeline: str = "StableDiffusionPipeline", overlay: bool = False,
+              scheduler: dict | None = None, **call) -> np.ndarray:
     """diffusers' image; overlay: with the init image pasted back outside the mask
-    (VaeImageProcessor.apply_overlay, as latentd's inpainting output is)."""
+    (VaeImageProcessor.apply_overlay, as latentd's inpainting output is); scheduler: settings
+    over SCHEDULERS' (e.g. timestep_spacing)."""
     import diffusers
 
     ref = getattr(diffusers, pipeline).from_pretrained(folder, safety_checker=None,
                                                        requires_safety_checker=False)
     name, kw = SCHEDULERS[sampler]
-    ref.scheduler = getattr(diffusers, name).from_config(ref.scheduler.config, **kw)
+    ref.scheduler = getattr(diffusers, name).from_config(ref.scheduler.config, **{**kw, **(scheduler or {})})
     ref.set_progress_bar_config(disable=True)
     out = ref(PROMPT, num_inference_steps=steps, guidance_scale=guidance,
               generator=torch.Generator("cpu").manual_seed(seed), **call)
