@@ -59,6 +59,7 @@ class GenerationRequest:
     karras: bool = False
     eta: float | None = None        # ddim, tcd (model.request.ETA_SAMPLERS); None -> the sampler's default
     timestep_spacing: str | None = None  # linspace | leading | trailing; None -> the scheduler config's
+    cache_interval: int = 1         # DeepCache (model/deepcache.py): a full U-Net step every N steps
     seed: int = 0                   # 0 <= seed < 2**63
     # classifier guidance (model/classifier.py): ((head, label), ...) sorted, and its scale;
     # () = none. Build with model.classifier_spec.resolve from the API's {"color": ..., "scale": ...}.
@@ -109,6 +110,9 @@ class RequestState:
     # (1, P), "time_ids": (1, 6)}, model/added_cond.py); None: the family has none
     added: dict[str, torch.Tensor] | None = None
     added_uncond: dict[str, torch.Tensor] | None = None
+    # DeepCache: this request's deep features from its last full step, (rows, C1, h, w) for its
+    # [uncond, cond] rows of the U-Net call (model/deepcache.py); None before the first
+    deep: torch.Tensor | None = None
     compute_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -314,7 +318,7 @@ class Pipeline:
         plan = self._plan(req)
         f = self.info.vae_factor
         shape = (1, self.info.latent_channels, req.height // f, req.width // f)
-        latent, x0_prev, gen, edit = row_state.restore(self, req, plan, row, shape)
+        latent, x0_prev, gen, edit, deep = row_state.restore(self, req, plan, row, shape)
         added = added_uncond = None
         if self.conditioner.added is not None:      # recomputed from the request, like start()
             added, added_uncond = self.conditioner.added.rows(req.width, req.height, cond.pooled,
@@ -322,7 +326,7 @@ class Pipeline:
         return RequestState(req=req, cond=cond, plan=plan, latent=latent, generator=gen,
                             width=req.width, height=req.height, step=row.step, x0_prev=x0_prev,
                             edit=edit, timings={"text": float(cond.seconds)},
-                            added=added, added_uncond=added_uncond)
+                            added=added, added_uncond=added_uncond, deep=deep)
 
     def step(self, states: list[RequestState]) -> None:
         """Advance every state by one step with ONE U-Net call of up to 2B rows ([uncond..., cond...];
@@ -418,8 +422,37 @@ class Pipeline:
             added = None if added is None else {key: torch.cat([v, v]) for key, v in added.items()}
             rows = rows * 2
         with lora_runtime.active(RowMix(rows, self.device) if any(rows) else None):
-            out = (self.unet(x, tt, context) if added is None else self.unet(x, tt, context, added))[:n].float()
+            if all(s.req.cache_interval == 1 for s in states):
+                out = (self.unet(x, tt, context) if added is None else self.unet(x, tt, context, added))[:n].float()
+            else:
+                out = self._cached_unet(states, un, x, tt, context, added)[:n].float()
         return out[:len(un)], out[len(un):]
+
+    def _cached_unet(self, states, un: list[int], x, tt, context, added) -> torch.Tensor:
+        """The U-Net call with DeepCache rows (model/deepcache.py): a request at a full step (step
+        % cache_interval == 0, or nothing cached yet) runs the deep path on its rows and keeps
+        their deep features; the others reuse theirs. Row order as in _unet_rows (doubled when
+        lone: the copy is a full row like its original, and only the first is kept)."""
+        from latentd.model import deepcache
+        has_u = {id(states[i]) for i in un}
+        owners = [(states[i], 0) for i in un] + [(s, 1 if id(s) in has_u else 0) for s in states]  # (state, its row)
+        owners += [owners[0]] if x.shape[0] > len(owners) else []          # the lone row's copy
+
+        def full(s):
+            return s.deep is None or s.step % s.req.cache_interval == 0
+        deep = [j for j, (s, _) in enumerate(owners) if full(s)]
+        cached = [s.deep[k:k + 1] for s, k in owners if not full(s)]
+        out, feats = deepcache.forward(self.unet, x, tt, context, added, deep,
+                                       torch.cat(cached) if cached else None)
+        fresh: dict[int, list[torch.Tensor]] = {}
+        for j, f in zip(deep, feats.split(1)):
+            s, k = owners[j]
+            if s.req.cache_interval > 1 and j < len(un) + len(states):
+                fresh.setdefault(id(s), []).append(f)
+        for s in states:
+            if id(s) in fresh:
+                s.deep = torch.cat(fresh[id(s)])                       # (rows, C1, h, w)
+        return out
 
     def _classifier_guidance(self, states, z, t, k, guided: torch.Tensor) -> torch.Tensor:
         """Shift the guided noise estimate of the rows that ask for classifier guidance:

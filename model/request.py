@@ -34,6 +34,8 @@ ETA_SAMPLERS = ("ddim", "tcd")
 DEFAULT_ETA = {"tcd": 0.3}
 MAX_SEED = 2**63            # seeds: 0 <= seed < 2**63 (torch.Generator.manual_seed takes an int64)
 MAX_GUIDANCE = 30.0
+# DeepCache (model/deepcache.py): a full U-Net step every N steps, the shallow path between
+MAX_CACHE_INTERVAL = 10
 
 # model-independent defaults (a model folder's latentd.json may override them: model/info.py)
 DEFAULT_STEPS = 20
@@ -149,6 +151,7 @@ def check(info, r, size_field: str | None = None) -> None:
                                  {"min": 1, "max": ORIGINAL_STEPS})
     check_eta(r.sampler, r.eta)
     check_spacing(r.sampler, getattr(r, "timestep_spacing", None))
+    check_cache_interval(getattr(r, "cache_interval", 1))
     n = getattr(r, "n", 1)
     if not is_int(r.seed) or not 0 <= r.seed < MAX_SEED:
         raise InvalidRequest("seed", f"must be an integer with 0 <= seed < 2**63, got {r.seed!r}",
@@ -159,6 +162,12 @@ def check(info, r, size_field: str | None = None) -> None:
     _check_strength(getattr(r, "kind", None) or "text", r.strength, steps)
     from latentd.model.classifier_spec import check_targets
     check_targets(getattr(info, "classifier", None), r.classifier_targets, r.classifier_scale)
+
+
+def check_cache_interval(n) -> None:
+    if not is_int(n) or not 1 <= n <= MAX_CACHE_INTERVAL:
+        raise InvalidRequest("cache_interval", f"must be an integer between 1 (no step caching) and "
+                                               f"{MAX_CACHE_INTERVAL}, got {n!r}", {"min": 1, "max": MAX_CACHE_INTERVAL})
 
 
 def _check_strength(kind: str, strength, steps: int) -> None:

@@ -9,6 +9,8 @@ A RequestState (model/pipeline.py) after `step` steps is fully described by
   - an edit's tensors (model/edit.py EditState): image_latent and noise (1, C, h, w) and mask
     (1, 1, h, w) for inpainting with a 4-channel U-Net, extra (1, C + 1, h, w) for an inpainting
     U-Net,
+  - deep      (rows, C1, h, w) float32, DeepCache's features of the last full step (a request
+              with cache_interval > 1, model/deepcache.py), so a resumed row reuses them exactly,
 plus the step index. Everything else is a pure function of the request and the model: the
 sampler plan (make_plan), the text conditioning (Pipeline.encode) and the added conditioning
 (SDXL's pooled text + size ids), so they are recomputed, not stored. `Pipeline.resume` rebuilds
@@ -153,6 +155,8 @@ def save(pipe, state, meta: dict | None = None) -> RowState:
     if state.x0_prev is not None:
         tensors["x0_prev"] = state.x0_prev.float()
     tensors["rng"] = state.generator.get_state()
+    if state.deep is not None:
+        tensors["deep"] = state.deep.float()
     if state.edit is not None:
         for name in EDIT_FIELDS:
             t = getattr(state.edit, name)
@@ -188,18 +192,24 @@ def check(pipe, req, plan, row: RowState, shape: tuple[int, ...]) -> None:
         bad(f"step {row.step} outside 0..{plan.steps - 1}")
     want = {"latent", "rng"} | ({"x0_prev"} if row.step > 0 else set())
     want |= {f"edit.{n}" for n in expected_edit(req, pipe.info.inpaint_unet)}
+    if getattr(req, "cache_interval", 1) > 1 and row.step > 0:
+        want.add("deep")
     if set(row.tensors) != want:
         bad(f"tensors {sorted(row.tensors)}, expected {sorted(want)}")
     c = shape[1]
     shapes = {"latent": shape, "x0_prev": shape, "edit.image_latent": shape, "edit.noise": shape,
               "edit.mask": (1, 1) + tuple(shape[2:]), "edit.extra": (1, c + 1) + tuple(shape[2:])}
+    if "deep" in row.tensors:
+        d = row.tensors["deep"]
+        if d.dim() != 4 or tuple(d.shape[2:]) != tuple(shape[2:]) or not 1 <= d.shape[0] <= 2:
+            bad(f"deep has shape {tuple(d.shape)}, expected (1 or 2, C, {shape[2]}, {shape[3]})")
     for name, t in row.tensors.items():
-        if name != "rng" and tuple(t.shape) != tuple(shapes[name]):
+        if name not in ("rng", "deep") and tuple(t.shape) != tuple(shapes[name]):
             bad(f"{name} has shape {tuple(t.shape)}, expected {tuple(shapes[name])}")
 
 
 def restore(pipe, req, plan, row: RowState, shape: tuple[int, ...]):
-    """(latent, x0_prev, generator, EditState | None) of `row` on the pipeline's device, after
+    """(latent, x0_prev, generator, EditState | None, deep | None) of `row` on the pipeline's device, after
     check(); the generator is a fresh CPU Generator set to the saved state."""
     from latentd.model.edit import EditState
 
@@ -216,4 +226,5 @@ def restore(pipe, req, plan, row: RowState, shape: tuple[int, ...]):
     names = [n for n in EDIT_FIELDS if f"edit.{n}" in row.tensors]
     if names:
         edit = EditState(**{n: row.tensors[f"edit.{n}"].to(dev) for n in names})
-    return latent, x0_prev, gen, edit
+    deep = row.tensors["deep"].to(dev, pipe.dtype) if "deep" in row.tensors else None
+    return latent, x0_prev, gen, edit, deep
