@@ -98,21 +98,23 @@ def invalid(e: InvalidRequest) -> ApiError:
 
 
 def to_job_params(req, info, settings, image_size: tuple[int, int] | None = None,
-                  mask_size: tuple[int, int] | None = None) -> Resolved:
+                  mask_size: tuple[int, int] | None = None, lora_check=None) -> Resolved:
     """Resolve `req` (a generation, job or edit body) once: deployment and model bounds checked,
     defaults filled in, a seed drawn if none was given. Every field of the body that the job
-    carries is passed by name (the declaration says which: jobs/request.py `spec` / `spec_as`)."""
+    carries is passed by name (the declaration says which: jobs/request.py `spec` / `spec_as`).
+    lora_check: the adapters this model can use (app/loras.py checker)."""
     if req.prompt == "" and not getattr(req, "classifier_guidance", None):
         raise ApiError(422, "invalid_value", "prompt: must not be empty (an empty prompt is allowed "
                        "only with classifier_guidance)", "prompt", {"min_length": 1})
     try:
         return resolve(info, **request_values(req), image_size=image_size, mask_size=mask_size,
-                       limits=Limits.from_settings(settings))
+                       limits=Limits.from_settings(settings), lora_check=lora_check)
     except InvalidRequest as e:
         raise invalid(e) from None
 
 
-_RESOLVES = frozenset(inspect.signature(resolve).parameters) - {"info", "image_size", "mask_size", "limits"}
+_RESOLVES = frozenset(inspect.signature(resolve).parameters) - {"info", "image_size", "mask_size", "limits",
+                                                                "lora_check"}
 
 
 def request_values(req) -> dict:
@@ -237,11 +239,21 @@ class ModelCard(BaseModel):
     workers: int = 0                   # ready workers serving it (0: its jobs wait in its queue)
     info: dict = {}                    # ModelInfo: family, native size, sizes, samplers, limits,
                                        # classifier ({} while not known: no folder, no worker)
+    loras: list[dict] = []             # the LoRA adapters it can use (app/loras.py)
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoraList(BaseModel):
+    """GET /v1/loras: each adapter file (model/lora_catalog.py LoraInfo.public: name, format,
+    family, rank, layers, targets, kinds, context_dim, bytes), its `file` under an adapter
+    folder, the models that can use it (`compatible`) and why others cannot (`incompatible`);
+    a file latentd cannot use has `error` instead."""
+    object: Literal["list"] = "list"
+    data: list[dict]
 
 
 class Health(BaseModel):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 
+from latentd.jobs.request_loras import as_tags
+
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_QUALITY = 100
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
@@ -21,7 +23,7 @@ def _parameters(image, params: dict, seed: int, model: str) -> tuple[str, dict]:
     per-image seed replaces the job's."""
     p = dict(params, seed=seed, model=model, width=image.width, height=image.height)
     p.pop("n", None)
-    text = p["prompt"]
+    text = p["prompt"] + as_tags(p.get("loras"))
     if p.get("negative_prompt"):
         text += f"\nNegative prompt: {p['negative_prompt']}"
     text += (f"\nSteps: {p['steps']}, Sampler: {p['sampler']}{' Karras' if p.get('karras') else ''}, "

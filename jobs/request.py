@@ -17,6 +17,8 @@ what a model allows is model/request.py's. jobs/request_resolve.py fills the def
 
 A request field that a job carries under other names says so in `spec_as` (size -> width,
 height; image / mask -> kind; classifier_guidance -> classifier_targets, classifier_scale).
+`loras` keeps its name: a list of {"name", "scale"} objects in a body, ((name, scale), ...) sorted
+by name in a job, with the prompt's <lora:NAME:SCALE> tags merged in.
 Torch-free and pydantic-free: the declaration is data.
 """
 from __future__ import annotations
@@ -43,6 +45,11 @@ MODERATIONS = ("auto", "low")
 PRIORITIES = ("high", "normal", "low")       # low: a permitted key's flagged images come back unredacted
 # an edit's default strength by OpenAI's input_fidelity (absent: model/request.py DEFAULT_STRENGTH)
 FIDELITY_STRENGTH = {"high": {"img2img": 0.5, "inpaint": 0.75}, "low": {"img2img": 0.9, "inpaint": 1.0}}
+# LoRA adapters (model/lora_catalog.py names them): per request, and each one's scale
+MAX_LORAS = 8
+LORA_SCALE = (-5.0, 5.0)    # min, max
+LORA_NAME_CHARS = 200
+ADAPTERS = tuple[tuple[str, float], ...]    # the loras type: ((name, scale), ...), by name
 SURFACES = ("generation", "job", "edit", "spec", "cli", "playground")
 EDITS = ("img2img", "inpaint")
 
@@ -97,7 +104,7 @@ class Field:
             return "the model's"
         if isinstance(d, dict):
             return ", ".join(f"{v:g} {k}" for k, v in d.items())
-        return "none" if d is None else repr(d)
+        return "none" if d is None or d == () else repr(d)
 
 
 def _on(*names: str) -> frozenset:
@@ -145,6 +152,11 @@ FIELDS: tuple[Field, ...] = (
           f'"shape": "triangle", "scale": 2.0}} (scale default {DEFAULT_SCALE:g}); a form sends it as '
           "a JSON string; the CLI as --classify color=red,shape=triangle [--classifier-scale S]",
           _on(*ALL_API, "cli"), spec_as=("classifier_targets", "classifier_scale"), flag="--classify"),
+    Field("loras", ADAPTERS, 'LoRA adapters (GET /v1/loras lists them): [{"name": "star", "scale": 0.8}], '
+          f"scale {LORA_SCALE[0]:g} to {LORA_SCALE[1]:g} (default 1), at most {MAX_LORAS}; the same as "
+          "<lora:NAME:SCALE> (or <lora:NAME>) in the prompt, which is taken out of its text. A form "
+          "sends a JSON string; the CLI --lora NAME_OR_PATH[:SCALE], repeated",
+          _on(*ALL_API, "spec", "cli"), default=(), bounds={"max_length": MAX_LORAS}, flag="--lora"),
     Field("output_format", Literal[OUTPUT_FORMATS], "png | jpeg | webp", _on(*ALL_API, "spec"),
           default="png"),
     Field("output_compression", int, "JPEG/WebP quality, 0-100 (absent: the encoder's default)",

@@ -4,7 +4,7 @@ is the declaration's.
 
   api_model(surface, strict=True)   JSON bodies: strict (no "2" for 2, no 1 for true), closed
   api_model("edit", strict=False)   the multipart form: lax (every form value is a string);
-                                    classifier_guidance arrives as a JSON object string
+                                    classifier_guidance and loras arrive as JSON strings
   spec_fields()                     JobSpec's request fields (strict ints and bools)
 """
 from __future__ import annotations
@@ -15,22 +15,43 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field as PydanticField, StrictBool, StrictInt
 from pydantic import WithJsonSchema, create_model
 
-from latentd.jobs.request import MODEL, REQUIRED, SPEC_DEFAULTS, Field, on
+from latentd.jobs.request import (ADAPTERS, LORA_NAME_CHARS, LORA_SCALE, MODEL, REQUIRED, SPEC_DEFAULTS,
+                                  Field, on)
 
 UPLOADS = ("image", "mask")         # files in a multipart form, not text fields
 GUIDANCE_TYPE = dict[str, str | float | None]
+LoraName = Annotated[str, PydanticField(min_length=1, max_length=LORA_NAME_CHARS)]
+LoraScale = Annotated[float, PydanticField(ge=LORA_SCALE[0], le=LORA_SCALE[1], allow_inf_nan=False)]
 
 
-def _json_object(v):
-    """A form's classifier_guidance: a JSON object in a text field."""
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except ValueError:
-            raise ValueError('must be a JSON object like {"color": "red", "scale": 2.0}') from None
-        if not isinstance(v, dict):
-            raise ValueError('must be a JSON object like {"color": "red", "scale": 2.0}')
-    return v
+class LoraRef(BaseModel):
+    """One adapter of a request body's `loras`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: LoraName = PydanticField(description="An adapter's name (GET /v1/loras)")
+    scale: LoraScale = PydanticField(1.0, description="How much of the adapter")
+
+
+def _json_in_form(kind: type, example: str):
+    """A form's structured field: JSON in a text field (`kind`: dict or list)."""
+    def parse(v):
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise ValueError(f"must be a JSON {kind.__name__} like {example}") from None
+            if not isinstance(v, kind):
+                raise ValueError(f"must be a JSON {kind.__name__} like {example}")
+        return v
+    return parse
+
+
+# inline, not a $ref: the routes put these schemas into the OpenAPI document as they are
+LoraItem = Annotated[LoraRef, WithJsonSchema(LoraRef.model_json_schema())]
+# the API's type of a declared type, and how a form sends it (JSON in a text field)
+API_TYPES = {dict: (GUIDANCE_TYPE, _json_in_form(dict, '{"color": "red", "scale": 2.0}')),
+             ADAPTERS: (list[LoraItem], _json_in_form(list, '[{"name": "star", "scale": 0.8}]'))}
 
 
 def _api_default(f: Field):
@@ -43,16 +64,16 @@ def _api_default(f: Field):
 
 
 def _description(f: Field) -> str:
-    return f.help if f.default in (None, REQUIRED) else f"{f.help} (default: {f.default_text()})"
+    return f.help if f.default in (None, REQUIRED, ()) else f"{f.help} (default: {f.default_text()})"
 
 
 def _api_field(f: Field, form: bool):
-    t = GUIDANCE_TYPE if f.type is dict else f.type
+    t, from_form = API_TYPES.get(f.type, (f.type, None))
     default = _api_default(f)
-    if default is None:
-        t = Optional[t]
-    if form and f.type is dict:
-        t = Annotated[t, BeforeValidator(_json_object),
+    if default is None or default == ():
+        t, default = Optional[t], None
+    if form and from_form is not None:
+        t = Annotated[t, BeforeValidator(from_form),
                       WithJsonSchema({"type": "string", "description": _description(f)})]
     kw = dict(f.bounds)
     if f.type is float:
@@ -69,6 +90,8 @@ def api_model(surface: str, name: str, doc: str, *, strict: bool = True) -> type
 
 
 def _spec_type(f: Field):
+    if f.type == ADAPTERS:
+        return tuple[tuple[LoraName, LoraScale], ...]
     return {int: StrictInt, bool: StrictBool}.get(f.type, f.type)
 
 

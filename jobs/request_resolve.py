@@ -17,6 +17,7 @@ from dataclasses import asdict, make_dataclass
 from latentd.jobs.request import (BACKGROUNDS, BY_NAME, FIDELITY_STRENGTH, MAX_DEADLINE_S, MODERATIONS,
                                   OUTPUT_FORMATS, PRIORITIES,
                                   QUALITIES, QUALITY_AS, Limits, spec_names)
+from latentd.jobs.request_loras import resolve_loras
 from latentd.model.errors import InvalidRequest
 from latentd.model.request import DEFAULT_STRENGTH, MAX_SEED, check, is_int, kind_of, size_allowed
 
@@ -44,15 +45,19 @@ def _text(name: str, text, limits: Limits) -> str:
 def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None, guidance_scale=None,
             sampler=None, karras=None, eta=None, seed=None, strength=None, classifier_guidance=None,
             output_format=None, output_compression=None, model=None, quality=None, background=None,
-            moderation=None, input_fidelity=None, priority=None, deadline_s=None, image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
-            limits: Limits = Limits()) -> Resolved:
+            moderation=None, input_fidelity=None, priority=None, deadline_s=None, loras=None,
+            image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
+            limits: Limits = Limits(), lora_check=None) -> Resolved:
     """The Resolved request, or InvalidRequest naming the first bad field and its allowed range.
 
     size: "WxH" or "auto" or None (an edit: the init image's size, else the model's native size).
     image_size / mask_size: (w, h) of the init image and mask as uploaded (an init image of
-    another size than the output is resized to it); their presence makes the kind."""
+    another size than the output is resized to it); their presence makes the kind.
+    loras and the prompt's <lora:...> tags: jobs/request_loras.py; lora_check(name) -> None or
+    why the adapter cannot be used (the API's: app/loras.py)."""
     prompt = _text("prompt", prompt, limits)
     negative_prompt = _text("negative_prompt", _pick(negative_prompt, BY_NAME["negative_prompt"].default), limits)
+    prompt, loras = resolve_loras(prompt, negative_prompt, loras, lora_check)
     n = _pick(n, BY_NAME["n"].default)
     if not is_int(n) or not 1 <= n <= limits.max_n:
         raise InvalidRequest("n", f"must be an integer between 1 and {limits.max_n}, got {n!r}",
@@ -102,7 +107,7 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
     targets, cscale = resolve_classifier(getattr(info, "classifier", None), classifier_guidance)
     r = Resolved(prompt=prompt, negative_prompt=negative_prompt, n=n,
                  steps=steps, quality=quality, moderation=moderation, priority=priority,
-                 deadline_s=deadline_s,
+                 deadline_s=deadline_s, loras=loras,
                  guidance_scale=_pick(guidance_scale, info.default_guidance),
                  sampler=_pick(sampler, info.default_sampler), karras=_pick(karras, info.default_karras),
                  eta=_pick(eta, BY_NAME["eta"].default), seed=seed, strength=strength,

@@ -4,13 +4,14 @@ surface "cli"), and reading them back into request fields: shared by the local e
 from __future__ import annotations
 
 import argparse
+import os
 
-from latentd.jobs.request import REQUIRED, on
+from latentd.jobs.request import ADAPTERS, REQUIRED, on
 
 SCALE_FLAG = "--classifier-scale"   # classifier_guidance's scale, beside --classify's targets
 _TYPES = {int: int, float: float, str: str}
 _METAVARS = {"size": "WxH", "image": "IMG", "mask": "MASK", "classifier_guidance": "ATTR=LABEL,...",
-             "strength": "S", "model": "MODEL"}
+             "strength": "S", "model": "MODEL", "loras": "NAME_OR_PATH[:SCALE]"}
 
 
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +21,9 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(f.name, help=help_)
         elif f.type is bool:
             p.add_argument(f.cli_flag, dest=f.name, action="store_true", default=None, help=help_)
+        elif f.type == ADAPTERS:
+            p.add_argument(f.cli_flag, dest=f.name, action="append", default=None,
+                           metavar=_METAVARS.get(f.name), help=help_)
         else:
             p.add_argument(f.cli_flag, dest=f.name, default=None, type=_TYPES.get(f.type, str),
                            metavar=_METAVARS.get(f.name), help=help_)
@@ -33,7 +37,27 @@ def request_values(args: argparse.Namespace) -> dict:
     Raises InvalidRequest naming the flag for --classify syntax."""
     values = {f.name: getattr(args, f.name) for f in on("cli")}
     values["classifier_guidance"] = _classify(args)
+    values["loras"] = _loras(args)
     return values
+
+
+def _loras(args) -> list[dict] | None:
+    """--lora NAME_OR_PATH[:SCALE] (repeated) -> the API's loras; a name is one in the adapter
+    folders (LATENTD_LORA_DIR, the model's loras/), a path a .safetensors file."""
+    from latentd.model.errors import InvalidRequest
+    out = []
+    for text in getattr(args, "loras", None) or ():
+        name, sep, scale = text.rpartition(":")
+        if not sep or not name or os.path.isfile(text):        # no scale (a path may hold ':')
+            name, scale = text, None
+        entry = {"name": name}
+        if scale is not None:
+            try:
+                entry["scale"] = float(scale)
+            except ValueError:
+                raise InvalidRequest("lora", f"expected NAME_OR_PATH[:SCALE], got {text!r}") from None
+        out.append(entry)
+    return out or None
 
 
 def _classify(args) -> dict | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -85,8 +86,24 @@ def request_body(args) -> dict:
             continue
         if name in ("image", "mask"):
             value = base64.b64encode(read_file(value, "init-image" if name == "image" else name)).decode()
+        elif name == "loras":         # a file is sent by its name: the server has its own adapters
+            value = [dict(a, name=_adapter_name(a["name"])) for a in value]
         body[name] = value
     return body
+
+
+def _adapter_name(name_or_path: str) -> str:
+    from latentd.model.lora_catalog import SUFFIX
+    return os.path.basename(name_or_path)[: -len(SUFFIX)] if name_or_path.endswith(SUFFIX) else name_or_path
+
+
+def _asked_loras(args) -> list[dict]:
+    from latentd.cli_request import request_values
+    return request_values(args)["loras"] or []
+
+
+LORA_FILE_HINT = ("--server sends an adapter file by its name (the file's stem): the server uses "
+                  "the adapter of that name in its own adapter folders (GET /v1/loras), never the local file")
 
 
 class Exit(Exception):
@@ -128,7 +145,8 @@ def _submit(remote: Remote, args) -> str:
         field = e.error.get("field") or e.error.get("param")
         what = (f"invalid {field}: " if field and e.status in (400, 422)
                 else f"HTTP {e.status}{f' ({field})' if field else ''}: ")
-        raise _fail(f"{what}{e}") from None
+        files = field == "loras" and any(_adapter_name(a["name"]) != a["name"] for a in _asked_loras(args))
+        raise _fail(f"{what}{e}" + (f"\n{LORA_FILE_HINT}" if files else "")) from None
     except (urllib.error.URLError, OSError) as e:
         raise _fail(f"cannot reach {args.server}: {getattr(e, 'reason', e)}") from None
 

@@ -96,7 +96,7 @@ def test_server_body_carries_every_cli_field(tmp_path):
     given = {"prompt": "a cat", "negative_prompt": "dog", "size": "64x64", "steps": 4,
              "guidance_scale": 2.5, "sampler": "ddim", "karras": True, "eta": 0.5, "seed": 3,
              "image": str(img), "mask": str(img), "strength": 0.5, "classifier_guidance": "color=red",
-             "model": "shapes", "priority": "high", "deadline_s": 60}
+             "model": "shapes", "priority": "high", "deadline_s": 60, "loras": "star:0.5"}
     assert set(given) == names("cli")           # a new cli field must be given a value here
     argv = []
     for f in on("cli"):
@@ -109,6 +109,7 @@ def test_server_body_carries_every_cli_field(tmp_path):
     body = request_body(args)
     assert set(body) == names("cli") <= set(JobRequest.model_fields)
     assert body["classifier_guidance"] == {"color": "red", "scale": 2.0}
+    assert body["loras"] == [{"name": "star", "scale": 0.5}]
     assert body["image"] and body["image"] != str(img)          # the file's bytes, in base64
     JobRequest.model_validate_json(json.dumps(body))            # the server's strict model takes it
 
