@@ -24,6 +24,8 @@ class Settings(BaseSettings):
                                            # name); the first is the default; "" = `model` alone
     queue_name: str = "latentd"
     log_level: str = "info"
+    lora_dir: str | None = None            # LoRA adapters (*.safetensors, by name) for every model,
+                                           # searched before a model folder's own loras/
 
     # --- API (app/) ----------------------------------------
     host: str = "127.0.0.1"                # `latentd serve` / `latentd dev` bind address
@@ -84,6 +86,8 @@ class Settings(BaseSettings):
     checkpoint_every_steps: int = 10       # save each running image's row state every this many steps
                                            # (a killed worker's job resumes there); 0 = not by steps
     checkpoint_every_s: float = 30.0       # ... or after this many seconds with a step done; 0 = not by time
+    lora_cache_mb: float | None = None     # loaded adapters kept per worker (LRU, in MB); unset:
+                                           # the engine's default (model/lora_library.py)
 
     # --- events and webhooks (app/events.py, jobs/events.py, jobs/webhooks.py) ------------
     webhook_allow: str = ""                # hosts, *.suffixes, IPs or CIDRs; "" = webhooks off
@@ -104,7 +108,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("model", "s3_endpoint_url", "s3_presign_endpoint_url", "s3_region",
-                     "worker_name", "worker_model", mode="before")
+                     "worker_name", "worker_model", "lora_dir", "lora_cache_mb", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         """`LATENTD_MODEL=` (as compose writes `${LATENTD_MODEL:-}`) means "not set"."""

@@ -63,11 +63,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"latentd generate: invalid {e.field}: {e.message}", file=sys.stderr)
         return 2
     init = _as_stored(image, mask, r.width, r.height)
+    try:
+        loras = _loras(pipe, model, r.loras)
+    except ValueError as e:
+        print(f"latentd generate: invalid lora: {e}", file=sys.stderr)
+        return 2
     req = GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width,
                             height=r.height, steps=r.steps, guidance_scale=r.guidance_scale,
                             sampler=r.sampler, karras=r.karras, eta=r.eta, seed=r.seed,
                             strength=r.strength, classifier_targets=r.classifier_targets,
-                            classifier_scale=r.classifier_scale, **init)
+                            classifier_scale=r.classifier_scale, loras=loras, **init)
     from latentd.worker.cpu import ThreadGovernor
     gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if args.device == "cpu" else None
 
@@ -89,6 +94,26 @@ def run(args: argparse.Namespace) -> int:
           f"sampler={req.sampler}{'+karras' if req.karras else ''} steps={req.steps} "
           f"guidance={req.guidance_scale:g}{edit} in {t['total']:.2f}s (denoise {t['denoise']:.2f}s)")
     return 0
+
+
+def _loras(pipe, model: str | None, loras) -> tuple:
+    """--lora files and names (in LATENTD_LORA_DIR, then the model folder's loras/) loaded as the
+    worker loads them (model/lora_library.py); LoraFormatError names the one that cannot be used."""
+    if not loras:
+        return ()
+    from latentd.config.settings import get_settings
+    from latentd.model.info import BUNDLED
+    from latentd.model.lora_library import LoraLibrary
+
+    folder = model or BUNDLED
+    s = get_settings()
+    out = LoraLibrary(pipe, folder if os.path.isdir(folder) else None, s.lora_dir or "",
+                      s.lora_cache_mb).resolve(loras)
+    names = [a.name for a, _ in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:                              # a file and a name (or two files) that are one adapter
+        raise ValueError(f"adapter {twice[0]!r} is asked for twice")
+    return out
 
 
 def _edit_inputs(image_path: str | None, mask_path: str | None):

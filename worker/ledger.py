@@ -27,6 +27,7 @@ from latentd.jobs.spec import JobSpec
 from latentd.model.errors import InvalidRequest
 from latentd.model.pipeline import GenerationRequest
 from latentd.worker import metrics
+from latentd.worker.adapters import load_loras
 from latentd.worker.checkpoint import Checkpointer
 from latentd.worker.executor import Failed, Finished, Parked, Preview, Progress, Resumed, Unparked
 from latentd.worker.finishing import moderated, usage_share
@@ -403,9 +404,10 @@ class Ledger:
         reqs = {}
         try:
             spec = spec.check(self.rt.pipe.info)      # validated against this model (jobs/spec.py)
+            loras = load_loras(self.rt.loras, spec.loras)
             for k in range(spec.n):
                 if k not in done:
-                    reqs[k] = GenerationRequest(**spec.image_request_kwargs(k), **edit)
+                    reqs[k] = GenerationRequest(**spec.image_request_kwargs(k), **edit, loras=loras)
         except InvalidRequest as e:
             self.fail(h, "invalid_request", str(e))
             return

@@ -35,7 +35,7 @@ def bind(model: str) -> None:
     ForModel.model = model
     for m in (QUEUE_WAIT, RUN_TIME, STEP_TIME, BATCH_SIZE, RUNNING, WAITING, UNET_CALLS,
               UNET_PER_IMAGE, IMAGES, FLAGGED, MODEL_LOAD, PREVIEWS, PREEMPTIONS, PARKED_SECONDS,
-              PARKED):
+              PARKED, LORA_LOADS, LORA_HITS, LORA_LOAD_SECONDS, LORA_CACHED_BYTES):
         m.labels()
 
 
@@ -84,6 +84,25 @@ STALLED = Gauge("latentd_worker_stalled",
 COMPILES = Counter("latentd_worker_compiles_total",
                    "torch.compile compilations of the U-Net step (one per batch bucket and latent size)")
 COMPILE_SECONDS = Counter("latentd_worker_compile_seconds_total", "Seconds spent compiling the U-Net step")
+LORA_LOADS = _m(Counter, "latentd_worker_lora_loads_total",
+                "LoRA adapter files loaded (a name not in the adapter cache, or its file changed)")
+LORA_HITS = _m(Counter, "latentd_worker_lora_cache_hits_total", "LoRA adapters found loaded in the cache")
+LORA_LOAD_SECONDS = _m(Counter, "latentd_worker_lora_load_seconds_total", "Seconds spent loading LoRA adapters")
+LORA_CACHED_BYTES = _m(Gauge, "latentd_worker_lora_cached_bytes",
+                       "Bytes of LoRA adapters kept loaded (LATENTD_LORA_CACHE_MB bounds them)")
+_lora_seen = {"loads": 0, "hits": 0, "load_seconds": 0.0}
+
+
+def count_loras(library) -> None:
+    """The adapter library's counters (model/lora_library.py) since the last call, as metrics."""
+    for name, metric in (("loads", LORA_LOADS), ("hits", LORA_HITS), ("load_seconds", LORA_LOAD_SECONDS)):
+        now = getattr(library, name)
+        if now > _lora_seen[name]:
+            metric.inc(now - _lora_seen[name])
+        _lora_seen[name] = now
+    LORA_CACHED_BYTES.set(library.cached_bytes)
+
+
 REQUEST_MEMORY = Gauge("latentd_worker_request_memory_bytes",
                        "Measured device memory one request adds to a batched U-Net step (native size)")
 

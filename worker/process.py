@@ -23,6 +23,7 @@ from latentd.jobs.jobstore import JobStore
 from latentd.jobs.models import served
 from latentd.jobs.store import Store, make_store
 from latentd.worker.webhook_delivery import Deliverer
+from latentd.model.lora_library import LoraLibrary
 from latentd.model.pipeline import load_pipeline
 from latentd.worker.finishing import judged
 from latentd.model.precision import default_dtype
@@ -61,6 +62,7 @@ class Runtime:
     new_executor: Callable[[], BatchExecutor]
     governor: ThreadGovernor | None        # on the CPU: yields cores to other processes
     load_started: float                    # perf_counter() when loading began
+    loras: object                          # model.lora_library.LoraLibrary of the model's adapters
 
     @property
     def model_name(self) -> str:
@@ -120,7 +122,9 @@ class WorkerProcess:
             governor = ThreadGovernor(torch.get_num_threads(), self.set_threads)
         metrics.THREADS.set(torch.get_num_threads())
         info = replace(pipe.info, name=self.model.name)
-        return Runtime(redis, jobs, store, hb, pipe, info, device, new_executor, governor, t)
+        loras = LoraLibrary(pipe, s.model if os.path.isdir(s.model) else None, s.lora_dir or "",
+                            s.lora_cache_mb)
+        return Runtime(redis, jobs, store, hb, pipe, info, device, new_executor, governor, t, loras)
 
     def announce(self, rt: Runtime) -> None:
         """Serve /metrics, start the webhook threads, and publish the worker as ready."""
