@@ -1,5 +1,5 @@
 """Admission: route to the model (app/models.py: 422 for an unknown one) -> validate against it
--> a deadline the queue ahead makes unreachable (app/quota.py) -> per-key rate limit -> per-key
+(its adapters too: app/loras.py) -> a deadline the queue ahead makes unreachable (app/quota.py) -> per-key rate limit -> per-key
 quota (app/quota.py) -> queue cap (inside JobClient.submit, one Lua script) -> enqueued on that
 model's queue. Each step rejects early with a 4xx/503 and enqueues nothing.
 """
@@ -9,7 +9,7 @@ import uuid
 
 from pydantic import ValidationError
 
-from latentd.app import idempotency, metrics
+from latentd.app import idempotency, loras, metrics
 from latentd.app.errors import ApiError
 from latentd.app.quota import check_deadline
 from latentd.app.ratelimit import RateLimiter
@@ -91,7 +91,8 @@ def admit(state, req: ImagesGenerationRequest, owner: str, endpoint: str,
         raise
     img, m = edit_inputs(image, mask, settings)
     params = to_job_params(req, info, settings, image_size=None if img is None else img.size,
-                           mask_size=None if m is None else m.size)
+                           mask_size=None if m is None else m.size,
+                           lora_check=loras.checker(entry, info, settings))
     check_delivery(req, settings)
     check_moderation(state, owner, params.moderation)
     check_priority(state, owner, params.priority)

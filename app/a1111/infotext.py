@@ -13,6 +13,7 @@ from PIL import Image
 
 from latentd.app.a1111.names import a1111_name
 from latentd.jobs.encode import _EXIF_IFD, _USER_COMMENT
+from latentd.jobs.request_loras import as_tags
 
 VERSION = "latentd"
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -34,9 +35,10 @@ def info(spec, model: str, body, n_images: int) -> dict:
     """A1111's `info` (Processed.js()) of a resolved job: seeds, infotexts, the model, ..."""
     sampler, scheduler = a1111_name(spec.sampler, spec.karras)
     seeds = [spec.seed + k for k in range(n_images)]
-    texts = [infotext(spec.prompt, spec.negative_prompt, spec.steps, sampler, scheduler,
+    prompt = spec.prompt + as_tags(spec.loras)          # A1111 keeps the tags in its prompt
+    texts = [infotext(prompt, spec.negative_prompt, spec.steps, sampler, scheduler,
                       spec.guidance_scale, s, spec.width, spec.height, model, spec.strength) for s in seeds]
-    return {"prompt": spec.prompt, "all_prompts": [spec.prompt] * n_images,
+    return {"prompt": prompt, "all_prompts": [prompt] * n_images,
             "negative_prompt": spec.negative_prompt, "all_negative_prompts": [spec.negative_prompt] * n_images,
             "seed": spec.seed, "all_seeds": seeds, "subseed": body.subseed, "all_subseeds": [body.subseed] * n_images,
             "subseed_strength": 0, "width": spec.width, "height": spec.height, "sampler_name": sampler,

@@ -6,10 +6,10 @@ subseed while subseed_strength is 0, s_tmin/s_tmax/s_noise while s_churn is 0, e
 without one, denoising_strength and hr_* while enable_hr is off, image_cfg_scale,
 inpaint_full_res_padding), or, at any value but its off value, a 422 naming it: latentd never
 answers with a silently different picture. Absent values are latentd's defaults for the model.
+A prompt's <lora:NAME:SCALE> tags pass through as they are: resolving takes them out for every
+endpoint (jobs/request_loras.py), and an unknown adapter is a 422 naming `prompt`.
 """
 from __future__ import annotations
-
-import re
 
 from pydantic import ValidationError
 
@@ -18,7 +18,6 @@ from latentd.app.errors import ApiError, error_from
 from latentd.app.schemas import JobRequest
 from latentd.model.request import KARRAS_SAMPLERS, MAX_SEED
 
-LORA = re.compile(r"<(lora|lyco):([^:>]*)[^>]*>", re.IGNORECASE)
 # latentd's field -> A1111's, for the errors of resolving and admission
 FIELD_NAMES = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "karras": "scheduler",
                "n": "batch_size", "size": "width", "strength": "denoising_strength",
@@ -83,15 +82,6 @@ def check_switches(body, img2img: bool) -> None:
             raise refuse("inpainting_mask_invert", "must be 0 or 1", [0, 1])
 
 
-def check_loras(body) -> None:
-    """latentd has no LoRA adapters yet: a <lora:NAME:SCALE> tag is an unknown adapter."""
-    for field in ("prompt", "negative_prompt"):
-        m = LORA.search(getattr(body, field) or "")
-        if m:
-            raise ApiError(422, "unknown_adapter", f"{field}: unknown LoRA adapter {m.group(2)!r} "
-                           "(this server has none: GET /sdapi/v1/loras)", field, [])
-
-
 def sampler(body, info) -> tuple[str, bool]:
     """(latentd sampler, karras) from sampler_name (else sampler_index, else the model's default)
     and scheduler."""
@@ -143,7 +133,6 @@ def size(body, info) -> str | None:
 def to_job_request(body, info, model: str | None, max_n: int, img2img: bool):
     """The JobRequest, and (latentd sampler, karras) for the answer. Raises ApiError 422."""
     check_switches(body, img2img)
-    check_loras(body)
     if body.batch_size < 1 or body.n_iter < 1 or body.batch_size * body.n_iter > max_n:
         field = "batch_size" if body.batch_size < 1 or body.n_iter >= 1 else "n_iter"
         raise ApiError(422, "invalid_value", f"{field}: batch_size x n_iter must be between 1 and {max_n}, "

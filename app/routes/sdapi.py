@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic
 
-from latentd.app import metrics
+from latentd.app import loras as lora_list, metrics
 from latentd.app.a1111 import infotext, masks, names, only_masked, prefs, translate
 from latentd.app.a1111.schemas import (Img2ImgRequest, ImagesResponse, PNGInfoRequest, PNGInfoResponse,
                                        ProgressResponse, SamplerItem, SchedulerItem, ScriptsList, SDModelItem,
@@ -33,6 +33,7 @@ from latentd.app.errors import ApiError, _json_safe, error_body, error_from
 from latentd.app.state import state_of
 from latentd.jobs import events, keys
 from latentd.jobs.request import Limits
+from latentd.model import lora_catalog
 
 UPLOAD_PATHS = ("/sdapi/v1/img2img", "/sdapi/v1/png-info")   # bodies that may carry images
 ACTIVE = ("queued", "running")
@@ -239,9 +240,14 @@ async def schedulers(owner: Owner):
 
 
 @router.get("/loras", response_model=list[dict], responses=ERRORS)
-async def loras(owner: Owner):
-    """latentd has no LoRA adapters yet (a <lora:...> tag in a prompt is a 422)."""
-    return []
+def loras(request: Request, owner: Owner):
+    """The LoRA adapters the calling key's model can use, in A1111's shape (`name` is what
+    <lora:NAME:SCALE> takes; `path` is the file under its adapter folder)."""
+    st = state_of(request)
+    name = prefs.current_model(st, owner)
+    entry = next(e for e in st.models.entries if e.name == name)
+    return [{"name": lo.name, "alias": lo.name, "path": lo.name + lora_catalog.SUFFIX, "metadata": lo.meta}
+            for lo in lora_list.usable(entry, st.models.info(entry), st.settings)]
 
 
 @router.get("/upscalers", response_model=list[dict], responses=ERRORS)

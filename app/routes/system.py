@@ -3,23 +3,41 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from latentd.app import metrics
+from latentd.app import loras, metrics
 from latentd.app.deps import OwnerDep, StateDep, TokenDep, token_of
 from latentd.app.errors import ApiError
-from latentd.app.schemas import ErrorResponse, Health, ModelList
+from latentd.app.schemas import ErrorResponse, Health, LoraList, ModelList
 
 router = APIRouter(tags=["system"])
 
 
 @router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
 def list_models(owner: OwnerDep, st: StateDep):
-    """Every model of the deployment, the default first, with what it allows and its workers."""
+    """Every model of the deployment, the default first, with what it allows, its workers and
+    the LoRA adapters it can use."""
     return {"object": "list", "data": [
-        {"id": e.name, "default": e.default, "workers": n, "info": info.to_dict() if info else {}}
+        {"id": e.name, "default": e.default, "workers": n, "info": info.to_dict() if info else {},
+         "loras": [lo.public() for lo in loras.usable(e, info, st.settings)]}
         for e, info, n in st.models.all()]}
+
+
+@router.get("/v1/loras", response_model=LoraList, responses={401: {"model": ErrorResponse},
+                                                             422: {"model": ErrorResponse}})
+def list_loras(owner: OwnerDep, st: StateDep,
+               model: Annotated[str | None, Query(max_length=200, description="only this model's")] = None):
+    """The LoRA adapter files (LATENTD_LORA_DIR, then each model folder's loras/), read now: what
+    each is, which models can use it and why the others cannot, or why a file is unusable."""
+    models = [(e, info) for e, info, _ in st.models.all() if model is None or e.name == model]
+    if not models:
+        known = [e.name for e in st.models.entries]
+        raise ApiError(422, "invalid_value", f"model: unknown model {model!r}; known: {', '.join(known)}",
+                       "model", known)
+    return {"object": "list", "data": loras.catalog(models, st.settings)}
 
 
 @router.get("/healthz", response_model=Health)
