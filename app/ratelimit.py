@@ -1,7 +1,8 @@
-"""Per-key token bucket in Redis: ONE Lua script call per admission (atomic across API replicas,
-clock from Redis TIME so replicas agree). A bucket holds `burst` tokens and refills at `rate` per
-second; a request costs one token per image. Over the limit: 429 with Retry-After (seconds until
-enough tokens are back).
+"""Per-key token bucket in Redis, atomic across API replicas, clock from Redis TIME so replicas
+agree: checked inside the admission's own script (jobs/state.py ADMIT, the same bucket and
+arithmetic as LUA here), or for a key with a quota by ONE call of LUA before the quota's count.
+A bucket holds `burst` tokens and refills at `rate` per second; a request costs one token per
+image. Over the limit: 429 with Retry-After (seconds until enough tokens are back).
 """
 from __future__ import annotations
 
@@ -49,6 +50,13 @@ class RateLimiter:
         allowed, wait_ms = self._script(keys=[keys.ratelimit(owner)],
                                         args=[self.rate, self.burst, cost])
         return 0.0 if int(allowed) else max(0.001, int(wait_ms) / 1000)
+
+    def args(self, cost: int = 1) -> tuple[float, int, int] | None:
+        """(rate, burst, cost) for the same bucket checked inside the admission script
+        (JobClient.submit rate=, jobs/state.py ADMIT); None when there is no rate limit."""
+        if self._script is None:
+            return None
+        return self.rate, self.burst, min(max(1, cost), self.burst)
 
     @staticmethod
     def retry_after(wait_s: float) -> str:

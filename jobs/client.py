@@ -1,8 +1,8 @@
 """JobClient: everything the API does with the queue (torch-free; docs/CONTRACTS.md §2).
 
 submit() puts one RQ job (JSON serializer; nothing pickled) on the queue and writes our job
-record in one round trip; the queue-cap check and the push happen in one Lua script, so the queue
-never exceeds its cap and a rejected request enqueues nothing. Every read takes the caller's
+record in one round trip; the rate limit, the queue-cap check and every write happen in one Lua
+script, so the queue never exceeds its cap and a rejected request enqueues nothing. Every read takes the caller's
 owner and answers None for a job that is not theirs, so the API can turn it into a 404 without
 telling "exists" from "doesn't".
 """
@@ -12,16 +12,17 @@ import json
 import re
 import time
 import uuid
+import zlib
 
 from redis.exceptions import NoScriptError, RedisError
 
 from latentd.jobs import keys
 from latentd.jobs.events import WATCH_TTL_S
-from latentd.jobs.idempotency import IdempotencyStore
+from latentd.jobs.idempotency import key_hash
 from latentd.jobs.jobstore import FinishResult, JobStore
 from latentd.jobs.models import deployment
 from latentd.jobs.spec import JobSpec
-from latentd.jobs.state import TERMINAL, record_to_dict
+from latentd.jobs.state import TERMINAL, record_to_dict, rq_time
 from latentd.jobs.store import make_store
 
 RQ_FUNC = "latentd.worker.loop.rq_entry"   # what `rq info`/RQ tools show; only latentd workers run it
@@ -42,6 +43,14 @@ class QueueFull(Exception):
         self.depth, self.cap = depth, cap
 
 
+class RateLimited(Exception):
+    """The owner's token bucket (rate= of submit) has too few tokens: retry in `wait_s` seconds."""
+
+    def __init__(self, wait_s: float):
+        super().__init__(f"rate limited; retry in {wait_s:.3f} s")
+        self.wait_s = max(0.001, wait_s)
+
+
 class NotReplicated(Exception):
     """WAIT saw fewer replicas than LATENTD_REDIS_MIN_REPLICAS in time. `canceled`: the job was
     canceled by this refusal; False: it had already ended (a fast job can finish within the wait),
@@ -50,6 +59,19 @@ class NotReplicated(Exception):
     def __init__(self, want: int, wait_ms: int, canceled: bool):
         super().__init__(f"admission not acknowledged by {want} Redis replica(s) in {wait_ms} ms")
         self.want, self.wait_ms, self.canceled = want, wait_ms, canceled
+
+
+def rq_job_fields(job_id: str, queue: str, spec_json: str, iso: str, timeout: int, result_ttl: int,
+                  description: str) -> dict:
+    """RQ's job hash for a queued job that runs RQ_FUNC(spec) (what rq.job.Job.create(...).to_dict()
+    writes with the JSON serializer; built here without RQ's machinery, which cost more CPU than
+    the rest of an admission): `rq info` and RQ's Job.fetch read it as their own."""
+    data = '["' + RQ_FUNC + '", null, [' + spec_json + '], {}]'
+    return {"created_at": iso, "data": zlib.compress(data.encode()), "success_callback_name": "",
+            "failure_callback_name": "", "stopped_callback_name": "", "started_at": "", "ended_at": "",
+            "last_heartbeat": "", "worker_name": "", "group_id": "", "origin": queue,
+            "description": description, "enqueued_at": iso, "timeout": timeout, "result_ttl": result_ttl,
+            "status": "queued"}
 
 
 def _replicated(acks, want: int) -> bool:
@@ -76,9 +98,13 @@ class JobClient:
     def submit(self, spec: JobSpec, callback_url: str | None = None,
                watch: tuple[str, int] | None = None, init: dict[str, bytes] | None = None,
                queue: str | None = None, job_id: str | None = None,
-               idempotency: tuple[str, str, int] | None = None, record: dict | None = None) -> str:
+               idempotency: tuple[str, str, int] | None = None, record: dict | None = None,
+               rate: tuple[float, int, int] | None = None) -> str:
         """Enqueue a validated spec on `queue` (a model's: queue_of; None: the default model's);
-        returns the job id. Raises QueueFull (nothing enqueued; the cap is per queue).
+        returns the job id. Raises QueueFull (nothing enqueued; the cap is per queue), and
+        RateLimited when `rate` = (tokens/s, burst, cost) is given and the owner's token bucket
+        (app/ratelimit.py) is short of `cost` (nothing enqueued, no token taken). All of it is one
+        Lua script (jobs/state.py ADMIT): the rate limit, cap, RQ job, record, queues and marks.
         callback_url: POST the record there when the job ends (jobs/webhooks.py; checked by the
         caller). watch: (listener id, preview every k steps) registered before the job can be
         claimed, so its worker publishes progress and previews from the first step
@@ -90,74 +116,80 @@ class JobClient:
         key's quota: jobs/state.py refunds and charges it when the job ends).
 
         Redis refusing the writes (OOM, READONLY) raises its ResponseError with nothing admitted
-        (the RQ job hash and the init image are removed again). With LATENTD_REDIS_MIN_REPLICAS
+        (the script writes all or nothing; an edit's inputs are removed again). With LATENTD_REDIS_MIN_REPLICAS
         the admission WAITs for that many replicas; past LATENTD_REDIS_WAIT_MS the job is
         canceled and NotReplicated raised (see docs/operations.md for the exact promise)."""
-        from rq.job import Job
-        from rq.serializers import JSONSerializer
-
         spec = spec.with_seed()
         queue = queue or self.queue
         jobs = self._stores.get(queue) or JobStore(self.redis, queue, self.settings.result_ttl_s)
         job_id = job_id or uuid.uuid4().hex
         now = time.time()
-        job = Job.create(RQ_FUNC, args=[json.loads(spec.to_json())], connection=self.redis,
-                         id=job_id, origin=queue, serializer=JSONSerializer,
-                         timeout=int(spec.timeout_s or self.settings.job_timeout_s) + 1,
-                         result_ttl=self.settings.result_ttl_s,
-                         description=f"latentd job {job_id} ({spec.n} image(s))")
-        job.enqueued_at = job.created_at
-        job._status = "queued"
-        fields = {"id": job_id, "owner": spec.owner, "queue": queue, "spec": spec.to_json(),
+        spec_json = spec.to_json()
+        rq_fields = rq_job_fields(job_id, queue, spec_json, rq_time(now),
+                                  int(spec.timeout_s or self.settings.job_timeout_s) + 1,
+                                  int(self.settings.result_ttl_s), f"latentd job {job_id} ({spec.n} image(s))")
+        fields = {"id": job_id, "owner": spec.owner, "queue": queue, "spec": spec_json,
                   "n": spec.n, "steps": spec.run_steps, "status": "queued", "created_at": repr(now),
                   "attempt": 0, "compute_s": 0, "done": 0, "priority": spec.priority}
         if callback_url:
             fields["callback"] = callback_url
         fields.update(record or {})
+        idem = None
+        if idempotency is not None:
+            owner, key, ttl = idempotency
+            idem = (keys.idempotency(owner, key_hash(key)), max(1, int(ttl)))
+        ttl = int(self.settings.result_ttl_s)
+        min_replicas = self.settings.redis_min_replicas
+        plain = watch is None and not init and min_replicas <= 0
         for tries in (1, 2):
-            # One round trip (admit_on); after a Redis restart, load the script and go again.
-            pipe = self.redis.pipeline(transaction=False)
+            # One round trip: the admission script alone, or in a pipeline with an edit's inputs,
+            # a listener and the replication WAIT; after a Redis restart, load the script and retry.
+            pipe = self.redis if plain else self.redis.pipeline(transaction=False)
             if watch is not None:
                 pipe.zadd(keys.watch(job_id), {watch[0]: int(watch[1])})
                 pipe.expire(keys.watch(job_id), WATCH_TTL_S)
-            if tries == 1:                       # (an id refused by the cap is skipped on read)
-                pipe.lpush(keys.recent(spec.owner), job_id)
-                pipe.ltrim(keys.recent(spec.owner), 0, keys.RECENT_MAX - 1)
-                pipe.expire(keys.recent(spec.owner), int(self.settings.result_ttl_s))
             if init:
                 pipe.hset(keys.init_image(job_id), mapping=init)
-                pipe.expire(keys.init_image(job_id), int(self.settings.result_ttl_s))
-            job.save(pipeline=pipe)
-            if idempotency is not None:          # before the admission: if Redis refuses this
-                IdempotencyStore.confirm_on(pipe, *idempotency)   # write it refuses that one too
-            jobs.admit_on(pipe, job_id, spec.owner, self.settings.queue_cap, fields, spec.priority)
-            at = len(pipe) - 1
-            min_replicas = self.settings.redis_min_replicas
-            if min_replicas > 0:
-                pipe.execute_command("WAIT", min_replicas, self.settings.redis_wait_ms)
-            results = pipe.execute(raise_on_error=False)
-            depth = results[at]
-            if isinstance(depth, NoScriptError) and tries == 1:
+                pipe.expire(keys.init_image(job_id), ttl)
+            try:
+                res = jobs.admit_on(pipe, job_id, spec.owner, self.settings.queue_cap, fields, spec.priority,
+                                    rq_fields=rq_fields, rate=rate, recent=(keys.RECENT_MAX, ttl),
+                                    idempotency=idem)
+            except NoScriptError:
+                if tries == 2:
+                    raise
                 jobs.load_admit()
                 continue
-            if isinstance(depth, Exception):     # OOM, READONLY...: nothing was admitted
-                self._undo(job_id)
-                raise depth
+            if not plain:
+                at = len(pipe) - (2 if min_replicas > 0 else 1)
+                if min_replicas > 0:
+                    pipe.execute_command("WAIT", min_replicas, self.settings.redis_wait_ms)
+                results = pipe.execute(raise_on_error=False)
+                res = results[at]
+                if isinstance(res, NoScriptError) and tries == 1:
+                    jobs.load_admit()
+                    continue
+                if isinstance(res, Exception):     # OOM, READONLY...: nothing was admitted
+                    self._undo(job_id)
+                    raise res
             break
-        if depth != -1 and min_replicas > 0 and not _replicated(results[-1], min_replicas):
+        code, value = int(res[0]), int(res[1])
+        if code != 0:
+            if init:
+                self._undo(job_id)
+            if code == 1:
+                raise QueueFull(value, self.settings.queue_cap)
+            raise RateLimited(value / 1000)
+        if min_replicas > 0 and not _replicated(results[-1], min_replicas):
             res = jobs.finish(job_id, "canceled", {"code": "replication_timeout", "message":
                               "admission not acknowledged by a Redis replica in time"}, owner=spec.owner)
             raise NotReplicated(min_replicas, self.settings.redis_wait_ms, canceled=res == FinishResult.ENDED)
-        if depth == -1:
-            if init:
-                self.redis.delete(keys.init_image(job_id))
-            raise QueueFull(self.settings.queue_cap, self.settings.queue_cap)
         return job_id
 
     def _undo(self, job_id: str) -> None:
-        """Remove what a refused admission may have written (deletes pass even under OOM)."""
+        """Remove an edit's inputs written beside a refused admission (deletes pass even under OOM)."""
         try:
-            self.redis.delete(keys.rq_job(job_id), keys.init_image(job_id))
+            self.redis.delete(keys.init_image(job_id))
         except RedisError:
             pass
 

@@ -77,18 +77,31 @@ class JobStore:
 
     # --- the API side --------------------------------------------------------------------------
     def admit_on(self, pipe, job_id: str, owner: str, cap: int, fields: dict,
-                 priority: str = "normal") -> None:
-        """Queue the admission on `pipe` as a bare EVALSHA (one round trip with the caller's
-        other writes; redis-py's Script in a pipeline would first ask SCRIPT EXISTS). Its result
-        in pipe.execute() is the queue depth, or -1 when the queue was full (nothing queued).
-        On NoScriptError (Redis restarted) call load_admit() and run the pipeline again."""
+                 priority: str = "normal", rq_fields: dict | None = None,
+                 rate: tuple[float, int, int] | None = None, recent: tuple[int, int] = (keys.RECENT_MAX, 86400),
+                 idempotency: tuple[str, int] | None = None) -> None:
+        """Queue the whole admission (jobs/state.py ADMIT) on `pipe` as a bare EVALSHA (one round
+        trip with the caller's other writes; redis-py's Script in a pipeline would first ask
+        SCRIPT EXISTS). `pipe` may also be the client itself: then the call runs at once.
+        rq_fields: RQ's job hash; rate: (tokens/s, burst, cost) of the owner's token bucket, None
+        for no rate limit; recent: (ids kept, ttl s) of the owner's recent list; idempotency:
+        (its Redis key, ttl s) to mark admitted. Its result is [0, depth] admitted, [1, depth]
+        the queue was full, [2, wait ms] rate limited (nothing written on a refusal).
+        On NoScriptError (Redis restarted) call load_admit() and run it again."""
         q = self.queue
+        idem_key, idem_ttl = idempotency or (keys.job(job_id), 0)
         ks = [keys.rq_queue(q), keys.rq_job(job_id), keys.job(job_id), keys.RQ_QUEUES,
-              keys.wait_of(q, priority, owner), keys.owners_of(q, priority), keys.queued_prio(q, priority)]
-        argv = [int(cap), job_id, owner]
+              keys.wait_of(q, priority, owner), keys.owners_of(q, priority), keys.queued_prio(q, priority),
+              keys.recent(owner), keys.ratelimit(owner), idem_key]
+        rate_s, burst, cost = rate or (0, 0, 0)
+        rq_fields = rq_fields or {}
+        argv = [int(cap), job_id, owner, rate_s, burst, cost, recent[0], recent[1], max(0, int(idem_ttl)),
+                len(rq_fields)]
+        for k, v in rq_fields.items():
+            argv += (k, v)
         for k, v in fields.items():
-            argv += [k, v]
-        pipe.evalsha(self._admit.sha, len(ks), *ks, *argv)
+            argv += (k, v)
+        return pipe.evalsha(self._admit.sha, len(ks), *ks, *argv)
 
     def load_admit(self) -> None:
         self.redis.script_load(self._admit.script)

@@ -151,19 +151,58 @@ local function end_job(id, queue, status, err, now, ttl, iso)
 end
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
+# The whole admission in one script, so it is one round trip and all or nothing (a refusal writes
+# nothing; Redis refusing the first write, OOM or READONLY, refuses it all): the owner's token
+# bucket (app/ratelimit.py, when rate > 0), the queue cap, RQ's job hash, the record, the fair-queue
+# lists, the owner's recent ids and the Idempotency-Key's `admitted` mark (when idem ttl > 0).
 # KEYS: rq queue, rq job, record, rq:queues, owner's wait list, owners (both of the job's
-# priority), the priority's arrival list   ARGV: cap, id, owner, field, value, ...
+#   priority), the priority's arrival list, owner's recent ids, owner's token bucket,
+#   Idempotency-Key record
+# ARGV: cap, id, owner, rate (tokens/s; 0: no rate limit), burst, cost, recent kept, recent ttl,
+#   idempotency ttl (0: none), number of RQ job fields R, then R field/value pairs of RQ's job
+#   hash, then field/value pairs of the record
+# -> {0, queue depth} admitted | {1, depth} queue full | {2, wait ms} rate limited
 ADMIT = r"""
-local cap = tonumber(ARGV[1])
-if cap > 0 and redis.call('LLEN', KEYS[1]) >= cap then
-  redis.call('DEL', KEYS[2])
-  return -1
+local cap, rate = tonumber(ARGV[1]), tonumber(ARGV[4])
+local burst, cost, now, tokens
+if rate > 0 then
+  burst, cost = tonumber(ARGV[5]), tonumber(ARGV[6])
+  local now_t = redis.call('TIME')
+  now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
+  local b = redis.call('HMGET', KEYS[9], 't', 'ts')
+  local ts
+  tokens, ts = tonumber(b[1]), tonumber(b[2])
+  if tokens == nil or ts == nil then tokens = burst; ts = now end
+  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+  if tokens < cost then
+    redis.call('HSET', KEYS[9], 't', tostring(tokens), 'ts', tostring(now))
+    redis.call('PEXPIRE', KEYS[9], math.ceil(burst * 1000 / rate) + 1000)
+    return {2, math.ceil((cost - tokens) * 1000 / rate)}
+  end
 end
-redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+if cap > 0 then
+  local depth = redis.call('LLEN', KEYS[1])
+  if depth >= cap then return {1, depth} end     -- refused: nothing written, no token taken
+end
+if rate > 0 then
+  redis.call('HSET', KEYS[9], 't', tostring(tokens - cost), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[9], math.ceil(burst * 1000 / rate) + 1000)
+end
+local nrq = tonumber(ARGV[10])
+local rq_end = 10 + 2 * nrq
+redis.call('HSET', KEYS[2], unpack(ARGV, 11, rq_end))
+redis.call('HSET', KEYS[3], unpack(ARGV, rq_end + 1))
 redis.call('SADD', KEYS[4], KEYS[1])
 if redis.call('RPUSH', KEYS[5], ARGV[2]) == 1 then redis.call('RPUSH', KEYS[6], ARGV[3]) end
 redis.call('RPUSH', KEYS[7], ARGV[2])
-return redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('LPUSH', KEYS[8], ARGV[2])
+redis.call('LTRIM', KEYS[8], 0, tonumber(ARGV[7]) - 1)
+redis.call('EXPIRE', KEYS[8], ARGV[8])
+if tonumber(ARGV[9]) > 0 then
+  redis.call('HSET', KEYS[10], 'state', 'admitted')
+  redis.call('EXPIRE', KEYS[10], ARGV[9])
+end
+return {0, redis.call('RPUSH', KEYS[1], ARGV[2])}
 """
 
 # KEYS: record   ARGV: id, owner ('' = any), attempt ('' = unfenced), status, error JSON, now, ttl, iso,

@@ -203,3 +203,37 @@ def test_job_spec_carries_every_resolved_field():
     from latentd.jobs.request_resolve import Resolved
 
     assert {f.name for f in fields(Resolved)} <= set(JobSpec.model_fields)
+
+
+def test_rq_job_hash_is_what_rq_writes(redis_server):
+    """submit() builds RQ's job hash itself (cheaper than rq.job.Job): the same fields as RQ's own
+    to_dict(), and RQ reads the job back (function, args, status, timeouts)."""
+    import json
+    import zlib
+
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from latentd.jobs.client import RQ_FUNC, rq_job_fields
+    from latentd.jobs.state import rq_time
+
+    spec = JobSpec(prompt="a red cat", owner="alice", n=2, steps=4, seed=10)
+    r = redis_server.client()
+    ours = rq_job_fields("abc", "q", spec.to_json(), rq_time(), 601, 3600, "latentd job abc (2 image(s))")
+    job = Job.create(RQ_FUNC, args=[json.loads(spec.to_json())], connection=r, id="abc", origin="q",
+                     serializer=JSONSerializer, timeout=601, result_ttl=3600,
+                     description="latentd job abc (2 image(s))")
+    job.enqueued_at = job.created_at
+    job._status = "queued"
+    theirs = job.to_dict()
+    assert set(ours) == set(theirs)
+    for k in set(ours) - {"data", "created_at", "enqueued_at"}:
+        assert str(ours[k]) == str(theirs[k]), k
+    assert json.loads(zlib.decompress(ours["data"])) == json.loads(zlib.decompress(theirs["data"]))
+    c = make_client(redis_server)
+    jid = c.submit(spec)
+    got = Job.fetch(jid, connection=r, serializer=JSONSerializer)
+    assert got.func_name == RQ_FUNC and got.args[0]["prompt"] == "a red cat" and got.kwargs == {}
+    assert got.get_status() == "queued" and got.timeout == int(spec.timeout_s or c.settings.job_timeout_s) + 1
+    assert got.origin == "q" and got.result_ttl == c.settings.result_ttl_s
+    assert abs((got.created_at - got.enqueued_at).total_seconds()) < 1e-6
