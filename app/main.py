@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from latentd.app import auth, handlers, signing
+from latentd.app import auth, fastpath, handlers, signing
 from latentd.app.metrics import MetricsMiddleware
 from latentd.app.quota_headers import QuotaHeadersMiddleware
 from latentd.app.routes import edits, images, jobs, playground, sdapi, system, usage
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(r)
     if not settings.metrics_port:
         system.add_metrics_route(app)
+    fastpath.install(app, jobs.router)      # the innermost middleware: the hot path skips the router
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         from fastapi.middleware.cors import CORSMiddleware

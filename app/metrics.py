@@ -102,6 +102,9 @@ def render(client) -> bytes:
     return generate_latest(registry_for(client))
 
 
+_COUNTS: dict[tuple, tuple] = {}      # (template, method, status) -> its two series (bounded labels)
+
+
 class MetricsMiddleware:
     """Pure ASGI middleware (cheap): counts and times each request by its route template."""
 
@@ -126,5 +129,10 @@ class MetricsMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
             method = method if method in _METHODS else "OTHER"    # bounded label values
-            REQUESTS.labels(template, method, str(status[0])).inc()
-            LATENCY.labels(template, method).observe(time.perf_counter() - start)
+            key = (template, method, status[0])
+            child = _COUNTS.get(key)
+            if child is None:     # labels() costs more than the count: each series looked up once
+                child = _COUNTS[key] = (REQUESTS.labels(template, method, str(status[0])),
+                                        LATENCY.labels(template, method))
+            child[0].inc()
+            child[1].observe(time.perf_counter() - start)

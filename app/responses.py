@@ -21,8 +21,23 @@ ERRORS = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 404: {"m
 NO_RETRY = {"x-should-retry": "false"}     # the openai client must not resubmit these
 
 
+_BASES: dict[tuple, str] = {}       # what request.base_url is, by what it is made of (bounded)
+
+
 def base_url(request: Request) -> str:
-    return (state_of(request).settings.public_url or str(request.base_url)).rstrip("/")
+    public = state_of(request).settings.public_url
+    if public:
+        return public.rstrip("/")
+    scope = request.scope
+    server = scope.get("server")
+    key = (scope.get("scheme"), tuple(server) if server else None, scope.get("root_path"),
+           scope.get("app_root_path"), request.headers.get("host"))
+    url = _BASES.get(key)
+    if url is None:             # Starlette parses the URL anew each time: once per host here
+        url = str(request.base_url).rstrip("/")
+        if len(_BASES) < 64:
+            _BASES[key] = url
+    return url
 
 
 def image_url(request: Request, owner: str, job_id: str, k: int) -> str:
