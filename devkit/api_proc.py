@@ -124,18 +124,29 @@ def open_png(data: bytes):
     return Image.open(io.BytesIO(data))
 
 
+def serve_argv(port: int, workers: int) -> list[str]:
+    """The API as a user runs it: `latentd serve` with `workers` processes."""
+    return [sys.executable, "-m", "latentd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", str(workers)]
+
+
 @contextlib.contextmanager
-def service_stack(model: str, api_settings: dict | None = None, **worker_settings):
+def service_stack(model: str, api_settings: dict | None = None, api_workers: int | None = None,
+                  **worker_settings):
     """A whole service on loopback: a fresh redis-server, the API (keys alice and bob, no rate
-    limit, unless api_settings say otherwise) and one ready `latentd worker` on `model`; all
-    stopped on exit. Yields {"api": ApiProc, "worker": WorkerProc, "redis": RedisServer}."""
+    limit, unless api_settings say otherwise; with api_workers, `latentd serve --workers N`) and
+    one ready `latentd worker` on `model`; all stopped on exit. Yields {"api": ApiProc, "worker":
+    WorkerProc, "redis": RedisServer}."""
     from devkit.services import RedisServer, WorkerProc
 
     redis_srv = RedisServer().start()
     api = worker = None
     try:
-        api = ApiProc(redis_srv.url, **{"api_keys": KEYS, "model": str(model), "rate_limit_per_s": 0,
-                                        **(api_settings or {})}).start()
+        port = free_port()
+        argv = serve_argv(port, api_workers) if api_workers else None
+        api = ApiProc(redis_srv.url, argv=argv, port=port,
+                      **{"api_keys": KEYS, "model": str(model), "rate_limit_per_s": 0,
+                         **(api_settings or {})}).start()
         worker = WorkerProc(redis_srv.url, str(model), **worker_settings).start().wait_ready(180)
         yield {"api": api, "worker": worker, "redis": redis_srv}
     finally:
