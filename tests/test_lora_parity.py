@@ -171,7 +171,7 @@ def test_cli_lora_flag_matches_diffusers(sd1, tmp_path):
     want = reference(diffusers.StableDiffusionPipeline, sd1["folder"], [a, b], (0.7, 0.5))
     out = tmp_path / "cli.png"
     subprocess.run([sys.executable, "-m", "latentd.cli", "generate", PROMPT, "--model", str(sd1["folder"]),
-                    "--steps", str(STEPS), "--guidance-scale", str(GUIDANCE), "--sampler", "euler",
+                    "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--sampler", "euler",
                     "--seed", str(SEED), "--lora", f"{a['peft']}:0.7", "--lora", f"{b['kohya']}:0.5",
                     "--no-safety", "--out", str(out)], check=True, capture_output=True)
     from PIL import Image
