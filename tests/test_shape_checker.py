@@ -71,3 +71,23 @@ def test_blob_is_not_a_square():
     blob = ((xx - 32) / 14.0) ** 4 + ((yy - 30) / 11.0) ** 2 < 1   # squarish ellipse
     a[blob] = (40, 180, 60)
     assert classify(Image.fromarray(a)).shape == "none"
+
+
+def test_stars_are_told_by_solidity_and_their_fit():
+    """Drawn stars are stars (solidity about 0.5-0.65); drawn convex shapes fill their hull and are
+    never stars; a concave blob that is no star is a miss."""
+    star = data.ALL_SHAPES.index(data.STAR)
+    b = data.sample(40, torch.Generator().manual_seed(12), shape=star)
+    for im, c, g in zip(data.to_pil(b.images), b.color.tolist(), b.background.tolist()):
+        v = classify(im)
+        assert (v.color, v.shape, v.background) == (data.COLOR_NAMES[c], "star", data.BG_NAMES[g]), v
+        assert v.solidity < 0.7
+    convex = data.sample(40, torch.Generator().manual_seed(13))
+    for im in data.to_pil(convex.images):
+        v = classify(im)
+        assert v.shape != "star" and v.solidity > 0.95, v
+    a = np.full((64, 64, 3), 255, np.uint8)            # an L: concave, but no star
+    a[10:50, 10:22] = (220, 40, 40)
+    a[38:50, 10:50] = (220, 40, 40)
+    v = classify(Image.fromarray(a))
+    assert v.solidity < 0.75 and v.shape == "none", v
