@@ -13,7 +13,7 @@ lcm: 54 captions x 4 seeds with the lcm sampler at guidance 1 (no unconditional 
 steps, all three right, and the cost per image against a default request (20 DPM++ 2M steps with
 CFG) in the same run.
 deepcache: 54 captions x 4 seeds at the defaults, cache_interval 1, 2, 3, 5: all three right and
-the time per image (batches of 18).
+the time per image (batches of 18); and U-Net time per step on SD-1.5-shaped random weights.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from latentd.training import data, evaluate  # noqa: E402
+from latentd.training import evaluate  # noqa: E402
 
 
 def load() -> str:
@@ -107,12 +107,48 @@ def deepcache(pipe, seeds: int, out: dict) -> None:
               f"{base / per:.2f}x ({load()})", flush=True)
 
 
+def deepcache_sd15(size: int, runs: int, out: dict) -> None:
+    """U-Net time per step on SD-1.5-shaped random weights: a full step (the plain U-Net), a
+    cached step (the shallow path, model/deepcache.py), and their mix for N = 1, 2, 3, 5."""
+    import statistics
+
+    from devkit.sd15 import SD15_UNET
+    from latentd.model import deepcache as dc
+    from latentd.model.config import UNetConfig
+    from latentd.model.unet import UNet
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.from_diffusers(SD15_UNET)).eval().requires_grad_(False)
+    unet = unet.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, size // 8, size // 8).contiguous(memory_format=torch.channels_last)
+    t, ctx = torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    with torch.inference_mode():
+        _, feats = dc.forward(unet, x, t, ctx, None, [0, 1], None)
+        full = timed(lambda: unet(x, t, ctx))
+        shallow = timed(lambda: dc.forward(unet, x, t, ctx, None, [], feats))
+    print(f"  SD-1.5-shaped U-Net, {size}x{size}, batch 2 (one request with CFG): full step {full * 1000:.0f} ms, "
+          f"cached step {shallow * 1000:.0f} ms ({load()})", flush=True)
+    for n in (1, 2, 3, 5):
+        per = (full + (n - 1) * shallow) / n
+        out[f"sd15 {size}px cache_interval {n}"] = {"ms_per_step": per * 1000, "speedup": full / per}
+        print(f"  cache_interval {n}: {per * 1000:.0f} ms per step on average, {full / per:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("star", "lcm", "deepcache"))
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sd15-size", type=int, default=256, help="deepcache: image size for the SD-1.5-shaped U-Net")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from latentd.model.info import BUNDLED
@@ -124,7 +160,8 @@ def main() -> None:
     out: dict = {}
     t0 = time.time()
     {"star": lambda: star(pipe, lib, args.seeds, out), "lcm": lambda: lcm(pipe, lib, args.seeds, out),
-     "deepcache": lambda: deepcache(pipe, args.seeds, out)}[args.what]()
+     "deepcache": lambda: (deepcache(pipe, args.seeds, out),
+                           deepcache_sd15(args.sd15_size, 3, out))}[args.what]()
     print(f"done in {time.time() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
