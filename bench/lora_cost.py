@@ -3,12 +3,13 @@
     .venv/bin/python bench/lora_cost.py [--runs 3] [--threads 2] [--skip-sd15]
 
 1. Throughput, bundled model: 16 requests (different prompts and seeds, 20 DPM++ 2M steps, CFG 5)
-   in one step-batched run, spread over 4 different adapters (4 rows each) against the same 16
-   with no adapter. Adapters: random, rank 16, on every Linear/Conv2d of the U-Net and the
-   text encoder (the shape of the bundled star adapter).
+   in one step-batched run, spread over 4 different adapters (4 requests each) against the same
+   16 with no adapter, for two adapter shapes: the common LoRA (attention, feed-forward and
+   projections, rank 8) and LoCon on every Linear/Conv2d of the U-Net and text encoder at rank
+   16 (the bundled star adapter's shape, large next to the bundled model's 32-128 channels).
 2. Per-row cost of an adapter at rank 4, 16 and 64: one U-Net call of 8 rows, every row with an
    adapter on every U-Net Linear/Conv2d vs none, on the bundled model (64 px) and on SD-1.5-shaped
-   random weights (512 px; attention, feed-forward and projection layers, the usual LoRA targets,
+   random weights (256 px; attention, feed-forward and projection layers, the usual LoRA targets,
    since LoCon on SD 1.5's convs is far larger), as (time with - time without) / 8.
 3. An adapter's first load (read + bind + to the model's dtype): the rank-16 bundled-model file
    and SD-1.5-shaped files at rank 16 and 64.
@@ -54,24 +55,29 @@ def write_lora(shapes: dict, path: Path, rank: int, seed: int, targets=None, par
 
 def throughput(pipe, tmp: Path, runs: int):
     from latentd.model.pipeline import GenerationRequest
-    adapters = [pipe.load_lora(write_lora(pipe.lora_shapes, tmp / f"a{i}.safetensors", 16, i)) for i in range(4)]
+    kinds = {"attention-only LoRA, rank 8": dict(rank=8, targets=ATTN_TARGETS),
+             "LoCon on every layer + text encoder, rank 16 (the star adapter's shape)": dict(rank=16, targets=None)}
     prompts = [f"a {COLORS[i % 6]} {SHAPES[i % 3]} on a white background" for i in range(16)]
 
-    def reqs(with_adapters: bool):
+    def reqs(adapters):
         return [GenerationRequest(p, steps=20, guidance_scale=5.0, sampler="dpmpp_2m", seed=100 + i,
-                                  loras=((adapters[i % 4], 1.0),) if with_adapters else ())
+                                  loras=((adapters[i % 4], 1.0),) if adapters else ())
                 for i, p in enumerate(prompts)]
-    pipe.generate(reqs(True)[:2])                                         # warm-up
-    out = {}
-    for name, flag in (("no adapter", False), ("4 adapters", True)):
+
+    def rate(adapters):
         times = []
         for _ in range(runs):
             t0 = time.perf_counter()
-            pipe.generate(reqs(flag))
+            pipe.generate(reqs(adapters))
             times.append(time.perf_counter() - t0)
-        out[name] = 16 / statistics.median(times)
-        print(f"  16 requests, {name}: {out[name]:.2f} images/s (median of {runs}; {load()})", flush=True)
-    print(f"  throughput with 4 different adapters / without: {out['4 adapters'] / out['no adapter']:.2f}x")
+        return 16 / statistics.median(times)
+    pipe.generate(reqs(None)[:2])                                        # warm-up
+    for label, kw in kinds.items():
+        adapters = [pipe.load_lora(write_lora(pipe.lora_shapes, tmp / f"t{kw['rank']}_{i}.safetensors", kw["rank"],
+                                              i, kw["targets"])) for i in range(4)]
+        base, mixed = rate(None), rate(adapters)
+        print(f"  16 requests: no adapter {base:.2f} images/s, 4 different adapters ({label}) {mixed:.2f} images/s: "
+              f"{mixed / base:.2f}x (medians of {runs}; {load()})", flush=True)
 
 
 def per_row(pipe, tmp: Path, size: int, runs: int, targets, label: str):
@@ -158,12 +164,12 @@ def main() -> None:
         throughput(pipe, tmp, args.runs)
         print("per-row cost:")
         per_row(pipe, tmp, 64, max(args.runs, 5), None, "bundled 64px")
-        first_load(pipe, tmp / "a0.safetensors", "bundled model, rank 16, U-Net + text encoder", args.runs)
+        first_load(pipe, tmp / "t16_0.safetensors", "bundled model, rank 16, U-Net + text encoder", args.runs)
         if not args.skip_sd15:
             big = Sd15()
-            per_row(big, tmp, 512, args.runs, ATTN_TARGETS, "SD-1.5-shaped 512px")
+            per_row(big, tmp, 256, 2, ATTN_TARGETS, "SD-1.5-shaped 256px")
             for rank in (16, 64):
-                first_load(big, tmp / f"SD-1.5-shaped 512px_r{rank}.safetensors", f"SD-1.5-shaped, rank {rank}", args.runs)
+                first_load(big, tmp / f"SD-1.5-shaped 256px_r{rank}.safetensors", f"SD-1.5-shaped, rank {rank}", args.runs)
 
 
 if __name__ == "__main__":

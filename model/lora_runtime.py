@@ -101,6 +101,7 @@ class RowMix:
 
     def __init__(self, rows: list[RowAdapters], device: torch.device | str = "cpu"):
         self.rows, self.device = list(rows), device
+        self._scale_cache: dict[tuple, torch.Tensor] = {}
         by_name: dict[str, tuple[LoraAdapter, list[int], list[float]]] = {}
         for i, mix in enumerate(rows):
             for adapter, scale in mix:
@@ -128,7 +129,8 @@ class RowMix:
 
     def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         key = getattr(module, KEY_ATTR, None)
-        fmt = _layout(out)
+        inplace = not torch.is_grad_enabled()      # serving: no new activation per adapter
+        fmt = None if inplace else _layout(out)
         for adapter, index, scales in self.groups:
             layer = adapter.layers.get(key)
             if layer is None:
@@ -137,11 +139,25 @@ class RowMix:
             # depends on the layout, and a row alone sees x as it is
             xs = x if index is None else x.index_select(0, index).contiguous(memory_format=_layout(x))
             d = layer.delta(module, xs)                                      # like out[index]
-            s = (scales * layer.scale).to(d.dtype).view(-1, *([1] * (d.dim() - 1)))
-            d = d * s
-            out = out + d if index is None else out.index_add(0, index, d)
-        # and the output keeps the base layer's layout, so later layers run the same kernels
-        return out.contiguous(memory_format=fmt)
+            s = self._scales(scales, layer.scale, d)
+            if inplace:
+                d.mul_(s)
+                out = out.add_(d) if index is None else out.index_add_(0, index, d)
+            else:
+                d = d * s
+                out = out + d if index is None else out.index_add(0, index, d)
+        # in place, the output keeps the base layer's layout; otherwise it is restored, so later
+        # layers run the same kernels
+        return out if inplace else out.contiguous(memory_format=fmt)
+
+    def _scales(self, scales: torch.Tensor, layer_scale: float, d: torch.Tensor) -> torch.Tensor:
+        """Per-row scale x the layer's alpha / r, shaped to broadcast over d (cached per value)."""
+        key = (id(scales), layer_scale, d.dtype, d.dim())
+        s = self._scale_cache.get(key)
+        if s is None:
+            s = (scales * layer_scale).to(d.dtype).view(-1, *([1] * (d.dim() - 1)))
+            self._scale_cache[key] = s
+        return s
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
