@@ -4,8 +4,8 @@ Adjacent denoising steps change the U-Net's deep features little, so a row may r
 to the U-Net's last up block (the output of every deeper block, "the deep features") from its
 last full step and run only the shallow path: conv_in, the first down block's ResNets (and
 transformers), the last up block on [cached deep features, fresh shallow skips], conv_out.
-A request with cache_interval N runs a full step at steps 0, N, 2N, ... and the shallow path
-between them (N = 1: always full, the plain U-Net).
+A request with cache_interval N runs a full step at steps 0, N, 2N, ... and in the last fifth of
+its steps (full_step), the shallow path otherwise (N = 1: always full, the plain U-Net).
 
 Rows at full and at cached steps share one call: the shallow path runs for every row, the deep
 path for the full-step rows only (gathered, in the input's memory layout, a lone row doubled as
@@ -22,6 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from latentd.model import lora_runtime
+
+
+def full_step(step: int, steps: int, n: int) -> bool:
+    """Whether a request with cache_interval n runs the whole U-Net at this step of its plan:
+    every n-th step, and every one of the last fifth. DeepCache's non-uniform schedule (Ma et
+    al. 2024, §3.3) spends full steps where the deep features change most; on the bundled model
+    at 20 DPM++ 2M steps and n = 3 (54 captions x 2 seeds, all three right, 98.1 % at n = 1):
+    uniform 86.1 % (7 full steps), the first 4 also full 83.3 % (9), the last 4 also full
+    95.4 % (10): the final steps, which draw the edges and corners, need fresh deep features."""
+    return step % n == 0 or step >= steps - max(1, steps // 5)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

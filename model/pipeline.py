@@ -439,7 +439,7 @@ class Pipeline:
         owners += [owners[0]] if x.shape[0] > len(owners) else []          # the lone row's copy
 
         def full(s):
-            return s.deep is None or s.step % s.req.cache_interval == 0
+            return s.deep is None or deepcache.full_step(s.step, s.plan.steps, s.req.cache_interval)
         deep = [j for j, (s, _) in enumerate(owners) if full(s)]
         cached = [s.deep[k:k + 1] for s, k in owners if not full(s)]
         out, feats = deepcache.forward(self.unet, x, tt, context, added, deep,
