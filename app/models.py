@@ -28,7 +28,7 @@ def info_from_dict(d: dict) -> ModelInfo:
     kw = {k: v for k, v in d.items() if k in names}
     for k in ("sizes",):
         kw[k] = tuple(tuple(s) for s in kw.get(k, ()))
-    for k in ("samplers", "karras_samplers"):
+    for k in ("samplers", "karras_samplers", "few_step_samplers"):
         if k in kw:
             kw[k] = tuple(kw[k])
     if kw.get("classifier"):

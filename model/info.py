@@ -9,8 +9,15 @@ side). An SDXL model at its native 1024x1024 allows only SDXL's size buckets (mo
 SDXL_SIZES). An optional `latentd.json` in the model folder overrides any of:
     {"name", "sizes": [[w, h], ...] (then ONLY these), "max_pixels", "max_side", "max_steps",
      "default_steps", "default_sampler", "default_guidance", "default_karras",
+     "few_step_samplers" (["lcm", "tcd"]: a consistency-distilled model, meant for those),
      "unet_in_channels" (single-file checkpoints only: 9 for an inpainting U-Net)}
 ("sizes": [] lifts a family's buckets.)
+
+The few-step samplers (model/request.py GRID_SAMPLERS) run on any model, but draw well only on a
+model or with an adapter distilled for them: a model accepts them by itself (`standalone_samplers`)
+only when its latentd.json lists them in "few_step_samplers"; otherwise a request needs an adapter
+whose metadata says it is meant for them (model/lora_catalog.py meant_for; the service's gate:
+jobs/request_fewstep.py).
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from latentd.model.errors import ModelLoadError
 from latentd.model.family import default_sizes, family_of
 from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
-                                   KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS)
+                                   GRID_SAMPLERS, KARRAS_SAMPLERS, MAX_GUIDANCE, SAMPLERS)
 
 # The model latentd ships (trained by `latentd train-shapes`), used wherever no model is named.
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes")
@@ -51,6 +58,7 @@ class ModelInfo:
     default_karras: bool = DEFAULT_KARRAS
     samplers: tuple[str, ...] = SAMPLERS
     karras_samplers: tuple[str, ...] = KARRAS_SAMPLERS
+    few_step_samplers: tuple[str, ...] = ()  # the GRID_SAMPLERS the model itself is meant for
     max_guidance: float = MAX_GUIDANCE
     # classifier guidance: head -> labels of the model's noise-aware classifier (model/classifier.py);
     # None: the model has none
@@ -83,6 +91,12 @@ class ModelInfo:
         return None
 
     @property
+    def standalone_samplers(self) -> tuple[str, ...]:
+        """The samplers a request may name on this model without an adapter: every sampler but
+        the few-step ones the model is not meant for."""
+        return tuple(s for s in self.samplers if s not in GRID_SAMPLERS or s in self.few_step_samplers)
+
+    @property
     def quality_steps(self) -> dict[str, int]:
         """OpenAI's `quality` as step presets of this model: low = half its default steps,
         medium = its default, high = 1.5x (within 1..max_steps)."""
@@ -96,6 +110,8 @@ class ModelInfo:
         d["sizes"] = [list(s) for s in self.sizes]
         d["samplers"] = list(self.samplers)
         d["karras_samplers"] = list(self.karras_samplers)
+        d["few_step_samplers"] = list(self.few_step_samplers)
+        d["standalone_samplers"] = list(self.standalone_samplers)
         if self.classifier is not None:
             d["classifier"] = {k: list(v) for k, v in self.classifier.items()}
         return d
@@ -204,7 +220,7 @@ def _build(base: dict, over: dict) -> ModelInfo:
     family = base.get("family", "sd")
     sizes = tuple((int(w), int(h)) for w, h in over.get("sizes", default_sizes(family, native)))
     known = {"name", "sizes", "unet_in_channels", "max_pixels", "max_side", "max_steps", "default_steps",
-             "default_sampler", "default_guidance", "default_karras"}
+             "default_sampler", "default_guidance", "default_karras", "few_step_samplers"}
     info = ModelInfo(
         name=str(over.get("name", base["name"])),
         native_width=native, native_height=native,
@@ -221,12 +237,24 @@ def _build(base: dict, over: dict) -> ModelInfo:
         default_sampler=str(over.get("default_sampler", DEFAULT_SAMPLER)),
         default_guidance=float(over.get("default_guidance", DEFAULT_GUIDANCE)),
         default_karras=bool(over.get("default_karras", DEFAULT_KARRAS)),
+        few_step_samplers=_few_step(over.get("few_step_samplers", ())),
         extra={k: v for k, v in over.items() if k not in known},
         family=family,
     )
     if info.default_sampler not in SAMPLERS:
         raise ModelLoadError(f"latentd.json: default_sampler {info.default_sampler!r} not in {SAMPLERS}")
+    if info.default_sampler not in info.standalone_samplers:
+        raise ModelLoadError(f"latentd.json: default_sampler {info.default_sampler!r} is a few-step sampler; "
+                             "list it in few_step_samplers if the model is distilled for it")
     if sizes and (native, native) not in sizes:  # native size must be allowed: first listed
         object.__setattr__(info, "native_width", sizes[0][0])
         object.__setattr__(info, "native_height", sizes[0][1])
     return info
+
+
+def _few_step(value) -> tuple[str, ...]:
+    """latentd.json's few_step_samplers: a list of GRID_SAMPLERS."""
+    if not isinstance(value, (list, tuple)) or not all(v in GRID_SAMPLERS for v in value):
+        raise ModelLoadError(f"latentd.json: few_step_samplers must be a list of {', '.join(GRID_SAMPLERS)}, "
+                             f"got {value!r}")
+    return tuple(value)

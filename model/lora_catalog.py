@@ -5,6 +5,12 @@ An adapter's name is its path under an adapter folder without ".safetensors" ("s
 "styles/ink"). Folders searched, in order: LATENTD_LORA_DIR, then a model folder's own loras/
 (the bundled model ships its star adapter there). A file added to a folder is found on the next
 lookup: nothing is cached by name here.
+
+An adapter file may say what it is meant for: JSON under the safetensors metadata key "latentd"
+(LoraInfo.meta), e.g. a few-step adapter's {"meant_for": {"samplers": ["lcm", "tcd"], "steps":
+[1, 8], "default_steps": 4, "guidance_scale": 1.0}}. `meant_for(meta)` reads it; the service lets
+a request name a few-step sampler on a model not distilled for it only with such an adapter
+(jobs/request_fewstep.py) and lists it (GET /v1/models, /v1/loras).
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from latentd.model.request import SAMPLERS, is_int, is_num
 
 SUFFIX = ".safetensors"
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$")
@@ -32,6 +40,10 @@ class LoraFormatError(ValueError):
     """A LoRA file latentd cannot use: unreadable, another adapter kind, or another base model."""
 
 
+class UnknownAdapter(LoraFormatError):
+    """No adapter of that name in the folders (and no such file)."""
+
+
 @dataclass(frozen=True)
 class LoraInfo:
     """An adapter as listings show it."""
@@ -48,10 +60,37 @@ class LoraInfo:
     bytes: int
     meta: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def meant_for(self) -> dict:
+        return meant_for(self.meta)
+
     def public(self) -> dict:
         return {"name": self.name, "format": self.format, "family": self.family, "rank": self.rank,
                 "layers": self.layers, "targets": list(self.components), "kinds": list(self.kinds),
-                "context_dim": self.context_dim, "bytes": self.bytes, **({"meta": self.meta} if self.meta else {})}
+                "context_dim": self.context_dim, "bytes": self.bytes, **({"meta": self.meta} if self.meta else {}),
+                **({"meant_for": self.meant_for} if self.meant_for else {})}
+
+
+def meant_for(meta: dict) -> dict:
+    """What an adapter's metadata says it is meant for, the parts of it that are well formed:
+    {"samplers": [latentd samplers], "steps": [lo, hi], "default_steps": n, "guidance_scale": g};
+    {} when it says nothing usable."""
+    raw = meta.get("meant_for") if isinstance(meta, dict) else None
+    if not isinstance(raw, dict):
+        return {}
+    out: dict = {}
+    samplers = raw.get("samplers")
+    if isinstance(samplers, list) and any(s in SAMPLERS for s in samplers):
+        out["samplers"] = [s for s in samplers if s in SAMPLERS]
+    steps = raw.get("steps")
+    if isinstance(steps, list) and len(steps) == 2 and all(is_int(n) and n >= 1 for n in steps) \
+            and steps[0] <= steps[1]:
+        out["steps"] = list(steps)
+    if is_int(raw.get("default_steps")) and raw["default_steps"] >= 1:
+        out["default_steps"] = raw["default_steps"]
+    if is_num(raw.get("guidance_scale")) and raw["guidance_scale"] >= 0:
+        out["guidance_scale"] = float(raw["guidance_scale"])
+    return out
 
 
 def header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
@@ -163,6 +202,19 @@ def find(name: str, dirs: list[Path]) -> Path | None:
         if p.is_file():
             return p
     return None
+
+
+def locate(name_or_path: str, dirs: list[Path]) -> tuple[str, Path]:
+    """(name, file) for an adapter name in the folders, or for a path to a .safetensors file (its
+    stem); UnknownAdapter when there is neither."""
+    p = Path(name_or_path)
+    if p.suffix == SUFFIX and p.is_file():
+        return p.stem, p
+    found = find(name_or_path, dirs)
+    if found is None:
+        where = ", ".join(str(d) for d in dirs) or "no adapter folder (set LATENTD_LORA_DIR)"
+        raise UnknownAdapter(f"unknown adapter {name_or_path!r} (looked in {where})")
+    return name_or_path, found
 
 
 def listing(dirs: list[Path]) -> dict[str, LoraInfo | LoraFormatError]:

@@ -11,16 +11,11 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 from latentd.model import lora_catalog
-from latentd.model.lora_catalog import LoraFormatError
+from latentd.model.lora_catalog import UnknownAdapter  # noqa: F401  (callers catch it from here)
 
 DEFAULT_CACHE_MB = 1024
-
-
-class UnknownAdapter(LoraFormatError):
-    pass
 
 
 class LoraLibrary:
@@ -42,19 +37,8 @@ class LoraLibrary:
     def cached_bytes(self) -> int:
         return self._bytes
 
-    def path_of(self, name_or_path: str) -> tuple[str, Path]:
-        """(name, file) for an adapter name in the folders, or a path to a .safetensors file."""
-        p = Path(name_or_path)
-        if p.suffix == lora_catalog.SUFFIX and p.is_file():
-            return p.stem, p
-        found = lora_catalog.find(name_or_path, self.dirs)
-        if found is None:
-            where = ", ".join(str(d) for d in self.dirs) or "no adapter folder (set LATENTD_LORA_DIR)"
-            raise UnknownAdapter(f"unknown adapter {name_or_path!r} (looked in {where})")
-        return name_or_path, found
-
     def get(self, name_or_path: str):
-        name, path = self.path_of(name_or_path)
+        name, path = lora_catalog.locate(name_or_path, self.dirs)
         st = path.stat()
         key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
         with self._lock:

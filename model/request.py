@@ -32,6 +32,7 @@ SPACINGS = ("linspace", "leading", "trailing")   # timestep_spacing: None = the 
 # a request without one gets its sampler's default (diffusers' TCDScheduler.step: 0.3), else 0
 ETA_SAMPLERS = ("ddim", "tcd")
 DEFAULT_ETA = {"tcd": 0.3}
+MAX_ETA = 1.0
 MAX_SEED = 2**63            # seeds: 0 <= seed < 2**63 (torch.Generator.manual_seed takes an int64)
 MAX_GUIDANCE = 30.0
 # DeepCache (model/deepcache.py): a full U-Net step every N steps, the shallow path between
@@ -58,9 +59,10 @@ def default_eta(sampler: str, eta: float | None = None) -> float:
 
 
 def check_eta(sampler: str, eta) -> None:
-    """eta: a number in [0, 1], nonzero only for ETA_SAMPLERS."""
-    if not is_num(eta) or not 0.0 <= eta <= 1.0:
-        raise InvalidRequest("eta", f"must be a number between 0 and 1, got {eta!r}", {"min": 0, "max": 1})
+    """eta: a number in [0, MAX_ETA], nonzero only for ETA_SAMPLERS."""
+    if not is_num(eta) or not 0.0 <= eta <= MAX_ETA:
+        raise InvalidRequest("eta", f"must be a number between 0 and {MAX_ETA:g}, got {eta!r}",
+                             {"min": 0, "max": MAX_ETA})
     if eta and sampler not in ETA_SAMPLERS:
         raise InvalidRequest("eta", f"eta applies to the {' and '.join(ETA_SAMPLERS)} samplers only, "
                                     f"not {sampler!r}", list(ETA_SAMPLERS))
