@@ -5,7 +5,9 @@ loras/; the folders are read on every request, so a file added there is usable a
 adapter is usable by a model when it is a LoRA latentd runs, made for the model's family
 (sd | sdxl) and, when both say so, for its U-Net's cross-attention width. Admission checks every
 adapter a request names here (a 422 naming `loras` or `prompt` and the adapter); the worker that
-runs the job loads it (model/lora_library.py) and fails that job alone if it cannot.
+runs the job loads it (model/lora_library.py) and fails that job alone if it cannot. What an
+adapter's metadata says it is meant for (model/lora_catalog.py meant_for) is listed with it and
+lets a request name a few-step sampler the model is not distilled for (jobs/request_fewstep.py).
 """
 from __future__ import annotations
 
@@ -48,20 +50,33 @@ def problem(lora: LoraInfo, entry: ModelEntry, info: ModelInfo | None) -> str | 
     return None
 
 
-def checker(entry: ModelEntry, info: ModelInfo, settings):
-    """name -> None, or why the model cannot use that adapter (jobs/request_loras.py `check`)."""
-    dirs = folders(entry, settings)
+class Checker:
+    """One request's adapter checks on a model: `check(name)` -> None, or why the model cannot
+    use that adapter (jobs/request_loras.py); `meant_for()` -> {name: what it is meant for} of the
+    model's adapters whose metadata says so (the few-step gate, jobs/request_fewstep.py)."""
 
-    def check(name: str) -> str | None:
+    def __init__(self, entry: ModelEntry, info: ModelInfo, settings):
+        self.entry, self.info, self.settings = entry, info, settings
+        self.dirs = folders(entry, settings)
+
+    def __call__(self, name: str) -> str | None:
+        entry = self.entry
         try:
-            path = lora_catalog.find(name, dirs)
+            path = lora_catalog.find(name, self.dirs)
             if path is None:
                 return f"unknown adapter {name!r} (GET /v1/loras?model={entry.name} lists them)"
-            why = problem(lora_catalog.describe(path, name), entry, info)
+            why = problem(lora_catalog.describe(path, name), entry, self.info)
         except LoraFormatError as e:
             return f"adapter {name!r} cannot be used: {e}"
         return None if why is None else f"adapter {name!r} {why}"
-    return check
+
+    def meant_for(self) -> dict[str, dict]:
+        return {lo.name: lo.meant_for for lo in usable(self.entry, self.info, self.settings) if lo.meant_for}
+
+
+def checker(entry: ModelEntry, info: ModelInfo, settings) -> Checker:
+    """The adapter checks admission passes to the resolver (its lora_check)."""
+    return Checker(entry, info, settings)
 
 
 def usable(entry: ModelEntry, info: ModelInfo | None, settings) -> list[LoraInfo]:

@@ -237,9 +237,11 @@ class ModelCard(BaseModel):
     owned_by: str = "latentd"
     default: bool = False              # the model a request without `model` gets
     workers: int = 0                   # ready workers serving it (0: its jobs wait in its queue)
-    info: dict = {}                    # ModelInfo: family, native size, sizes, samplers, limits,
-                                       # classifier ({} while not known: no folder, no worker)
-    loras: list[dict] = []             # the LoRA adapters it can use (app/loras.py)
+    info: dict = {}                    # ModelInfo: family, native size, sizes, samplers (standalone_samplers:
+                                       # those it takes without an adapter), limits, classifier
+                                       # ({} while not known: no folder, no worker)
+    loras: list[dict] = []             # the LoRA adapters it can use (app/loras.py), each with its
+                                       # meant_for when its metadata says (samplers, steps, ...)
 
 
 class ModelList(BaseModel):

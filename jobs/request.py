@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from latentd.model.classifier_spec import DEFAULT_SCALE, MAX_SCALE as MAX_CLASSIFIER_SCALE
-from latentd.model.request import (DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
-                                   DEFAULT_STRENGTH, KINDS, MAX_SEED, SAMPLERS)
+from latentd.model.request import (DEFAULT_ETA, DEFAULT_GUIDANCE, DEFAULT_KARRAS, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                                   DEFAULT_STRENGTH, ETA_SAMPLERS, GRID_SAMPLERS, KINDS, MAX_CACHE_INTERVAL,
+                                   MAX_ETA, MAX_SEED, SAMPLERS, SPACING_SAMPLERS, SPACINGS)
 
 MAX_N = 16                  # images per request, the hard cap (deployments lower it: LATENTD_MAX_N)
 MAX_PROMPT_CHARS = 4000     # the text encoder truncates at 77 tokens anyway; this bounds payloads
@@ -131,12 +132,25 @@ FIELDS: tuple[Field, ...] = (
     Field("guidance_scale", float, "Classifier-free guidance scale",
           _on(*ALL_API, "spec", "cli", "playground"), default=MODEL, bounds={"ge": 0, "le": 100},
           flag="--guidance"),
-    Field("sampler", str, "One of the model's samplers (" + ", ".join(SAMPLERS) + ")",
+    Field("sampler", str, "One of the model's samplers (" + ", ".join(SAMPLERS) + "); the few-step "
+          f"{' and '.join(GRID_SAMPLERS)} only on a model or with an adapter in loras meant for them "
+          "(GET /v1/models: standalone_samplers, each adapter's meant_for)",
           _on(*ALL_API, "spec", "cli", "playground"), default=MODEL, bounds={"max_length": 32}),
     Field("karras", bool, "Karras sigmas (euler, euler_a, dpmpp_2m)", _on(*ALL_API, "spec", "cli"),
           default=MODEL),
-    Field("eta", float, "DDIM eta (ddim only; 0 = deterministic)", _on(*ALL_API, "spec", "cli"),
-          default=0.0, bounds={"ge": 0, "le": 1}),
+    Field("eta", float, f"DDIM's eta and TCD's gamma ({' and '.join(ETA_SAMPLERS)} only; 0 = deterministic, "
+          f"0 to {MAX_ETA:g}); absent: the sampler's default (" + ", ".join(
+              f"{v:g} for {k}" for k, v in DEFAULT_ETA.items()) + ", else 0)",
+          _on(*ALL_API, "spec", "cli"), bounds={"ge": 0, "le": MAX_ETA}),
+    Field("timestep_spacing", Literal[SPACINGS], " | ".join(SPACINGS) + ": where the steps fall "
+          "on the training schedule (trailing: Lin et al. 2024, ends at the last timestep); absent: the "
+          f"model's scheduler config. For {', '.join(SPACING_SAMPLERS)} (not "
+          f"{' or '.join(GRID_SAMPLERS)}: they step on their own grid)", _on(*ALL_API, "spec", "cli")),
+    Field("cache_interval", int, "DeepCache: a full U-Net step every N steps (and near the end), a "
+          "cheaper step reusing the deep features between (1 = every step in full; 2-3 save time at a "
+          "small cost in detail), "
+          f"1 to {MAX_CACHE_INTERVAL}", _on(*ALL_API, "spec", "cli"), default=1,
+          bounds={"ge": 1, "le": MAX_CACHE_INTERVAL}),
     Field("seed", int, "Image k uses seed + k; absent: random (returned with each image)",
           _on(*ALL_API, "spec", "cli", "playground"), bounds={"ge": 0, "lt": MAX_SEED}),
     Field("image", str, "Init image (PNG/JPEG/WebP): an edit. JSON: base64; form: a file; CLI: a path",

@@ -2,8 +2,9 @@
 
 `resolve(info, prompt=..., size=..., ...)` takes the request fields of jobs/request.py as a caller
 sent them (None = not sent), fills every default once (the model's for steps, sampler, guidance,
-karras and size; the declaration's for the rest; an edit's strength by kind; a random seed),
-checks the service's bounds (`Limits`), then the model's (model/request.py `check`), and returns
+karras and size; the sampler's for eta; the declaration's for the rest; an edit's strength by
+kind; a random seed), checks the service's bounds (`Limits`), then the model's (model/request.py
+`check`) and the few-step gate (jobs/request_fewstep.py), and returns
 a `Resolved`: exactly the fields a JobSpec carries. Anything bad raises InvalidRequest(field,
 message, allowed) for the first bad field. Downstream (the worker, the executor, the engine's
 start) only validates or uses these values; nothing resolves again.
@@ -17,9 +18,10 @@ from dataclasses import asdict, make_dataclass
 from latentd.jobs.request import (BACKGROUNDS, BY_NAME, FIDELITY_STRENGTH, MAX_DEADLINE_S, MODERATIONS,
                                   OUTPUT_FORMATS, PRIORITIES,
                                   QUALITIES, QUALITY_AS, Limits, spec_names)
+from latentd.jobs.request_fewstep import check_few_step
 from latentd.jobs.request_loras import resolve_loras
 from latentd.model.errors import InvalidRequest
-from latentd.model.request import DEFAULT_STRENGTH, MAX_SEED, check, is_int, kind_of, size_allowed
+from latentd.model.request import DEFAULT_STRENGTH, MAX_SEED, check, default_eta, is_int, kind_of, size_allowed
 
 SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
@@ -46,6 +48,7 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
             sampler=None, karras=None, eta=None, seed=None, strength=None, classifier_guidance=None,
             output_format=None, output_compression=None, model=None, quality=None, background=None,
             moderation=None, input_fidelity=None, priority=None, deadline_s=None, loras=None,
+            timestep_spacing=None, cache_interval=None,
             image_size: tuple[int, int] | None = None, mask_size: tuple[int, int] | None = None,
             limits: Limits = Limits(), lora_check=None) -> Resolved:
     """The Resolved request, or InvalidRequest naming the first bad field and its allowed range.
@@ -54,7 +57,8 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
     image_size / mask_size: (w, h) of the init image and mask as uploaded (an init image of
     another size than the output is resized to it); their presence makes the kind.
     loras and the prompt's <lora:...> tags: jobs/request_loras.py; lora_check(name) -> None or
-    why the adapter cannot be used (the API's: app/loras.py)."""
+    why the adapter cannot be used, and its meant_for() -> {adapter: what it is meant for} for the
+    few-step gate (the API's: app/loras.py Checker; the CLI's: latentd/cmd_generate.py)."""
     prompt = _text("prompt", prompt, limits)
     negative_prompt = _text("negative_prompt", _pick(negative_prompt, BY_NAME["negative_prompt"].default), limits)
     prompt, loras = resolve_loras(prompt, negative_prompt, loras, lora_check)
@@ -105,15 +109,19 @@ def resolve(info, *, prompt, negative_prompt=None, n=None, size=None, steps=None
                                                    f"{output_compression!r}", {"min": 0, "max": 100})
     from latentd.model.classifier_spec import resolve as resolve_classifier
     targets, cscale = resolve_classifier(getattr(info, "classifier", None), classifier_guidance)
+    sampler = _pick(sampler, info.default_sampler)
     r = Resolved(prompt=prompt, negative_prompt=negative_prompt, n=n,
                  steps=steps, quality=quality, moderation=moderation, priority=priority,
                  deadline_s=deadline_s, loras=loras,
                  guidance_scale=_pick(guidance_scale, info.default_guidance),
-                 sampler=_pick(sampler, info.default_sampler), karras=_pick(karras, info.default_karras),
-                 eta=_pick(eta, BY_NAME["eta"].default), seed=seed, strength=strength,
+                 sampler=sampler, karras=_pick(karras, info.default_karras),
+                 eta=default_eta(sampler, eta), seed=seed, strength=strength,
+                 timestep_spacing=timestep_spacing,
+                 cache_interval=_pick(cache_interval, BY_NAME["cache_interval"].default),
                  output_format=fmt, output_compression=output_compression, model=model,
                  width=w, height=h, kind=kind, classifier_targets=targets, classifier_scale=cscale)
     check(info, r, size_field)
+    check_few_step(info, sampler, loras, getattr(lora_check, "meant_for", None))
     # floats as floats (a JSON 7 is 7.0), once the checks have seen the numbers as sent
     return Resolved(**{**r.to_dict(), "guidance_scale": float(r.guidance_scale), "eta": float(r.eta),
                        "strength": None if r.strength is None else float(r.strength)})

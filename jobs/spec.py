@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from latentd.jobs.request_models import spec_fields
-from latentd.model.request import MAX_SEED, check, start_step
+from latentd.model.request import MAX_SEED, check, default_eta, start_step
 
 SPEC_VERSION = 1
 
@@ -69,11 +69,7 @@ class JobSpec(create_model("JobSpecFields", __base__=_Envelope, **spec_fields())
 
     def image_request_kwargs(self, k: int) -> dict:
         """Keyword arguments of model.pipeline.GenerationRequest for image k (seed + k)."""
-        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, width=self.width,
-                    height=self.height, steps=self.steps, guidance_scale=self.guidance_scale,
-                    sampler=self.sampler, karras=self.karras, eta=self.eta,
-                    seed=(self.seed or 0) + k, strength=self.strength,
-                    classifier_targets=self.classifier_targets, classifier_scale=self.classifier_scale)
+        return image_request_kwargs(self, k)
 
     def params(self) -> dict:
         """Generation parameters as shown to the owner (job `params`, image metadata)."""
@@ -82,10 +78,22 @@ class JobSpec(create_model("JobSpecFields", __base__=_Envelope, **spec_fields())
     def check(self, info) -> "JobSpec":
         """Validate this spec against the model `info` (model.info.ModelInfo) it is to run on:
         raises model.errors.InvalidRequest naming the field. Returns the spec to run; the API's
-        are complete, and only a spec built by hand without a size gets the model's native size."""
+        are complete, and only a spec built by hand without a size gets the model's native size
+        (one without an eta runs with its sampler's: GenerationRequest's None)."""
         spec = self
         if self.width is None or self.height is None:
             spec = self.model_copy(update={"width": self.width or info.native_width,
                                            "height": self.height or info.native_height})
-        check(info, spec.model_copy(update={"seed": spec.seed or 0}))
+        check(info, spec.model_copy(update={"seed": spec.seed or 0, "eta": default_eta(spec.sampler, spec.eta)}))
         return spec
+
+
+def image_request_kwargs(r, k: int) -> dict:
+    """GenerationRequest's keyword arguments (all but loras and an edit's pixels) for image k of
+    a job or of a request resolved by `latentd generate` (jobs/request_resolve.py Resolved: the
+    same fields), so that both draw the same image."""
+    return dict(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width, height=r.height,
+                steps=r.steps, guidance_scale=r.guidance_scale, sampler=r.sampler, karras=r.karras,
+                eta=r.eta, timestep_spacing=r.timestep_spacing, cache_interval=r.cache_interval,
+                seed=(r.seed or 0) + k, strength=r.strength, classifier_targets=r.classifier_targets,
+                classifier_scale=r.classifier_scale)

@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from latentd.jobs.request_resolve import resolve
+    from latentd.jobs.spec import image_request_kwargs
     from latentd.model.errors import InvalidRequest, ModelLoadError
+    from latentd.model.info import BUNDLED
     from latentd.model.pipeline import GenerationRequest, load_pipeline
 
     try:
@@ -55,24 +57,23 @@ def run(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         print(f"latentd generate: cannot load the model: {e}", file=sys.stderr)
         return 2
+    model_dir = model or BUNDLED
+    model_dir = model_dir if os.path.isdir(model_dir) else None
     try:
         image, mask = _edit_inputs(values.pop("image"), values.pop("mask"))
         r = resolve(pipe.info, **values, image_size=None if image is None else image.size,
-                    mask_size=None if mask is None else mask.size)
+                    mask_size=None if mask is None else mask.size, lora_check=LocalAdapters(model_dir))
     except InvalidRequest as e:
         print(f"latentd generate: invalid {e.field}: {e.message}", file=sys.stderr)
         return 2
     init = _as_stored(image, mask, r.width, r.height)
     try:
-        loras = _loras(pipe, model, r.loras)
+        loras = _loras(pipe, model_dir, r.loras)
     except ValueError as e:
         print(f"latentd generate: invalid lora: {e}", file=sys.stderr)
         return 2
-    req = GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, width=r.width,
-                            height=r.height, steps=r.steps, guidance_scale=r.guidance_scale,
-                            sampler=r.sampler, karras=r.karras, eta=r.eta, seed=r.seed,
-                            strength=r.strength, classifier_targets=r.classifier_targets,
-                            classifier_scale=r.classifier_scale, loras=loras, **init)
+    # the engine request as a worker builds it from the job, so both draw the same image
+    req = GenerationRequest(**image_request_kwargs(r, 0), loras=loras, **init)
     from latentd.worker.cpu import ThreadGovernor
     gov = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads) if args.device == "cpu" else None
 
@@ -96,24 +97,51 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loras(pipe, model: str | None, loras) -> tuple:
+def _loras(pipe, model_dir: str | None, loras) -> tuple:
     """--lora files and names (in LATENTD_LORA_DIR, then the model folder's loras/) loaded as the
     worker loads them (model/lora_library.py); LoraFormatError names the one that cannot be used."""
     if not loras:
         return ()
     from latentd.config.settings import get_settings
-    from latentd.model.info import BUNDLED
     from latentd.model.lora_library import LoraLibrary
 
-    folder = model or BUNDLED
     s = get_settings()
-    out = LoraLibrary(pipe, folder if os.path.isdir(folder) else None, s.lora_dir or "",
-                      s.lora_cache_mb).resolve(loras)
+    out = LoraLibrary(pipe, model_dir, s.lora_dir or "", s.lora_cache_mb).resolve(loras)
     names = [a.name for a, _ in out]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:                              # a file and a name (or two files) that are one adapter
         raise ValueError(f"adapter {twice[0]!r} is asked for twice")
     return out
+
+
+class LocalAdapters:
+    """The resolver's lora_check for the local engine (the API's is app/loras.py Checker): an
+    adapter is a name in the adapter folders or a .safetensors path; `meant_for()` gives what the
+    folders' adapters and the ones named say they are meant for (the few-step gate)."""
+
+    def __init__(self, model_dir: str | None):
+        from latentd.config.settings import get_settings
+        from latentd.model import lora_catalog
+
+        self.dirs = lora_catalog.folders(model_dir, get_settings().lora_dir or "")
+        self.named: dict[str, dict] = {}
+
+    def __call__(self, name: str) -> str | None:
+        from latentd.model import lora_catalog
+
+        try:
+            _, path = lora_catalog.locate(name, self.dirs)
+            self.named[name] = lora_catalog.describe(path, name).meant_for
+        except lora_catalog.LoraFormatError as e:
+            return str(e)
+        return None
+
+    def meant_for(self) -> dict[str, dict]:
+        from latentd.model import lora_catalog
+
+        listed = {n: lo.meant_for for n, lo in lora_catalog.listing(self.dirs).items()
+                  if isinstance(lo, lora_catalog.LoraInfo)}
+        return {n: m for n, m in {**listed, **self.named}.items() if m}
 
 
 def _edit_inputs(image_path: str | None, mask_path: str | None):

@@ -96,7 +96,8 @@ def test_server_body_carries_every_cli_field(tmp_path):
     given = {"prompt": "a cat", "negative_prompt": "dog", "size": "64x64", "steps": 4,
              "guidance_scale": 2.5, "sampler": "ddim", "karras": True, "eta": 0.5, "seed": 3,
              "image": str(img), "mask": str(img), "strength": 0.5, "classifier_guidance": "color=red",
-             "model": "shapes", "priority": "high", "deadline_s": 60, "loras": "star:0.5"}
+             "model": "shapes", "priority": "high", "deadline_s": 60, "loras": "star:0.5",
+             "timestep_spacing": "trailing", "cache_interval": 3}
     assert set(given) == names("cli")           # a new cli field must be given a value here
     argv = []
     for f in on("cli"):
