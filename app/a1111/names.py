@@ -3,7 +3,9 @@
 A1111 (1.9+) names a sampler ("DPM++ 2M") and, separately, a schedule ("Karras"); older clients
 send the combined legacy name ("DPM++ 2M Karras") or a k-diffusion alias ("k_euler_a"). Only the
 names with an exact latentd equivalent are accepted; anything else is a 422 listing these.
-A1111 has no DDPM sampler, so latentd's `ddpm` is reachable only through /v1.
+A1111 has no DDPM sampler, so latentd's `ddpm` is reachable only through /v1. LCM and TCD are
+few-step samplers: on a model not distilled for them a request needs an adapter meant for them
+(<lora:NAME> in the prompt; jobs/request_fewstep.py).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ SAMPLERS = (
     SamplerName("DPM++ 2M", "dpmpp_2m", ("k_dpmpp_2m",)),
     SamplerName("DPM++ 2M Karras", "dpmpp_2m", ("k_dpmpp_2m_ka",), karras=True),
     SamplerName("DDIM", "ddim"),
+    SamplerName("LCM", "lcm"),
+    SamplerName("TCD", "tcd"),
 )
 # name or label (A1111 accepts both) -> Karras sigmas or not
 SCHEDULERS = {"automatic": False, "Automatic": False, "karras": True, "Karras": True}

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from latentd.app.a1111 import names
 from latentd.app.errors import ApiError, error_from
 from latentd.app.schemas import JobRequest
-from latentd.model.request import KARRAS_SAMPLERS, MAX_SEED
+from latentd.model.request import ETA_SAMPLERS, KARRAS_SAMPLERS, MAX_SEED
 
 # latentd's field -> A1111's, for the errors of resolving and admission
 FIELD_NAMES = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "karras": "scheduler",
@@ -106,9 +106,10 @@ def sampler(body, info) -> tuple[str, bool]:
 
 
 def eta(body, chosen: str) -> float | None:
-    """DDIM's eta is latentd's; Euler a is ancestral with eta 1 (A1111's default); the other
-    samplers have none (A1111 ignores it for them too)."""
-    if chosen == "ddim":
+    """DDIM's eta and TCD's gamma are latentd's eta (absent: the sampler's default); Euler a is
+    ancestral with eta 1 (A1111's default); the other samplers have none (A1111 ignores it for
+    them too)."""
+    if chosen in ETA_SAMPLERS:
         return body.eta
     if chosen == "euler_a" and body.eta is not None and body.eta != 1:
         raise refuse("eta", "latentd's Euler a is ancestral with eta 1; send 1 or leave it out", 1)

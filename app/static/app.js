@@ -86,7 +86,8 @@ async function loadModel() {
   const sel = $("sampler");
   sel.length = 1;
   sel.options[0].textContent = `default (${model.default_sampler})`;
-  for (const s of model.samplers) sel.add(new Option(s, s));
+  // the ones the model takes without an adapter (the playground sends none)
+  for (const s of model.standalone_samplers) sel.add(new Option(s, s));
   const list = $("sizes");
   list.textContent = "";
   const sizes = (model.sizes && model.sizes.length) ? model.sizes
@@ -97,7 +98,7 @@ async function loadModel() {
 // --- the same request through AUTOMATIC1111's API (/sdapi/v1) ----------------------------------
 // A1111's names of latentd's samplers: app/a1111/names.py (tests/test_sdapi.py checks this copy).
 // Not fetched from /sdapi: its 401 asks for HTTP Basic, which a browser answers with a login dialog.
-const A1111_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"};
+const A1111_SAMPLERS = {"euler_a": "Euler a", "euler": "Euler", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "lcm": "LCM", "tcd": "TCD"};
 
 function showA1111() {
   const b = body(), a = {prompt: b.prompt};
