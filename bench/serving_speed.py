@@ -96,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
-    from devkit.api_proc import service_stack
+    from devkit.api_proc import ALICE, service_stack
     from latentd.model.info import BUNDLED
     print(f"serving_speed: {N} images, {SIZE}x{SIZE}, {STEPS} dpmpp_2m steps, CFG {GUIDANCE}, "
           f"{args.threads} threads each, {load()}", flush=True)
@@ -105,9 +105,9 @@ def main() -> None:
     rows = {"latentd, 16 concurrent clients": [], "diffusers, one at a time": [], "diffusers, one batch of 16": []}
     with service_stack(BUNDLED, worker_max_batch=N, cpu_threads=args.threads) as s:
         url = s["api"].url
-        latentd_round(url, "alice")                               # warm-up
+        latentd_round(url, ALICE)                                 # warm-up
         for r in range(args.repeat):
-            for name, fn in (("latentd, 16 concurrent clients", lambda: latentd_round(url, "alice")),
+            for name, fn in (("latentd, 16 concurrent clients", lambda: latentd_round(url, ALICE)),
                              ("diffusers, one at a time", lambda: diffusers_round(pipe, False)),
                              ("diffusers, one batch of 16", lambda: diffusers_round(pipe, True))):
                 v = fn()

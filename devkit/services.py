@@ -110,6 +110,8 @@ def worker_env(redis_url: str, model: str | None, **settings) -> dict:
         env["LATENTD_MODEL"] = str(model)
     for k, v in settings.items():
         env[f"LATENTD_{k.upper()}"] = str(v)
+    if settings.get("cpu_threads"):          # OpenMP's own variables win over latentd's setting
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings["cpu_threads"])
     return env
 
 
