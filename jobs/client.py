@@ -161,7 +161,7 @@ class JobClient:
                 jobs.load_admit()
                 continue
             if not plain:
-                at = len(pipe) - (2 if min_replicas > 0 else 1)
+                at = len(pipe) - 1                  # the admission script: queued last so far
                 if min_replicas > 0:
                     pipe.execute_command("WAIT", min_replicas, self.settings.redis_wait_ms)
                 results = pipe.execute(raise_on_error=False)
