@@ -176,16 +176,18 @@ def bind(name: str, state: dict[str, torch.Tensor], meta: dict[str, str], shapes
     return LoraAdapter(name, layers, family, {"format": fmt})
 
 
-def save_peft(adapter: LoraAdapter, path: str | Path, metadata: dict | None = None) -> None:
+def save_peft(adapter: LoraAdapter, path: str | Path, metadata: dict | None = None,
+              dtype: torch.dtype = torch.float32) -> None:
     """Write the diffusers/PEFT layout with alpha = r (scale 1, what diffusers assumes without
-    metadata); `metadata` goes in as JSON under "latentd"."""
+    metadata) in `dtype` (adapters are read back as float32); `metadata` goes in as JSON under
+    "latentd"."""
     from safetensors.torch import save_file
     out = {}
     for key, layer in adapter.layers.items():
         comp, path_ = key.split(":", 1)
         base = f"{comp}.{path_}"
-        out[base + ".lora_A.weight"] = layer.down.detach().float().contiguous()
-        out[base + ".lora_B.weight"] = layer.up.detach().float().contiguous()
+        out[base + ".lora_A.weight"] = layer.down.detach().to(dtype).contiguous()
+        out[base + ".lora_B.weight"] = layer.up.detach().to(dtype).contiguous()
     meta = {"format": "pt"}
     scales = {layer.scale for layer in adapter.layers.values()}
     if scales != {1.0}:

@@ -151,7 +151,8 @@ def run(tr: AdapterTrainer, out_file: str, state_path: str, meta: dict, log=prin
         last = tr.done or (deadline is not None and time.time() > deadline)
         if s % checkpoint_every == 0 or last:
             tr.save(state_path)
-            save_peft(tr.ema_adapter(), out_file, {**meta, "step": s})
+            # shipped in float16: half the bytes, and the engine computes in float32 anyway
+            save_peft(tr.ema_adapter(), out_file, {**meta, "step": s}, dtype=torch.float16)
         if last and not tr.done:
             log(f"{what}: time budget reached at step {s}; run again with the same state file to continue")
             break
