@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from devkit.lora_files import write_random_lora  # noqa: E402
+
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -38,19 +40,7 @@ def load():
 
 
 def write_lora(shapes: dict, path: Path, rank: int, seed: int, targets=None, parts=("unet", "text_encoder")):
-    import torch
-    from safetensors.torch import save_file
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in sorted(shapes.items()):
-        comp, name = key.split(":", 1)
-        if comp not in parts or (targets and not name.endswith(targets)):
-            continue
-        r, k = min(rank, shape[0], shape[1]), shape[2:]
-        state[f"{comp}.{name}.lora_A.weight"] = torch.randn((r, shape[1], *k), generator=g) * 0.05
-        state[f"{comp}.{name}.lora_B.weight"] = torch.randn((shape[0], r, *([1] * len(k))), generator=g) * 0.05
-    save_file(state, str(path))
-    return path
+    return write_random_lora(shapes, path, rank, seed, parts, targets=targets, scale=0.05)
 
 
 def throughput(pipe, tmp: Path, runs: int):

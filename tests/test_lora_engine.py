@@ -7,9 +7,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
+from devkit.lora_files import write_random_lora
 from latentd.model.lora_library import LoraLibrary, UnknownAdapter
 from latentd.model.pipeline import GenerationRequest
 
@@ -18,17 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def random_lora(pipe, path, rank: int, seed: int, parts=("unet", "text_encoder"), every: int = 1):
     """A PEFT-layout file on every `every`-th adaptable layer of `parts` (convs included), B != 0."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for i, (key, shape) in enumerate(sorted(pipe.lora_shapes.items())):
-        comp, name = key.split(":", 1)
-        if comp not in parts or i % every:
-            continue
-        r, k = min(rank, shape[0], shape[1]), shape[2:]
-        state[f"{comp}.{name}.lora_A.weight"] = torch.randn((r, shape[1], *k), generator=g) * 0.3
-        state[f"{comp}.{name}.lora_B.weight"] = torch.randn((shape[0], r, *([1] * len(k))), generator=g) * 0.3
-    save_file(state, str(path))
-    return path
+    return write_random_lora(pipe.lora_shapes, path, rank, seed, parts, every=every)
 
 
 @pytest.fixture(scope="module")
