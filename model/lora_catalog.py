@@ -26,6 +26,7 @@ from latentd.model.request import SAMPLERS, is_int, is_num
 SUFFIX = ".safetensors"
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$")
 MAX_HEADER = 100 * 1024 * 1024
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")    # the model parts an adapter may touch
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 # key fragments of adapter kinds latentd does not run -> their names
@@ -134,7 +135,7 @@ def component_of(fmt: str, name: str) -> str | None:
     comp = name.split(".", 1)[0]
     if comp == "base_model":
         return "unet"
-    return comp if comp in ("unet", "text_encoder", "text_encoder_2") else None
+    return comp if comp in COMPONENTS else None
 
 
 def family_of(names) -> str:

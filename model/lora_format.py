@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from latentd.model.lora_catalog import FORMATS, KOHYA_PREFIXES, LoraFormatError, family_of, format_of
+from latentd.model.lora_catalog import (COMPONENTS, FORMATS, KOHYA_PREFIXES, LoraFormatError, family_of,
+                                        format_of)
 from latentd.model.lora_runtime import LoraAdapter, LoraLayer
 
 METADATA_KEY = "lora_adapter_metadata"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
