@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentd.model import lora_runtime
+from latentd.model.layout import memory_format_of as _layout
 
 
 class Attention(nn.Module):
@@ -103,12 +104,6 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         h = _pointwise(self.proj_out, h).reshape(b, hgt, wid, c).permute(0, 3, 1, 2)   # (B, C, H, W)
         return h.contiguous(memory_format=_layout(x)) + x    # keep the input's layout
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last if x is stored that way (a caller's choice, faster for CPU convolutions)."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _pointwise(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:

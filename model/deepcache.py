@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from latentd.model import lora_runtime
+from latentd.model.layout import memory_format_of as _layout
 
 
 def full_step(step: int, steps: int, n: int) -> bool:
@@ -32,11 +33,6 @@ def full_step(step: int, steps: int, n: int) -> bool:
     uniform 86.1 % (7 full steps), the first 4 also full 83.3 % (9), the last 4 also full
     95.4 % (10): the final steps, which draw the edges and corners, need fresh deep features."""
     return step % n == 0 or step >= steps - max(1, steps // 5)
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _take(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentd.model.layout import memory_format_of as _layout
+
 KEY_ATTR = "_latentd_lora_key"        # "<component>:<module path>", set by attach()
 
 
@@ -158,12 +160,6 @@ class RowMix:
             s = (scales * layer_scale).to(d.dtype).view(-1, *([1] * (d.dim() - 1)))
             self._scale_cache[key] = s
         return s
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 _ACTIVE: contextvars.ContextVar[RowMix | None] = contextvars.ContextVar("latentd_lora_mix", default=None)
