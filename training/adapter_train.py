@@ -19,6 +19,7 @@ from torch import nn
 
 from latentd.model import lora_runtime
 from latentd.model.lora_runtime import LoraAdapter, LoraLayer, RowMix
+from latentd.training.unet_train import warmup_cosine
 
 
 def new_adapter(name: str, parts: dict[str, tuple[nn.Module, int]], seed: int) -> LoraAdapter:
@@ -33,12 +34,6 @@ def new_adapter(name: str, parts: dict[str, tuple[nn.Module, int]], seed: int) -
             up = nn.Parameter(torch.zeros((out_f, r, *([1] * len(k)))))
             layers[key] = LoraLayer(down, up, 1.0)
     return LoraAdapter(name, layers, "sd")
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine to 5 % of lr (a pure function of the step: resumes follow it)."""
-    s = min(step, steps)
-    return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
 class AdapterTrainer:
@@ -83,7 +78,7 @@ class AdapterTrainer:
     def step(self) -> float:
         tc = self.tc
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step_no, tc.steps, tc.lr, tc.warmup)
+            g["lr"] = warmup_cosine(self.step_no, tc.steps, tc.lr, tc.warmup)
         loss = self.loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -146,7 +141,7 @@ def run(tr: AdapterTrainer, out_file: str, state_path: str, meta: dict, log=prin
         if s % 25 == 0 or tr.done:
             sps = (s - s_mark) * tc.batch / max(1e-9, time.time() - t_mark)
             log(f"{what} step {s}/{tc.steps} loss {loss:.5f} avg {tr.avg:.5f} "
-                f"lr {lr_at(s, tc.steps, tc.lr, tc.warmup):.2e} {sps:.0f} samples/s load {os.getloadavg()[0]:.2f}")
+                f"lr {warmup_cosine(s, tc.steps, tc.lr, tc.warmup):.2e} {sps:.0f} samples/s load {os.getloadavg()[0]:.2f}")
             t_mark, s_mark = time.time(), s
         last = tr.done or (deadline is not None and time.time() > deadline)
         if s % checkpoint_every == 0 or last:

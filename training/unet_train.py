@@ -59,11 +59,15 @@ def make_config(cross_dim: int, channels=(32, 64, 128), heads=(2, 4, 4), groups:
                       sample_size=16)
 
 
-def lr_at(step: int, tc: UNetTrainConfig) -> float:
-    """Linear warmup, then cosine from lr to 5% of lr over tc.steps (a pure function of the step,
+def warmup_cosine(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup, then cosine from lr to 5% of lr over `steps` (a pure function of the step,
     so a resumed run follows the same schedule)."""
-    s = min(step, tc.steps)
-    return tc.lr * min(1.0, (step + 1) / max(1, tc.warmup)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / tc.steps)))
+    s = min(step, steps)
+    return lr * min(1.0, (step + 1) / max(1, warmup)) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def lr_at(step: int, tc: UNetTrainConfig) -> float:
+    return warmup_cosine(step, tc.steps, tc.lr, tc.warmup)
 
 
 @torch.no_grad()
